@@ -1,0 +1,175 @@
+"""`python -m iet_core train | resume | export | config | evaluate`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
+
+# Shortcut flags for the settings people change most; `--set section.name=value` reaches all.
+SHORTCUTS = {
+    "data": ("data.source", "built-in name (digits), folder, .zip, .npz or hf:<id>"),
+    "resolution": ("data.resolution", "image size in pixels"),
+    "channels": ("data.channels", "1 or 3"),
+    "subset": ("data.subset", "number of images to use ('none' for all)"),
+    "preset": ("model.preset", "UNet preset: tiny, small, ddpm-cifar10"),
+    "pretrained": ("model.pretrained", "diffusers UNet folder or Hub id to fine-tune"),
+    "shards": ("method.num_shards", "K, the number of shards/proxies"),
+    "skip-lambda": ("method.agc.skip_lambda", "AGC: skip when loss / bank[t] is below this"),
+    "bank-decay": ("method.agc.bank_decay", "AGC: memory bank decay"),
+    "rounds": ("train.rounds", "IET rounds"),
+    "local-steps": ("train.local_steps", "steps per proxy per round"),
+    "local-epochs": ("train.local_epochs", "epochs per proxy per round (instead of local steps)"),
+    "batch-size": ("train.batch_size", "batch size"),
+    "lr": ("train.lr", "learning rate"),
+    "seed": ("train.seed", "random seed"),
+    "device": ("train.device", "auto, cpu, cuda, cuda:1, ..."),
+}
+
+
+def set_setting(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown setting {dotted!r}: sections are data, model, method (agc, msr, taa), train, eval.")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"unknown setting {dotted!r}; settings there: {', '.join(node)}.")
+    node[leaf] = value
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Recipe or config file, then --mode, then shortcut flags, then --set, then validation."""
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist: write one with `python -m iet_core config > {path.name}`.")
+        config = RunConfig.load(path)
+    else:
+        config = demo_config(args.mode or "ddpm") if args.recipe == "demo" else RunConfig(method=method_for_mode(args.mode or "ddpm"))
+    tree = config.to_dict()
+    if args.mode and args.config:  # the mode's switches over the file's method, keeping its K if it has one
+        shards = config.method.num_shards if config.method.num_shards > 1 else 4
+        tree["method"] = dataclasses.asdict(method_for_mode(args.mode, shards))
+    if args.local_epochs is not None:
+        tree["train"]["local_steps"] = None
+    if args.local_steps is not None:
+        tree["train"]["local_epochs"] = None
+    for flag, (dotted, _) in SHORTCUTS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            set_setting(tree, dotted, value)
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write section.name=value, e.g. --set train.lr=1e-3.")
+        key, value = item.split("=", 1)
+        set_setting(tree, key.strip(), value.strip())
+    if args.name:
+        tree["name"] = args.name
+    return RunConfig.from_dict(tree).validate()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a JSON config file (see `python -m iet_core config`)")
+    parser.add_argument("--recipe", choices=("demo", "reference"), default="demo",
+                        help="starting settings when no --config: 'demo' trains on CPU in minutes; "
+                             "'reference' uses the paper code's defaults")
+    parser.add_argument("--mode", choices=MODES, help="ddpm (baseline), iet, iet-agc or iet-agc+")
+    parser.add_argument("--name", help="run name")
+    for flag, (_, help_text) in SHORTCUTS.items():
+        parser.add_argument(f"--{flag}", help=help_text)
+    parser.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
+                        help="any setting, e.g. --set method.msr.threshold=0.6 (repeatable)")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config_from_args(args).to_json())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import create_run
+
+    run, dataset = create_run(config_from_args(args), args.runs_dir)
+    print(f"run folder: {run.path}", file=sys.stderr)
+    return _fit(run, dataset, resume=False, quiet=args.quiet)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runs import Run
+
+    return _fit(Run.open(args.run), None, resume=True, quiet=args.quiet)
+
+
+def _fit(run, dataset, resume: bool, quiet: bool) -> int:
+    import signal
+
+    from .telemetry import ProgressBar
+    from .train import TrainControl, Trainer
+
+    control = TrainControl()
+    # Ctrl-C stops at the next step with a checkpoint, so `resume` continues exactly.
+    signal.signal(signal.SIGINT, lambda *_: control.stop())
+    trainer = Trainer(run, dataset=dataset, control=control)
+    if resume and run.latest_checkpoint() is not None:
+        trainer.load_checkpoint()
+    if not quiet:
+        trainer.sinks.append(ProgressBar(trainer.total_steps, trainer.global_step))
+    state = trainer.fit()
+    print(f"{state}: {run.path} (step {trainer.global_step} of {trainer.total_steps})", file=sys.stderr)
+    if state == "stopped":
+        print(f"continue with: python -m iet_core resume {run.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .runs import Run
+
+    folder = Run.open(args.run).export(args.out, ema=not args.no_ema)
+    print(folder)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m iet_core", description="Train and measure diffusion models "
+                                     "with IET-AGC(+) memorization mitigation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a new run")
+    add_config_arguments(train)
+    train.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+    resume = commands.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    resume.add_argument("run", help="the run folder")
+    resume.add_argument("--quiet", action="store_true")
+    resume.set_defaults(handler=cmd_resume)
+
+    config = commands.add_parser("config", help="print the full config for these flags as JSON")
+    add_config_arguments(config)
+    config.set_defaults(handler=cmd_config)
+
+    export = commands.add_parser("export", help="write a diffusers DDPMPipeline folder from a run")
+    export.add_argument("run", help="the run folder")
+    export.add_argument("--out", help="output folder (default: RUN/export)")
+    export.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(handler=cmd_export)
+
+    from .evaluate import add_evaluate_command
+
+    add_evaluate_command(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

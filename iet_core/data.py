@@ -1,0 +1,326 @@
+"""Images in memory: one dataset type and its loaders.
+
+Every loader returns an `ImageDataset`: uint8 images (N, C, H, W) at the requested resolution
+and channel count, optional integer labels, and a stable global id per image (its position in
+the source before any subset is taken), plus the files that were rejected and why.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigError, DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+BUILTIN = ("digits",)
+
+# Limits on what a user may hand us (uploads reach the app from anyone).
+MAX_IMAGES = 200_000
+MAX_FILE_BYTES = 50 * 2**20
+MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries
+MAX_PIXELS = 40_000_000  # one decoded image; larger is treated as a decompression bomb
+
+
+class DataError(ConfigError):
+    """The data cannot be used; the message says what to do."""
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor | None  # int64 (N,) or None
+    ids: torch.Tensor  # int64 (N,), stable global ids
+    name: str = "dataset"
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}.")
+        if len(self.ids) != len(self.images) or (self.labels is not None and len(self.labels) != len(self.images)):
+            raise DataError("images, labels and ids must have the same length.")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[2]
+
+    def select(self, positions: torch.Tensor | np.ndarray | list[int]) -> "ImageDataset":
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        labels = None if self.labels is None else self.labels[positions]
+        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected))
+
+    def to_model_space(self) -> torch.Tensor:
+        """float32 in [-1, 1], the model's input space."""
+        return self.images.float().div(127.5).sub(1.0)
+
+
+# -- conversion ---------------------------------------------------------------------------
+
+def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """Any PIL image (L, LA, RGBA, P, I;16, CMYK, ...) to uint8 (C, res, res): centre-crop to a
+    square, resize, convert. Transparent pixels are composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        lo, hi = arr.min(initial=0), arr.max(initial=1)
+        image = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != resolution:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC if side < resolution else Image.Resampling.LANCZOS)
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
+    """Bytes of an image file to uint8 (C, res, res); raises DataError with the reason."""
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(f"image has {image.width}x{image.height} pixels, over the {MAX_PIXELS:,} pixel limit")
+            image.load()
+            return pil_to_array(image, resolution, channels)
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(f"image is over the {MAX_PIXELS:,} pixel limit") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for unreadable files
+        raise DataError(f"not a readable image ({err})") from None
+
+
+def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """An image array (N,H,W), (N,H,W,C) or (N,C,H,W) of any numeric type to uint8 (N,C,res,res)."""
+    arr = np.asarray(array)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4:
+        raise DataError(f"images must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {arr.shape}.")
+    if arr.shape[1] not in (1, 3, 4) and arr.shape[-1] in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.shape[1] not in (1, 3, 4):
+        raise DataError(f"cannot tell the channel axis of images with shape {arr.shape}: use 1, 3 or 4 channels.")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if arr.max(initial=0) <= 1.0 and arr.min(initial=0) >= 0.0:
+            arr = arr * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.shape[1] == 4:
+        arr = arr[:, :3]
+    src_channels = arr.shape[1]
+    if src_channels == channels and arr.shape[2] == arr.shape[3] == resolution:
+        return np.ascontiguousarray(arr)
+    mode = "L" if src_channels == 1 else "RGB"
+    out = np.empty((len(arr), channels, resolution, resolution), np.uint8)
+    for i, img in enumerate(arr):
+        pixels = img[0] if src_channels == 1 else img.transpose(1, 2, 0)
+        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels)
+    return out
+
+
+# -- loaders ------------------------------------------------------------------------------
+
+def load_builtin(name: str, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    if name == "digits":
+        # scikit-learn ships these 1,797 8x8 digits (values 0..16) inside the package: no network.
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).astype(np.float64)
+        return array_to_images(images[:, None].astype(np.uint8), resolution, channels), digits.target.astype(np.int64)
+    raise DataError(f"unknown built-in dataset {name!r}: choose one of {', '.join(BUILTIN)}.")
+
+
+def _labels_from_names(names: list[str]) -> np.ndarray | None:
+    """Class labels from parent folder names (class_a/img.png), when every file has one."""
+    parents = [Path(n).parent.as_posix() for n in names]
+    if any(p in ("", ".") for p in parents) or len(set(parents)) < 2:
+        return None
+    classes = {p: i for i, p in enumerate(sorted(set(parents)))}
+    return np.array([classes[p] for p in parents], dtype=np.int64)
+
+
+def _decode_many(entries, resolution: int, channels: int, where: str):
+    """(name, bytes-reader) pairs to images, labels and rejects; names sorted for stable ids."""
+    images, names, rejected = [], [], []
+    for name, read in entries:
+        try:
+            images.append(decode_image(read(), resolution, channels))
+            names.append(name)
+        except DataError as err:
+            rejected.append((name, str(err)))
+    if not images:
+        reasons = "; ".join(f"{n}: {r}" for n, r in rejected[:5])
+        raise DataError(f"{where} has no usable images{' (' + reasons + ')' if reasons else ''}: "
+                        f"add PNG or JPEG files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return np.stack(images), _labels_from_names(names), rejected
+
+
+def load_folder(path: Path, resolution: int, channels: int):
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder.")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    candidates = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    rejected = [(p.relative_to(path).as_posix(), "not an image file (by extension)") for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if len(candidates) > MAX_IMAGES:
+        raise DataError(f"{path} holds {len(candidates):,} images, over the {MAX_IMAGES:,} limit: use a smaller folder.")
+    entries = [(p.relative_to(path).as_posix(), p.read_bytes) for p in candidates]
+    images, labels, bad = _decode_many(entries, resolution, channels, f"the folder {path}")
+    return images, labels, rejected + bad
+
+
+def load_zip(path: Path, resolution: int, channels: int):
+    """Read images straight from the archive, never extracting to disk (no zip-slip possible);
+    sizes and counts are checked from the central directory before anything is decompressed."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{path.name} is not a readable zip archive ({err}).") from None
+    with archive:
+        rejected, entries = [], []
+        infos = sorted((i for i in archive.infolist() if not i.is_dir()), key=lambda i: i.filename)
+        if len(infos) > MAX_IMAGES:
+            raise DataError(f"{path.name} has {len(infos):,} files, over the {MAX_IMAGES:,} limit.")
+        total = sum(i.file_size for i in infos)
+        if total > MAX_ARCHIVE_BYTES:
+            raise DataError(f"{path.name} unpacks to {total / 2**30:.1f} GiB, over the {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB limit.")
+        for info in infos:
+            name = info.filename
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in name:
+                rejected.append((name, "unsafe path in archive (absolute or with '..')"))
+            elif "__MACOSX" in parts or Path(name).name.startswith("."):
+                continue
+            elif Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                rejected.append((name, "not an image file (by extension)"))
+            elif info.file_size > MAX_FILE_BYTES:
+                rejected.append((name, f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"))
+            else:
+                entries.append((name, lambda info=info: _read_member(archive, info)))
+        images, labels, bad = _decode_many(entries, resolution, channels, f"the archive {path.name}")
+    return images, labels, rejected + bad
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    # Read at most the declared size plus one byte: a lying header cannot inflate further.
+    with archive.open(info) as handle:
+        data = handle.read(info.file_size + 1)
+    if len(data) > info.file_size:
+        raise DataError("entry is larger than its header says")
+    return data
+
+
+def load_npz(path: Path, resolution: int, channels: int):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz:
+                raise DataError(f"{path.name} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}).")
+            images = npz["images"]
+            labels = npz["labels"].astype(np.int64).reshape(-1) if "labels" in npz else None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path.name} is not a readable .npz file ({err}).") from None
+    if labels is not None and len(labels) != len(images):
+        raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
+    return array_to_images(images, resolution, channels), labels, []
+
+
+def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, resolution: int, channels: int):
+    """A Hugging Face dataset: a Hub id, or a local folder written by `save_to_disk`."""
+    import datasets
+
+    local = Path(spec)
+    try:
+        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(local))
+        else:
+            ds = datasets.load_dataset(spec, split=split)
+    except Exception as err:  # the hub client raises many types; all mean "cannot load this"
+        raise DataError(f"cannot load Hugging Face dataset {spec!r} ({type(err).__name__}: {err}). "
+                        "Check the id and your network, or download it and give the local folder.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset {spec!r} has no split {split!r}: choose one of {', '.join(ds)}.")
+        ds = ds[split]
+    features = ds.features
+    if image_column is None:
+        image_column = next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
+        if image_column is None:
+            raise DataError(f"dataset {spec!r} has no image column (columns: {', '.join(features)}): name one.")
+    if image_column not in features:
+        raise DataError(f"dataset {spec!r} has no column {image_column!r} (columns: {', '.join(features)}).")
+    if label_column is None:
+        label_column = next((c for c in ("label", "labels") if c in features), None)
+    if len(ds) > MAX_IMAGES:
+        raise DataError(f"dataset {spec!r} has {len(ds):,} images, over the {MAX_IMAGES:,} limit: take a subset first.")
+    images, rejected = [], []
+    for i, image in enumerate(ds[image_column]):
+        try:
+            images.append(pil_to_array(image, resolution, channels))
+        except (OSError, ValueError) as err:
+            rejected.append((f"row {i}", f"not a readable image ({err})"))
+    if not images:
+        raise DataError(f"dataset {spec!r} has no usable images.")
+    labels = None
+    if label_column is not None and not rejected:
+        labels = np.asarray(ds[label_column], dtype=np.int64)
+    return np.stack(images), labels, rejected
+
+
+def load_dataset(config: DataConfig) -> ImageDataset:
+    """The dataset a DataConfig describes, subset and all. Raises DataError with what to do."""
+    config.validate()
+    source, res, ch = config.source, config.resolution, config.channels
+    rejected: list[tuple[str, str]] = []
+    if source in BUILTIN:
+        images, labels = load_builtin(source, res, ch)
+        name = source
+    elif source.startswith("hf:"):
+        images, labels, rejected = load_hf(source[3:], config.hf_split, config.hf_image_column,
+                                           config.hf_label_column, res, ch)
+        name = source[3:]
+    else:
+        path = Path(source).expanduser()
+        name = path.stem
+        if not path.exists():
+            raise DataError(f"data source {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
+                            "existing path: give a folder, a .zip or an .npz file, or 'hf:<dataset id>'.")
+        if path.is_dir():
+            images, labels, rejected = load_folder(path, res, ch)
+        elif path.suffix.lower() == ".zip":
+            images, labels, rejected = load_zip(path, res, ch)
+        elif path.suffix.lower() == ".npz":
+            images, labels, rejected = load_npz(path, res, ch)
+        else:
+            raise DataError(f"{path.name}: unsupported file type; give a folder of images, a .zip or an .npz.")
+    ids = np.arange(len(images), dtype=np.int64)
+    if config.subset is not None and config.subset < len(images):
+        keep = np.sort(np.random.default_rng(config.subset_seed).choice(len(images), config.subset, replace=False))
+        images, ids = images[keep], ids[keep]
+        labels = None if labels is None else labels[keep]
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(images)),
+                        None if labels is None else torch.from_numpy(labels), torch.from_numpy(ids), name, rejected)
+

@@ -1,0 +1,105 @@
+"""Flat parameters and a gated Adam(W) for the proxies.
+
+A model's parameters (and gradients) are viewed into one contiguous vector, so that a proxy's
+weights, EMA, optimizer moments, averaging and checkpoints are single tensors. The optimizer
+step is gated by a device tensor: a batch whose samples were all skipped leaves weights,
+moments and step count untouched, with no host sync to find that out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class FlatParams:
+    """Re-homes a module's parameters as views into one vector (call after moving the module
+    to its device: `.to()` would break the views)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in self.params)
+        first = self.params[0]
+        self.data = torch.empty(self.numel, dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros_like(self.data)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            self.data[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.data[offset:offset + n].view_as(p)
+            p.grad = self.grad[offset:offset + n].view_as(p)
+            offset += n
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+
+@dataclass
+class AdamState:
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor  # 0-dim float, counts real (ungated) steps for bias correction
+
+    @classmethod
+    def zeros_like(cls, flat: torch.Tensor) -> "AdamState":
+        return cls(torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros((), device=flat.device, dtype=flat.dtype))
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.exp_avg": self.exp_avg, f"{prefix}.exp_avg_sq": self.exp_avg_sq, f"{prefix}.step": self.step}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, device) -> "AdamState":
+        return cls(*(tensors[f"{prefix}.{k}"].to(device) for k in ("exp_avg", "exp_avg_sq", "step")))
+
+
+def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ on the flat gradient; returns the pre-clip norm."""
+    norm = torch.linalg.vector_norm(grad)
+    grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+@torch.no_grad()
+def adam_step(param: torch.Tensor, grad: torch.Tensor, state: AdamState, lr: float, do_step: torch.Tensor | None,
+              betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False) -> None:
+    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) on flat tensors, in place.
+    `do_step` (0-dim bool tensor, or None for always) gates the whole update."""
+    beta1, beta2 = betas
+    step = state.step + 1 if do_step is None else state.step + do_step.to(state.step.dtype)
+    if weight_decay and not decoupled:
+        grad = grad.add(param, alpha=weight_decay)
+    exp_avg = state.exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = state.exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - beta1 ** step.clamp(min=1)
+    bias2_sqrt = (1 - beta2 ** step.clamp(min=1)).sqrt()
+    update = (exp_avg / bias1) / (exp_avg_sq.sqrt() / bias2_sqrt + eps)
+    new_param = param * (1 - lr * weight_decay) if (weight_decay and decoupled) else param
+    new_param = new_param - lr * update
+    if do_step is None:
+        param.copy_(new_param)
+        state.exp_avg.copy_(exp_avg)
+        state.exp_avg_sq.copy_(exp_avg_sq)
+    else:
+        param.copy_(torch.where(do_step, new_param, param))
+        state.exp_avg.copy_(torch.where(do_step, exp_avg, state.exp_avg))
+        state.exp_avg_sq.copy_(torch.where(do_step, exp_avg_sq, state.exp_avg_sq))
+    state.step.copy_(step)
+
+
+def ema_update_(ema: torch.Tensor, param: torch.Tensor, decay: float, do_step: torch.Tensor | None) -> None:
+    weight = 1.0 - decay if do_step is None else (1.0 - decay) * do_step.to(ema.dtype)
+    ema.lerp_(param, weight)
+
+
+def shard_weights(sizes: list[int]) -> list[float]:
+    """FedAvg weights |D_k| / |D|."""
+    total = sum(sizes)
+    return [n / total for n in sizes]
+
+
+def weighted_average(vectors: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """sum_k (|D_k| / |D|) * v_k, accumulated in proxy order (as the trainer does)."""
+    total = torch.zeros_like(vectors[0])
+    for vector, weight in zip(vectors, shard_weights(sizes)):
+        total.add_(vector, alpha=weight)
+    return total

@@ -1,0 +1,232 @@
+"""Run folders: the one place a run's config, history, checkpoints and exports live.
+
+    <root>/<run id>/
+      config.json          the RunConfig
+      status.json          state, round, step, message (rewritten atomically)
+      metrics.csv          one row per optimizer step of any proxy
+      rounds.csv           one row per round (shard sizes, skip rate, MSR moves, seconds)
+      samples.csv          per-sample records (id, shard, t, loss, ratio, skipped, ...)
+      msr_moves.csv        every MSR move
+      settings.csv         settings changed while running (e.g. skip_lambda)
+      per_sample.csv       per training image: shard, visits, skips (rewritten at checkpoints)
+      previews/round-NNNN.png   samples after each round
+      checkpoints/ckpt-NNNNNNNN/{model,ema,state}.safetensors + state.json, and LATEST
+      eval/                evaluation results;  export/  a diffusers DDPMPipeline
+
+One writer per run (the trainer); everything else only reads. Every file is written to a
+temporary name and renamed into place, so a crash never leaves a half-written file; CSV logs
+are append-only and are cut back to the checkpoint on resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, RunConfig
+
+CSV_LOGS = ("metrics.csv", "rounds.csv", "samples.csv", "msr_moves.csv", "settings.csv")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_csv(path: Path, frame: pd.DataFrame) -> None:
+    if len(frame):
+        frame.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    # A crash can leave a torn last line; pandas skips what it cannot parse.
+    return pd.read_csv(path, on_bad_lines="skip")
+
+
+def new_run_id(name: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{uuid.uuid4().hex[:6]}"
+
+
+class Run:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- creation ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, config: RunConfig, run_id: str | None = None) -> "Run":
+        config.validate()
+        run = cls(Path(root) / (run_id or new_run_id(config.name)))
+        if run.path.exists():
+            raise ConfigError(f"a run already exists at {run.path}: resume it or choose another name.")
+        run.path.mkdir(parents=True)
+        atomic_write(run.path / "config.json", config.to_json())
+        run.write_status("created", round=0, global_step=0)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        run = cls(path)
+        if not (run.path / "config.json").exists():
+            raise ConfigError(f"{path} is not a run folder (no config.json): give a folder made by `iet_core train`.")
+        return run
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.load(self.path / "config.json")
+
+    # -- status --------------------------------------------------------------------------
+    def status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"state": "unknown", "round": 0, "global_step": 0, "message": ""}
+
+    def write_status(self, state: str, **fields) -> None:
+        status = {k: v for k, v in self.status().items() if k not in ("state", "message")}
+        status.update(fields, state=state, updated=time.time())
+        status.setdefault("message", "")
+        atomic_write(self.path / "status.json", json.dumps(status, indent=2))
+
+    # -- logs ----------------------------------------------------------------------------
+    def metrics(self) -> pd.DataFrame:
+        return read_csv(self.path / "metrics.csv")
+
+    def rounds(self) -> pd.DataFrame:
+        return read_csv(self.path / "rounds.csv")
+
+    def sample_records(self) -> pd.DataFrame:
+        return read_csv(self.path / "samples.csv")
+
+    def msr_moves(self) -> pd.DataFrame:
+        return read_csv(self.path / "msr_moves.csv")
+
+    def settings_history(self) -> pd.DataFrame:
+        return read_csv(self.path / "settings.csv")
+
+    def per_sample(self) -> pd.DataFrame:
+        return read_csv(self.path / "per_sample.csv")
+
+    def cut_logs(self, global_step: int) -> None:
+        """Drop log rows after a checkpoint's step, so a resumed run does not log them twice."""
+        for name in CSV_LOGS:
+            path = self.path / name
+            frame = read_csv(path)
+            if len(frame) and "global_step" in frame:
+                kept = frame[frame["global_step"] < global_step] if name != "rounds.csv" else frame[frame["global_step"] <= global_step]
+                atomic_write(path, kept.to_csv(index=False))
+
+    def preview_paths(self) -> list[Path]:
+        return sorted((self.path / "previews").glob("round-*.png"))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder is complete once state.json is in it)."""
+        return sorted(p for p in self.checkpoint_root.glob("ckpt-*") if (p / "state.json").exists())
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoint_root / "LATEST"
+        if pointer.exists():
+            candidate = self.checkpoint_root / pointer.read_text().strip()
+            if (candidate / "state.json").exists():
+                return candidate
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save_checkpoint(self, global_step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2) -> Path:
+        """Write {file stem: tensors} + state.json into a new folder, then point LATEST at it.
+        Older checkpoints are removed only after the new one is complete."""
+        name = f"ckpt-{global_step:09d}"
+        final = self.checkpoint_root / name
+        tmp = self.checkpoint_root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            for stem, group in tensors.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+            if final.exists():  # the same step saved again (e.g. stop right after a round end)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write(self.checkpoint_root / "LATEST", name)
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoint_root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        path = path or self.latest_checkpoint()
+        if path is None:
+            raise ConfigError(f"run {self.id} has no checkpoint yet: start it from the beginning.")
+        tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+        return tensors, json.loads((path / "state.json").read_text())
+
+    # -- models --------------------------------------------------------------------------
+    def scheduler(self):
+        from .models import training_scheduler
+
+        return training_scheduler(self.config.model)
+
+    def load_unet(self, ema: bool = True, device: str | torch.device = "cpu", checkpoint: Path | None = None):
+        """The global model (or its EMA) from the latest or a given checkpoint."""
+        from .models import build_unet
+
+        config = self.config
+        tensors, _ = self.load_checkpoint(checkpoint)
+        unet = build_unet(config.model, config.data.resolution, config.data.channels)
+        unet.load_state_dict(tensors["ema" if ema else "model"])
+        return unet.to(device).eval()
+
+    def dataset(self):
+        from .data import load_dataset
+
+        return load_dataset(self.config.data)
+
+    def export(self, folder: str | Path | None = None, ema: bool = True) -> Path:
+        from .models import export_pipeline
+
+        folder = Path(folder) if folder else self.path / "export"
+        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:6]}")
+        export_pipeline(self.load_unet(ema=ema), self.scheduler(), tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+
+
+def list_runs(root: str | Path) -> list[Run]:
+    """Every run folder under root, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [Run(p) for p in root.iterdir() if (p / "config.json").exists()]
+    return sorted(runs, key=lambda r: (r.path / "config.json").stat().st_mtime, reverse=True)

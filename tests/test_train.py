@@ -1,0 +1,226 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline
+
+from helpers import tiny_config
+from iet_core import ConfigError, Run, TrainControl, Trainer, train
+from iet_core.models import build_unet, training_scheduler
+from iet_core.telemetry import EventBuffer, RoundEvent, SampleEvent, StepEvent
+from iet_core.train import create_run, derive_seed
+
+
+def make_trainer(tmp_path, config, **kwargs):
+    run, dataset = create_run(config, tmp_path / "runs")
+    return Trainer(run, dataset, **kwargs)
+
+
+def test_k1_without_agc_is_the_plain_ddpm_step(tmp_path):
+    config = tiny_config("ddpm", rounds=1, local_steps=3, warmup_steps=0, hflip=False, optimizer="adam", lr=1e-3)
+    trainer = make_trainer(tmp_path, config)
+    # The plain DDPM step, written out with torch.optim.Adam on a copy of the initial model.
+    model = build_unet(config.model, 8, 1)
+    model.load_state_dict(trainer.unet.state_dict())
+    initial = torch.cat([p.detach().clone().reshape(-1) for p in model.parameters()])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    alphas = training_scheduler(config.model).alphas_cumprod.float()
+    images = trainer.dataset.to_model_space()
+    order = trainer._data_order(0, len(images), 3 * 4)
+    trainer.fit()
+    losses = []
+    for step in range(3):
+        torch.manual_seed(derive_seed(config.train.seed, 0, 0, step))
+        x0 = images[order[step * 4:(step + 1) * 4]]
+        t = torch.randint(0, 1000, (4,))
+        noise = torch.randn_like(x0)
+        x_t = alphas[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - alphas[t]).sqrt().view(-1, 1, 1, 1) * noise
+        loss = F.mse_loss(model(x_t, t).sample, noise)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    np.testing.assert_allclose(trainer.run.metrics()["loss"], losses, rtol=1e-5)
+    # Adam turns 1e-7 gradient rounding (mean vs sum / kept) into visible changes where a
+    # gradient is near zero, so compare the whole update: a wrong t, noise or scale is O(1) off.
+    ours = torch.cat([p.reshape(-1) for p in trainer.run.load_unet(ema=False).parameters()])
+    theirs = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    update_error = (ours - theirs).norm() / (theirs - initial).norm()
+    assert update_error < 1e-2, update_error
+
+
+def test_all_skipped_batch_leaves_weights_unchanged(tmp_path):
+    trainer = make_trainer(tmp_path, tiny_config("iet-agc"))
+    trainer._start_round()
+    proxy = trainer.proxies[0]
+    proxy.bank.fill_(1e9)  # every loss is far below lambda * bank: all skipped
+    before = [trainer.flat.data.clone(), trainer.proxy_ema.clone(), proxy.adam.exp_avg.clone(), proxy.adam.step.clone()]
+    trainer._step(0, torch.arange(4))
+    after = [trainer.flat.data, trainer.proxy_ema, proxy.adam.exp_avg, proxy.adam.step]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert proxy.bank.min() < 1e9  # the bank still learns from skipped samples
+    assert trainer.skips[0, :4].sum() == 4
+    proxy.bank.zero_()  # an empty bank keeps everything: now it steps
+    trainer._step(0, torch.arange(4))
+    assert not torch.equal(trainer.flat.data, before[0])
+
+
+def test_round_average_is_shard_size_weighted(tmp_path):
+    config = tiny_config("iet", rounds=1)
+    config.data.subset = 5  # shards of 3 and 2 images
+    trainer = make_trainer(tmp_path, config)
+    trainer._start_round()
+    assert sorted(trainer.round_sizes) == [2, 3]
+    finals = []
+    for k in range(2):
+        trainer._train_proxy(k)
+        finals.append(trainer.flat.data.clone())
+    trainer._end_round()
+    w0, w1 = trainer.round_sizes[0] / 5, trainer.round_sizes[1] / 5
+    torch.testing.assert_close(trainer.global_weights, w0 * finals[0] + w1 * finals[1])
+    assert not torch.allclose(finals[0], finals[1])
+
+
+def test_msr_moves_are_applied_and_logged(tmp_path):
+    config = tiny_config("iet-agc+", rounds=2, local_steps=4)
+    config.method.agc.skip_lambda = 1.0
+    config.method.msr.threshold = 0.0  # every sample skipped at least once in a round moves
+    config.method.msr.min_visits = 1
+    buffer = EventBuffer()
+    trainer = make_trainer(tmp_path, config, sinks=[buffer])
+    for proxy in trainer.proxies:
+        proxy.bank.fill_(10.0)  # most losses fall below lambda * bank: many skips
+    assert trainer.fit() == "finished"
+    rounds = [e for e in buffer.drain() if isinstance(e, RoundEvent)]
+    moves = [m for e in rounds for m in e.moves]
+    assert moves, "expected MSR moves"
+    logged = trainer.run.msr_moves()
+    assert list(map(tuple, logged[["sample_id", "from_shard", "to_shard"]].to_numpy())) == moves
+    per_sample = trainer.run.per_sample().set_index("sample_id")
+    last = {}
+    for sample_id, _, to in moves:
+        last[sample_id] = to
+    for sample_id, shard in last.items():
+        assert per_sample.loc[sample_id, "shard"] == shard
+
+
+def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    config = tiny_config("iet-agc+", rounds=2, local_steps=3, log_every=1)
+    config.method.agc.skip_lambda = 0.9  # skips, MSR moves and TAA all take part
+    config.method.msr.threshold = 0.2
+    config.method.msr.min_visits = 1
+    straight = train(config, runs_root=tmp_path / "a")
+
+    control = TrainControl()
+
+    def stop_mid_proxy(event):
+        if isinstance(event, StepEvent) and event.global_step[-1] >= 7:  # round 1, second proxy
+            control.stop()
+
+    run, dataset = create_run(config, tmp_path / "b")
+    trainer = Trainer(run, dataset, sinks=[stop_mid_proxy], control=control)
+    assert trainer.fit() == "stopped"
+    assert run.status()["state"] == "stopped"
+    assert 7 <= run.status()["global_step"] < 12
+    train(run=run, resume=True)
+    assert run.status()["state"] == "finished"
+    for stem in ("model", "ema"):
+        a, _ = straight.load_checkpoint()
+        b, _ = run.load_checkpoint()
+        for name in a[stem]:
+            assert torch.equal(a[stem][name], b[stem][name]), (stem, name)
+    a_state, b_state = straight.load_checkpoint()[0]["state"], run.load_checkpoint()[0]["state"]
+    for name in ("proxy0.bank", "proxy1.bank", "proxy1.adam.exp_avg", "shard_of", "skips"):
+        assert torch.equal(a_state[name], b_state[name]), name
+    # the resumed run's logs hold every step once
+    steps = run.metrics()["global_step"].tolist()
+    assert steps == list(range(12)) == straight.metrics()["global_step"].tolist()
+    np.testing.assert_allclose(run.metrics()["loss"], straight.metrics()["loss"], rtol=1e-6)
+
+
+def test_pause_and_lambda_change_from_another_thread(tmp_path):
+    import threading
+
+    config = tiny_config("iet-agc", rounds=1, local_steps=6, log_every=1)
+    control = TrainControl()
+    seen = []
+
+    def on_event(event):
+        if isinstance(event, StepEvent):
+            seen.append(int(event.global_step[-1]))
+            if seen[-1] == 2:
+                control.pause()
+                control.set_skip_lambda(0.25)
+                threading.Timer(0.5, control.resume).start()
+
+    run = train(config, runs_root=tmp_path, sinks=[on_event], control=control)
+    metrics = run.metrics()
+    assert set(metrics[metrics.global_step <= 2].skip_lambda) == {0.5}
+    assert set(metrics[metrics.global_step > 2].skip_lambda) == {0.25}
+    history = run.settings_history()
+    assert history[["name", "value"]].values.tolist() == [["skip_lambda", 0.25]]
+    assert run.status()["state"] == "finished"
+
+
+def test_end_to_end_train_checkpoint_export_sample(tmp_path):
+    config = tiny_config("iet-agc", rounds=2, preview_samples=4, preview_steps=2)
+    buffer = EventBuffer()
+    run = train(config, runs_root=tmp_path / "runs", sinks=[buffer])
+    events = buffer.drain()
+    samples = [e for e in events if isinstance(e, SampleEvent)]
+    assert sum(len(e.sample_id) for e in samples) == 2 * 2 * 3 * 4  # rounds x proxies x steps x batch
+    records = run.sample_records()
+    assert set(records.columns) >= {"sample_id", "shard", "timestep", "loss", "ratio", "skipped"}
+    assert set(records.sample_id) <= set(run.dataset().ids.tolist())
+    assert len(run.metrics()) == 12 and len(run.rounds()) == 2
+    assert len(run.preview_paths()) == 2
+    assert [p.name for p in run.checkpoints()] == ["ckpt-000000006", "ckpt-000000012"]
+    folder = run.export(tmp_path / "pipeline")
+    pipeline = DDPMPipeline.from_pretrained(folder)
+    images = pipeline(batch_size=2, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    from iet_core import TrainingDiverged
+    from iet_core.telemetry import CheckpointEvent
+
+    trainer = make_trainer(tmp_path, tiny_config("ddpm", rounds=3))
+
+    def poison_after_first_checkpoint(event):
+        if isinstance(event, CheckpointEvent):
+            trainer.images.fill_(float("nan"))
+
+    trainer.sinks.append(poison_after_first_checkpoint)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 3"):
+        trainer.fit()
+    status = trainer.run.status()
+    assert status["state"] == "failed" and "loss became nan" in status["message"]
+    assert trainer.run.latest_checkpoint().name == "ckpt-000000003"  # the good one, from round 1
+    assert torch.isfinite(trainer.run.load_unet().conv_in.weight).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.method, "num_shards", 50), "larger than the dataset"),
+    (lambda c: setattr(c.method.agc, "skip_lambda", 1.5), "skip_lambda"),
+    (lambda c: setattr(c.model, "preset", "giant"), "unknown"),
+    (lambda c: setattr(c.data, "resolution", 10), "multiple of 4"),
+    (lambda c: setattr(c.train, "local_epochs", 2.0), "exactly one of local_steps and local_epochs"),
+    (lambda c: setattr(c.method.msr, "enabled", True) or setattr(c.method, "num_shards", 1), "at least 2 shards"),
+])
+def test_bad_settings_fail_before_a_run_exists(tmp_path, change, message):
+    config = tiny_config("iet-agc")
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        train(config, runs_root=tmp_path)
+    assert not (tmp_path).exists() or not any(tmp_path.iterdir())
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    run = train(tiny_config("ddpm", rounds=1), runs_root=tmp_path)
+    config = run.config
+    config.data.subset_seed = 99
+    (run.path / "config.json").write_text(config.to_json())
+    with pytest.raises(ConfigError, match="data differs"):
+        train(run=Run.open(run.path), resume=True)
