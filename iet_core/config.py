@@ -18,6 +18,7 @@ MSR_POLICIES = ("least-skipped", "round-robin")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
 PRECISIONS = ("fp32", "bf16")
+EXECUTIONS = ("auto", "sequential", "batched")
 
 
 class ConfigError(ValueError):
@@ -176,6 +177,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "bf16" autocasts the UNet on GPUs that support it
+    # How the K proxies of a round run: one after another, or side by side as one batched
+    # (vmapped) computation; "auto" batches on a GPU when the proxies fit in memory.
+    execution: str = "auto"
     log_every: int = 10  # steps between telemetry flushes (one host sync each)
     checkpoint_every_rounds: int = 1
     keep_checkpoints: int = 2
@@ -201,6 +205,7 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, f"train.ema_decay={self.ema_decay}: use a value in [0, 1).")
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0.")
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}.")
+        _check(self.execution in EXECUTIONS, f"train.execution={self.execution!r}: choose one of {', '.join(EXECUTIONS)}.")
         _check(self.log_every >= 1, "train.log_every must be at least 1.")
         _check(self.checkpoint_every_rounds >= 1, "train.checkpoint_every_rounds must be at least 1.")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1.")

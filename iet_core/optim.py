@@ -17,18 +17,29 @@ class FlatParams:
     to its device: `.to()` would break the views)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.numel = sum(p.numel() for p in self.params)
-        first = self.params[0]
-        self.data = torch.empty(self.numel, dtype=first.dtype, device=first.device)
-        self.grad = torch.zeros_like(self.data)
-        offset = 0
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.offsets = [0]
         for p in self.params:
-            n = p.numel()
-            self.data[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = self.data[offset:offset + n].view_as(p)
-            p.grad = self.grad[offset:offset + n].view_as(p)
-            offset += n
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.numel = self.offsets[-1]
+        self.data = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.grad = torch.zeros_like(self.data)
+        self.bind(self.data, self.grad)
+
+    def bind(self, data: torch.Tensor, grad: torch.Tensor) -> None:
+        """Point the module's parameters and gradients at these vectors (e.g. one proxy's row)."""
+        self.data, self.grad = data, grad
+        for p, shape, start, end in zip(self.params, self.shapes, self.offsets, self.offsets[1:]):
+            p.data = data[start:end].view(shape)
+            p.grad = grad[start:end].view(shape)
+
+    def unflatten(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of stacked vectors (J, numel) as {name: (J, *shape)}, for torch.func.functional_call."""
+        return {name: stacked[:, start:end].unflatten(1, shape)
+                for name, shape, start, end in zip(self.names, self.shapes, self.offsets, self.offsets[1:])}
 
     def zero_grad(self) -> None:
         self.grad.zero_()
@@ -36,13 +47,23 @@ class FlatParams:
 
 @dataclass
 class AdamState:
+    """Adam moments for one or several stacked parameter vectors (..., numel); `step` (..., 1)
+    counts real (ungated) steps for bias correction."""
+
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    step: torch.Tensor  # 0-dim float, counts real (ungated) steps for bias correction
+    step: torch.Tensor
 
     @classmethod
     def zeros_like(cls, flat: torch.Tensor) -> "AdamState":
-        return cls(torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros((), device=flat.device, dtype=flat.dtype))
+        return cls(torch.zeros_like(flat), torch.zeros_like(flat), flat.new_zeros(*flat.shape[:-1], 1))
+
+    def rows(self, rows: slice) -> "AdamState":
+        return AdamState(self.exp_avg[rows], self.exp_avg_sq[rows], self.step[rows])
+
+    def zero_(self) -> None:
+        for tensor in (self.exp_avg, self.exp_avg_sq, self.step):
+            tensor.zero_()
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.exp_avg": self.exp_avg, f"{prefix}.exp_avg_sq": self.exp_avg_sq, f"{prefix}.step": self.step}
@@ -53,8 +74,9 @@ class AdamState:
 
 
 def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ on the flat gradient; returns the pre-clip norm."""
-    norm = torch.linalg.vector_norm(grad)
+    """torch.nn.utils.clip_grad_norm_ on flat gradients, each row (last dim) on its own;
+    returns the pre-clip norms (..., 1)."""
+    norm = torch.linalg.vector_norm(grad, dim=-1, keepdim=True)
     grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
@@ -62,8 +84,9 @@ def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
 @torch.no_grad()
 def adam_step(param: torch.Tensor, grad: torch.Tensor, state: AdamState, lr: float, do_step: torch.Tensor | None,
               betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False) -> None:
-    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) on flat tensors, in place.
-    `do_step` (0-dim bool tensor, or None for always) gates the whole update."""
+    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) on flat tensors, in place;
+    stacked rows (J, numel) are J independent optimizers. `do_step` ((J, 1) or 0-dim bool
+    tensor, or None for always) gates each row's whole update."""
     beta1, beta2 = betas
     step = state.step + 1 if do_step is None else state.step + do_step.to(state.step.dtype)
     if weight_decay and not decoupled:

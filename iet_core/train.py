@@ -22,19 +22,19 @@ import io
 import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.func import functional_call, grad, vmap
 
 from . import agc
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, load_dataset
 from .models import build_unet, training_scheduler
-from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights
+from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, append_csv, atomic_write
 from .shards import redistribute, split_shards
 from .telemetry import (CheckpointEvent, Event, RoundEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
@@ -139,15 +139,14 @@ class RunLogger:
                                   message=event.message, **fields)
 
 
-@dataclass
-class ProxyState:
-    adam: AdamState
-    bank: torch.Tensor  # (T,) loss memory per timestep
-    iterations: int = 0  # batches seen, for the warmup schedule (the reference's LambdaLR)
-
-
 class Trainer:
-    """Owns the model, the proxies' state and the run folder while training."""
+    """Owns the model, the proxies' state and the run folder while training.
+
+    Per-proxy state is stacked: weights, EMA and Adam moments are (K, P) tensors, banks
+    (K, T). Sequential execution points the module's parameters at one row at a time;
+    batched execution vmaps one step over all rows. Both share the step's tail and the
+    round's average, so the round's result does not depend on the strategy.
+    """
 
     def __init__(self, run: Run, dataset: ImageDataset | None = None, sinks: Iterable[Sink] = (),
                  control: TrainControl | None = None):
@@ -174,11 +173,12 @@ class Trainer:
         self.shard_of = split_shards(n, k, config.method.shard_split, labels, config.train.seed)
         self.global_weights = self.flat.data.clone()
         self.global_ema = self.flat.data.clone()
-        self.sum_weights = torch.zeros_like(self.global_weights)  # this round's finished proxies
-        self.sum_ema = torch.zeros_like(self.global_weights)
-        self.proxy_ema = self.global_ema.clone()
-        self.proxies = [ProxyState(AdamState.zeros_like(self.flat.data), torch.zeros(self.num_timesteps, device=device))
-                        for _ in range(k)]
+        self.weights = self.global_weights.repeat(k, 1)  # each proxy's weights this round
+        self.ema = self.global_ema.repeat(k, 1)
+        self.grads = torch.zeros_like(self.weights)
+        self.adam = AdamState.zeros_like(self.weights)
+        self.banks = torch.zeros(k, self.num_timesteps, device=device)
+        self.iterations = [0] * k  # batches per proxy, for warmup (the reference's LambdaLR)
         # Per training image, on the device: visits and skips per shard, this round's counts,
         # and a running loss ratio (TAA's input).
         self.visits = torch.zeros(k, n, device=device)
@@ -189,9 +189,10 @@ class Trainer:
         self.round = self.proxy = self.local_step = self.global_step = 0
         self.skip_lambda = config.method.agc.skip_lambda
         self.round_sizes = np.bincount(self.shard_of, minlength=k).tolist()
+        self.execution = "sequential"
         self.round_started = time.time()
         self.total_steps = self._estimate_total_steps()
-        self.recorder = StepRecorder(config.train.record_samples)
+        self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> str:
@@ -202,11 +203,11 @@ class Trainer:
             while self.round < rounds:
                 if self.proxy == 0 and self.local_step == 0:
                     self._start_round()
-                while self.proxy < self.config.method.num_shards:
-                    if not self._train_proxy(self.proxy):
-                        self.save_checkpoint()
-                        self._emit(StatusEvent("stopped", self.round, self.global_step, "stopped; resume to continue"))
-                        return "stopped"
+                done = self._run_batched() if self.execution == "batched" else self._run_sequential()
+                if not done:
+                    self.save_checkpoint()
+                    self._emit(StatusEvent("stopped", self.round, self.global_step, "stopped; resume to continue"))
+                    return "stopped"
                 self._end_round()
         except Exception as err:
             self._emit(StatusEvent("failed", self.round, self.global_step, f"{type(err).__name__}: {err}"))
@@ -217,46 +218,71 @@ class Trainer:
     def _start_round(self) -> None:
         k = self.config.method.num_shards
         self.round_sizes = np.bincount(self.shard_of, minlength=k).tolist()
-        self.sum_weights.zero_()
-        self.sum_ema.zero_()
         self.round_visits.zero_()
         self.round_skips.zero_()
         self.round_started = time.time()
         if self.config.train.reset_optimizer_each_round:
-            for proxy in self.proxies:
-                proxy.adam = AdamState.zeros_like(self.flat.data)
+            self.adam.zero_()
+        self.execution = self._choose_execution()
         self.total_steps = self.global_step + self._estimate_total_steps(self.config.train.rounds - self.round)
 
-    def _train_proxy(self, k: int) -> bool:
-        """Local training of proxy k from where it stands; False if stopped on the way."""
+    def _choose_execution(self) -> str:
+        tc, k = self.config.train, self.config.method.num_shards
+        equal_steps = len({tc.steps_for_shard(n) for n in self.round_sizes}) == 1
+        if tc.execution == "batched" and not equal_steps:
+            raise ConfigError("train.execution='batched' needs the same number of local steps for every proxy, but "
+                              f"the shards differ in size ({self.round_sizes}): use train.local_steps, or 'auto'.")
+        if tc.execution != "auto":
+            return tc.execution
+        if k == 1 or not equal_steps or self.device.type != "cuda":
+            return "sequential"
+        # Weights, EMA, two moments and gradients per proxy, plus room for K batches of activations.
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return "batched" if 5 * self.weights.numel() * self.weights.element_size() < 0.5 * free else "sequential"
+
+    def _batches(self, k: int) -> tuple[torch.Tensor, int]:
+        """Proxy k's batches this round as dataset positions (steps, batch), and the step count."""
         tc = self.config.train
         positions = torch.from_numpy(np.flatnonzero(self.shard_of == k)).to(self.device)
         steps = tc.steps_for_shard(len(positions))
         order = self._data_order(k, len(positions), steps * tc.batch_size)
-        if self.local_step == 0:
-            self.flat.data.copy_(self.global_weights)
-            self.proxy_ema.copy_(self.global_ema)
-        while self.local_step < steps:
-            if not self._steer():
-                self._flush()
-                return False
-            s = self.local_step
-            self._step(k, positions[order[s * tc.batch_size:(s + 1) * tc.batch_size]])
-            self.local_step += 1
-            self.global_step += 1
-            if len(self.recorder) >= tc.log_every:
-                self._flush()
-        self._flush()
-        weight = shard_weights(self.round_sizes)[k]
-        self.sum_weights.add_(self.flat.data, alpha=weight)
-        self.sum_ema.add_(self.proxy_ema, alpha=weight)
-        self.proxy += 1
-        self.local_step = 0
+        return positions[order].view(steps, tc.batch_size), steps
+
+    def _run_sequential(self) -> bool:
+        """Proxies one after another, from where the round stands; False if stopped."""
+        for k in range(self.proxy, self.config.method.num_shards):
+            batches, steps = self._batches(k)
+            if self.local_step == 0:
+                self.weights[k] = self.global_weights
+                self.ema[k] = self.global_ema
+            self.flat.bind(self.weights[k], self.grads[k])
+            while self.local_step < steps:
+                if not self._steer():
+                    return False
+                self._step([k], batches[self.local_step].unsqueeze(0))
+            self._flush()
+            self.proxy, self.local_step = k + 1, 0
         return True
 
-    def _step(self, k: int, batch: torch.Tensor) -> None:
-        """One optimizer step of proxy k on the dataset positions in `batch`."""
-        config, tc, proxy = self.config, self.config.train, self.proxies[k]
+    def _run_batched(self) -> bool:
+        """All proxies side by side, one vmapped step each; False if stopped."""
+        k = self.config.method.num_shards
+        batches, steps = zip(*(self._batches(j) for j in range(k)))
+        if self.local_step == 0:
+            self.weights[:] = self.global_weights
+            self.ema[:] = self.global_ema
+        while self.local_step < steps[0]:
+            if not self._steer():
+                return False
+            self._step(list(range(k)), torch.stack([b[self.local_step] for b in batches]))
+        self._flush()
+        self.proxy, self.local_step = k, 0
+        return True
+
+    def _draw(self, k: int, batch: torch.Tensor):
+        """Proxy k's inputs for this step, from the step's own seed: clean images (flipped and
+        augmented), timesteps, noise and TAA strength."""
+        config, tc = self.config, self.config.train
         torch.manual_seed(derive_seed(tc.seed, self.round, k, self.local_step))
         x0 = self.images[batch]
         if tc.hflip:
@@ -266,48 +292,85 @@ class Trainer:
             strength = agc.taa_strength(self.running_ratio[batch], self.skip_lambda, config.method.taa)
             x0 = agc.augment(x0, strength, config.method.taa)
         t = torch.randint(0, self.num_timesteps, (len(batch),), device=self.device)
-        noise = torch.randn_like(x0)
-        x_t = self.sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self.sqrt_one_minus_ab[t].view(-1, 1, 1, 1) * noise
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            prediction = self.unet(x_t, t).sample
+        return x0, t, torch.randn_like(x0), strength
+
+    def _masked_loss(self, prediction, noise, bank, t):
+        """Per-sample loss, AGC's keep mask (bank read before its update) and the mean loss
+        over kept samples."""
         per_sample = (prediction.float() - noise).square().mean(dim=(1, 2, 3))
-
-        loss_seen = per_sample.detach()
-        ratio = agc.loss_ratio(loss_seen, proxy.bank, t)
-        if config.method.agc.enabled:
-            keep = agc.keep_mask(loss_seen, proxy.bank, t, self.skip_lambda)
-            do_step = keep.any()
+        seen = per_sample.detach()
+        if self.config.method.agc.enabled:
+            keep = agc.keep_mask(seen, bank, t, self.skip_lambda)
         else:
-            keep, do_step = torch.ones_like(loss_seen, dtype=torch.bool), None
-        kept = keep.sum()
-        loss = (per_sample * keep).sum() / kept.clamp(min=1)
-        self.flat.zero_grad()
-        loss.backward()
-        clip_grad_norm_(self.flat.grad, tc.grad_clip)
-        lr = tc.lr * (min(1.0, (proxy.iterations + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
-        adam_step(self.flat.data, self.flat.grad, proxy.adam, lr, do_step, weight_decay=tc.weight_decay,
-                  decoupled=tc.optimizer == "adamw")
-        ema_update_(self.proxy_ema, self.flat.data, tc.ema_decay, do_step)
-        proxy.bank.copy_(agc.update_bank(proxy.bank, t, loss_seen, config.method.agc.bank_decay))
-        proxy.iterations += 1
+            keep = torch.ones_like(seen, dtype=torch.bool)
+        return (per_sample * keep).sum() / keep.sum().clamp(min=1), seen, keep
 
+    def _step(self, proxies: list[int], batches: torch.Tensor) -> None:
+        """One optimizer step for each proxy in `proxies` (one, or all side by side) on the
+        dataset positions in batches (J, B)."""
+        config, tc = self.config, self.config.train
+        x0, t, noise, strength = (torch.stack(v) for v in zip(*(self._draw(k, b) for k, b in zip(proxies, batches))))
+        x_t = self.sqrt_ab[t][..., None, None, None] * x0 + self.sqrt_one_minus_ab[t][..., None, None, None] * noise
+        rows = slice(proxies[0], proxies[-1] + 1)
+        bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+        if len(proxies) == 1:
+            with bf16:
+                prediction = self.unet(x_t[0], t[0]).sample
+            loss, seen, keep = self._masked_loss(prediction, noise[0], self.banks[proxies[0]], t[0])
+            self.flat.zero_grad()
+            loss.backward()
+            loss, seen, keep = loss.detach()[None], seen[None], keep[None]
+        else:
+            def one_proxy(params, x_t, t, noise, bank):
+                with bf16:
+                    prediction = functional_call(self.unet, params, (x_t, t)).sample
+                loss, seen, keep = self._masked_loss(prediction, noise, bank, t)
+                return loss, (loss.detach(), seen, keep)
+
+            grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
+                self.flat.unflatten(self.weights[rows]), x_t, t, noise, self.banks[rows])
+            self.grads[rows] = torch.cat([grads[name].flatten(1) for name in self.flat.names], dim=1)
+
+        ratio = seen / self.banks[rows].gather(1, t)  # loss / bank[t] before the update, inf while empty
+        kept = keep.sum(dim=1)
+        do_step = (kept > 0)[:, None] if config.method.agc.enabled else None
+        clip_grad_norm_(self.grads[rows], tc.grad_clip)
+        iterations = self.iterations[proxies[0]]  # proxies side by side have taken the same steps
+        lr = tc.lr * (min(1.0, (iterations + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        adam_step(self.weights[rows], self.grads[rows], self.adam.rows(rows), lr, do_step,
+                  weight_decay=tc.weight_decay, decoupled=tc.optimizer == "adamw")
+        ema_update_(self.ema[rows], self.weights[rows], tc.ema_decay, do_step)
+
+        # Banks and per-image counters of all stepping proxies in single ops, by offsetting
+        # each proxy's indices into its own row.
+        offsets = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
+        decay = config.method.agc.bank_decay
+        self.banks.view(-1).copy_(agc.update_bank(self.banks.view(-1), (offsets * self.num_timesteps + t).view(-1),
+                                                  seen.view(-1), decay))
         skipped = ~keep
-        ones = torch.ones_like(loss_seen)
-        self.visits[k].index_add_(0, batch, ones)
-        self.skips[k].index_add_(0, batch, skipped.float())
-        self.round_visits.index_add_(0, batch, ones)
-        self.round_skips.index_add_(0, batch, skipped.float())
-        previous = self.running_ratio[batch]
-        decay = config.method.taa.ratio_decay
-        updated = torch.where(torch.isnan(previous), ratio, decay * previous + (1 - decay) * ratio)
-        self.running_ratio[batch] = torch.where(torch.isfinite(ratio), updated, previous)
-        self.recorder.add(self.global_step, self.local_step, loss.detach(), kept.float() / len(batch), lr,
-                          self.skip_lambda, self.ids[batch], k, t, loss_seen, ratio, skipped, strength)
+        positions = (offsets * len(self.images) + batches).view(-1)
+        self.visits.view(-1).index_add_(0, positions, torch.ones_like(seen).view(-1))
+        self.skips.view(-1).index_add_(0, positions, skipped.float().view(-1))
+        self.round_visits.index_add_(0, batches.view(-1), torch.ones_like(seen).view(-1))
+        self.round_skips.index_add_(0, batches.view(-1), skipped.float().view(-1))
+        previous = self.running_ratio[batches]
+        taa_decay = config.method.taa.ratio_decay
+        updated = torch.where(torch.isnan(previous), ratio, taa_decay * previous + (1 - taa_decay) * ratio)
+        self.running_ratio[batches] = torch.where(torch.isfinite(ratio), updated, previous)
+
+        for j, k in enumerate(proxies):
+            self.recorders[k].add(self.global_step + j, self.local_step, loss[j], kept[j].float() / batches.shape[1], lr,
+                                  self.skip_lambda, self.ids[batches[j]], k, t[j], seen[j], ratio[j], skipped[j], strength[j])
+            self.iterations[k] += 1
+        self.global_step += len(proxies)
+        self.local_step += 1
+        if len(self.recorders[proxies[0]]) >= tc.log_every:
+            self._flush()
 
     def _end_round(self) -> None:
         config = self.config
-        self.global_weights.copy_(self.sum_weights)
-        self.global_ema.copy_(self.sum_ema)
+        self.global_weights.copy_(weighted_average(list(self.weights), self.round_sizes))
+        self.global_ema.copy_(weighted_average(list(self.ema), self.round_sizes))
         moves: list[tuple[int, int, int]] = []
         round_visits = self.round_visits.cpu().numpy()
         round_skips = self.round_skips.cpu().numpy()
@@ -342,13 +405,13 @@ class Trainer:
         return not self.control.stop_requested
 
     def _flush(self) -> None:
-        events = self.recorder.flush(self.round, self.proxy)
+        events = [e for k, recorder in enumerate(self.recorders) for e in recorder.flush(self.round, k)]
         for event in events:
             if isinstance(event, StepEvent) and not np.isfinite(event.loss).all():
                 first = np.flatnonzero(~np.isfinite(event.loss))[0]
                 raise TrainingDiverged(
                     f"the loss became {event.loss[first]} at step {event.global_step[first]} "
-                    f"(round {self.round}, proxy {self.proxy}); the last good checkpoint is kept. "
+                    f"(round {self.round}, proxy {event.proxy}); the last good checkpoint is kept. "
                     "Lower train.lr, keep train.grad_clip on, or use train.precision='fp32'.")
             self._emit(event)
 
@@ -375,7 +438,7 @@ class Trainer:
 
         from .sample import generate
 
-        self.flat.data.copy_(self.global_weights)
+        self.flat.bind(self.global_weights.clone(), self.grads[0])
         images = generate(self.unet, training_scheduler(self.config.model), count,
                           steps=self.config.train.preview_steps, seed=self.config.train.seed, device=self.device)
         self.unet.train()
@@ -398,16 +461,15 @@ class Trainer:
         return torch.cat([state[name].reshape(-1) for name, _ in self.unet.named_parameters()]).to(self.device)
 
     def save_checkpoint(self) -> Path:
-        tensors = {"current.weights": self.flat.data, "current.ema": self.proxy_ema, "sum.weights": self.sum_weights,
-                   "sum.ema": self.sum_ema, "shard_of": torch.from_numpy(self.shard_of), "visits": self.visits,
+        mid_round = self.proxy > 0 or self.local_step > 0
+        tensors = {"banks": self.banks, "shard_of": torch.from_numpy(self.shard_of), "visits": self.visits,
                    "skips": self.skips, "round_visits": self.round_visits, "round_skips": self.round_skips,
-                   "running_ratio": self.running_ratio, "dataset_ids": self.dataset.ids}
-        for k, proxy in enumerate(self.proxies):
-            tensors.update(proxy.adam.tensors(f"proxy{k}.adam"))
-            tensors[f"proxy{k}.bank"] = proxy.bank
+                   "running_ratio": self.running_ratio, "dataset_ids": self.dataset.ids, **self.adam.tensors("adam")}
+        if mid_round:  # the proxies' own weights matter only until the round's average
+            tensors.update({"proxy_weights": self.weights, "proxy_ema": self.ema})
         meta = {"format": CHECKPOINT_FORMAT, "round": self.round, "proxy": self.proxy, "local_step": self.local_step,
                 "global_step": self.global_step, "skip_lambda": self.skip_lambda, "round_sizes": self.round_sizes,
-                "proxy_iterations": [p.iterations for p in self.proxies], "saved": time.time()}
+                "iterations": self.iterations, "execution": self.execution, "saved": time.time()}
         path = self.run.save_checkpoint(self.global_step, {"model": self._state_dict(self.global_weights),
                                                            "ema": self._state_dict(self.global_ema), "state": tensors},
                                         meta, keep=self.config.train.keep_checkpoints)
@@ -420,23 +482,25 @@ class Trainer:
     def load_checkpoint(self, path: Path | None = None) -> None:
         groups, meta = self.run.load_checkpoint(path)
         state = groups["state"]
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"checkpoint format {meta.get('format')} is not {CHECKPOINT_FORMAT}: "
+                              "it was written by another version; start a new run.")
         if not torch.equal(state["dataset_ids"], self.dataset.ids):
             raise ConfigError("the data differs from the data this run was trained on (image ids changed): "
                               "restore the original data source, or start a new run.")
         self.global_weights.copy_(self._flatten(groups["model"]))
         self.global_ema.copy_(self._flatten(groups["ema"]))
-        self.flat.data.copy_(state["current.weights"])
-        for name, tensor in (("current.ema", self.proxy_ema), ("sum.weights", self.sum_weights), ("sum.ema", self.sum_ema),
-                             ("visits", self.visits), ("skips", self.skips), ("round_visits", self.round_visits),
-                             ("round_skips", self.round_skips), ("running_ratio", self.running_ratio)):
-            tensor.copy_(state[name])
+        self.adam = AdamState.from_tensors(state, "adam", self.device)
+        for name, tensor in (("banks", self.banks), ("visits", self.visits), ("skips", self.skips),
+                             ("round_visits", self.round_visits), ("round_skips", self.round_skips),
+                             ("running_ratio", self.running_ratio), ("proxy_weights", self.weights),
+                             ("proxy_ema", self.ema)):
+            if name in state:
+                tensor.copy_(state[name])
         self.shard_of = state["shard_of"].numpy().copy()
-        for k, proxy in enumerate(self.proxies):
-            proxy.adam = AdamState.from_tensors(state, f"proxy{k}.adam", self.device)
-            proxy.bank = state[f"proxy{k}.bank"].to(self.device)
-            proxy.iterations = meta["proxy_iterations"][k]
         self.round, self.proxy, self.local_step = meta["round"], meta["proxy"], meta["local_step"]
         self.global_step, self.skip_lambda, self.round_sizes = meta["global_step"], meta["skip_lambda"], meta["round_sizes"]
+        self.iterations, self.execution = list(meta["iterations"]), meta["execution"]
         self.total_steps = self.global_step + self._estimate_total_steps(self.config.train.rounds - self.round)
         self.run.cut_logs(self.global_step)
 
