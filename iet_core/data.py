@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,8 +228,12 @@ def load_zip(path: Path, resolution: int, channels: int):
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     # Read at most the declared size plus one byte: a lying header cannot inflate further.
-    with archive.open(info) as handle:
-        data = handle.read(info.file_size + 1)
+    try:
+        with archive.open(info) as handle:
+            data = handle.read(info.file_size + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as err:
+        # damaged, encrypted or unsupported entries: reject this one, keep the rest
+        raise DataError(f"damaged or unsupported archive entry ({err})") from None
     if len(data) > info.file_size:
         raise DataError("entry is larger than its header says")
     return data

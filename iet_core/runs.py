@@ -29,9 +29,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions)."""
+
 
 CSV_LOGS = ("metrics.csv", "rounds.csv", "samples.csv", "msr_moves.csv", "settings.csv")
 
@@ -165,18 +170,24 @@ class Run:
         name = f"ckpt-{global_step:09d}"
         final = self.checkpoint_root / name
         tmp = self.checkpoint_root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             for stem, group in tensors.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
             if final.exists():  # the same step saved again (e.g. stop right after a round end)
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            atomic_write(self.checkpoint_root / "LATEST", name)
+        except (OSError, SafetensorError) as err:  # safetensors reports write failures as its own error
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest_checkpoint()
+            kept = f"the previous checkpoint {previous.name} is intact and resume continues from it" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"could not write checkpoint {name} in {self.checkpoint_root} ({getattr(err, 'strerror', None) or err}): "
+                                       f"free disk space or fix permissions; {kept}.") from err
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write(self.checkpoint_root / "LATEST", name)
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.checkpoint_root.glob(".tmp-*"):

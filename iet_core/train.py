@@ -48,6 +48,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says which settings to lower."""
+
+
 class TrainControl:
     """Steers a running trainer from another thread: pause, resume, stop, change lambda."""
 
@@ -209,6 +213,15 @@ class Trainer:
                     self._emit(StatusEvent("stopped", self.round, self.global_step, "stopped; resume to continue"))
                     return "stopped"
                 self._end_round()
+        except torch.cuda.OutOfMemoryError as err:
+            tc = self.config.train
+            error = TrainingOutOfMemory(
+                f"the GPU ran out of memory (batch size {tc.batch_size}, preset {self.config.model.preset}, "
+                f"{self.execution} proxies): lower train.batch_size (try {max(1, tc.batch_size // 2)}), "
+                "use train.execution='sequential' or train.precision='bf16', or a smaller model preset; "
+                "then resume from the last checkpoint.")
+            self._emit(StatusEvent("failed", self.round, self.global_step, str(error)))
+            raise error from err
         except Exception as err:
             self._emit(StatusEvent("failed", self.round, self.global_step, f"{type(err).__name__}: {err}"))
             raise
