@@ -34,6 +34,7 @@ from . import agc
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, load_dataset
 from .models import build_unet, training_scheduler
+from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, append_csv, atomic_write
 from .shards import redistribute, split_shards
@@ -97,15 +98,6 @@ class TrainControl:
 
 def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint32)[0])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA GPU is available: use 'auto' or 'cpu'.")
-    return device
 
 
 class RunLogger:

@@ -1,0 +1,358 @@
+"""How much a trained model copies its training data, and at what cost in quality.
+
+`evaluate_images` measures given samples against a dataset (no model needed); `evaluate_run`
+samples a run's checkpoint first and saves the result under `RUN/eval/<name>/`:
+
+    table.csv        one row per generated sample: nearest training image, distances, ratios
+    summary.json     aggregate numbers (memorized share, MQ shares, FID or why not, settings)
+    most_copied.csv  per training image: times it is the nearest, with its training skip stats
+    images.npz       generated images and their nearest training images (for galleries)
+    gallery.png      (generated | nearest) pairs, most memorized first
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, EvalConfig, SAMPLERS
+from .data import ImageDataset
+from .fid import FIDUnavailable, fid_score
+from .metrics import MQ_THRESHOLDS, copy_counts, memorization_ratio, mq_ratio, shares_below
+from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
+from .runs import Run
+from .sample import generate_from_run
+
+# progress(stage, done, total); stages: "sampling", "neighbours", "fid"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class EvalResult:
+    table: pd.DataFrame  # one row per generated sample
+    summary: dict
+    most_copied: pd.DataFrame  # one row per training image, most often nearest first
+    generated: np.ndarray  # uint8 (G, C, H, W)
+    nearest: np.ndarray  # uint8 (G, C, H, W): each sample's nearest training image, as matched (mirrored if flipped)
+    path: Path | None = None  # the folder it was saved in
+
+    def pairs(self, limit: int | None = None) -> list[tuple[np.ndarray, str]]:
+        """(generated | nearest side by side as HxW or HxWx3 uint8, caption), most memorized
+        first: ready for an image gallery."""
+        order = self.table.sort_values(["memorization_ratio", "sample_id"]).index[:limit]
+        out = []
+        for i in order:
+            row = self.table.loc[i]
+            image = _side_by_side(self.generated[i], self.nearest[i])
+            flag = "memorized, " if row["memorized"] else ""
+            mirror = " (mirrored)" if row["nearest_flipped"] else ""
+            out.append((image, f"sample {row['sample_id']} | train {row['nearest_id']}{mirror}: "
+                               f"{flag}ratio {row['memorization_ratio']:.3f}, L2 {row['l2_nearest']:.3f}"))
+        return out
+
+
+def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two (C, H, W) images as one (H, 2W + 1[, 3]) image with a white gap."""
+    gap = np.full((left.shape[0], left.shape[1], 1), 255, np.uint8)
+    joined = np.concatenate([left, gap, right], axis=2).transpose(1, 2, 0)
+    return joined[..., 0] if joined.shape[2] == 1 else joined
+
+
+def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None = None, *,
+                    flip_aware: bool | None = None, per_sample: pd.DataFrame | None = None,
+                    device: str | torch.device | None = None, progress: Progress | None = None) -> EvalResult:
+    """Memorization metrics (and FID when config.fid) of uint8 (G, C, H, W) samples against a
+    dataset. flip_aware: None follows config.flip_aware (None there: off). per_sample: the
+    run's per-training-image skip statistics, merged into `most_copied`."""
+    config = config or EvalConfig()
+    config.validate()
+    generated = as_uint8_images(generated, "generated images")
+    if len(dataset) < 2:
+        raise ConfigError(f"the training set has {len(dataset)} image(s): the memorization ratio needs at least 2.")
+    if len(generated) == 0:
+        raise ConfigError("no generated images to evaluate: ask for at least one sample.")
+    flip_aware = bool(config.flip_aware) if flip_aware is None else flip_aware
+    device = resolve_device(device)
+    started = time.perf_counter()
+    found = nearest_neighbours(generated, dataset.images, k=max(2, config.mq_neighbours), flip_aware=flip_aware,
+                               margin=config.nn_margin, query_chunk=config.nn_query_chunk,
+                               train_chunk=config.nn_train_chunk, device=device,
+                               progress=(lambda d, t: progress("neighbours", d, t)) if progress else None)
+    seconds = {"neighbours": time.perf_counter() - started}
+
+    ids = dataset.ids.numpy()
+    ratio = memorization_ratio(found.sq_dist)
+    memorized = ratio < config.memorization_threshold
+    mq = mq_ratio(found.sq_dist, config.mq_neighbours)
+    table = pd.DataFrame({
+        "sample_id": np.arange(len(generated)),
+        "nearest_id": ids[found.index[:, 0]],
+        "nearest_flipped": found.flipped[:, 0],
+        "second_id": ids[found.index[:, 1]],
+        "l2_nearest": found.l2[:, 0],
+        "l2_second": found.l2[:, 1],
+        "memorization_ratio": ratio,
+        "memorized": memorized,
+        "sq_l2_nearest": found.sq_dist[:, 0],
+        "mq_ratio": mq,
+    })
+    times_nearest, times_memorized = copy_counts(found.index[:, 0], len(dataset), memorized)
+    most_copied = pd.DataFrame({"training_id": ids, "times_nearest": times_nearest,
+                                "times_memorized": times_memorized, "share": times_nearest / len(generated)})
+    if per_sample is not None and len(per_sample) and "sample_id" in per_sample:
+        stats = per_sample.rename(columns={"sample_id": "training_id"})
+        most_copied = most_copied.merge(stats, on="training_id", how="left")
+    most_copied = most_copied.sort_values(["times_nearest", "times_memorized", "training_id"],
+                                          ascending=[False, False, True], ignore_index=True)
+
+    nearest = dataset.images[torch.from_numpy(found.index[:, 0])].clone()
+    mirrored = torch.from_numpy(found.flipped[:, 0])
+    nearest[mirrored] = nearest[mirrored].flip(-1)
+
+    fid, fid_message, fid_seconds = _fid(generated, dataset, config, device, progress)
+    if config.fid:
+        seconds["fid"] = fid_seconds
+
+    summary = {
+        "num_samples": len(generated),
+        "num_training": len(dataset),
+        "dataset": dataset.name,
+        "flip_aware": flip_aware,
+        "memorization_threshold": config.memorization_threshold,
+        "memorized_count": int(memorized.sum()),
+        "memorized_fraction": float(memorized.mean()),
+        "mq_neighbours": min(config.mq_neighbours, len(dataset)),
+        "mq_shares": {f"{t:g}": share for t, share in shares_below(mq, MQ_THRESHOLDS).items()},
+        "mean_l2_nearest": float(table["l2_nearest"].mean()),
+        "median_l2_nearest": float(table["l2_nearest"].median()),
+        "distinct_nearest": int((times_nearest > 0).sum()),
+        "exhaustive_rows": found.exhaustive_rows,
+        "fid": fid,
+        "fid_dims": config.fid_dims if config.fid else None,
+        "fid_message": fid_message,
+        "seconds": seconds,
+    }
+    return EvalResult(table, summary, most_copied, generated.numpy(), nearest.numpy())
+
+
+def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
+         progress: Progress | None) -> tuple[float | None, str, float]:
+    """(FID or None, a note on it, seconds); a missing weights file is a note, not an error."""
+    if not config.fid:
+        return None, "FID not requested (eval.fid, CLI --fid).", 0.0
+    started = time.perf_counter()
+    try:
+        fid = fid_score(generated, dataset.images, weights=config.fid_weights, dims=config.fid_dims,
+                        cache_dir=config.fid_cache, batch_size=config.fid_batch_size, device=device,
+                        progress=(lambda d, t: progress("fid", d, t)) if progress else None)
+    except FIDUnavailable as err:
+        return None, str(err), time.perf_counter() - started
+    note = ""
+    if len(generated) < config.fid_dims:
+        note = (f"FID from {len(generated)} samples (fewer than the {config.fid_dims} feature dimensions) is biased "
+                "upwards; use 10,000 samples for numbers comparable with published FIDs.")
+    return fid, note, time.perf_counter() - started
+
+
+def flips_in_training(run: Run) -> bool:
+    """Whether training showed mirrored images (random flips or TAA flips)."""
+    config = run.config
+    return config.train.hflip or (config.method.taa.enabled and config.method.taa.flip)
+
+
+def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
+                 progress: Progress | None = None, name: str | None = None, save: bool = True,
+                 dataset: ImageDataset | None = None) -> EvalResult:
+    """Sample the run's latest checkpoint (EMA or raw weights), measure the samples against its
+    training data, and save the result under RUN/eval/<name>/ (name: from the settings).
+    config: None uses the run's own eval settings."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    config = config or run.config.eval
+    config.validate()
+    if name is not None:
+        _check_name(name)
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        raise ConfigError(f"run {run.id} has no checkpoint yet: train it (at least one round) before evaluating.")
+    dataset = dataset or run.dataset()
+    _check_trained_on(checkpoint, dataset)
+    device = resolve_device(device)
+    started = time.perf_counter()
+    images = generate_from_run(run, config.num_samples, use_ema=config.use_ema, checkpoint=checkpoint, device=device,
+                               sampler=config.sampler, steps=config.steps, eta=config.eta, seed=config.seed,
+                               batch_size=config.batch_size,
+                               progress=(lambda d, t: progress("sampling", d, t)) if progress else None)
+    sampling_seconds = time.perf_counter() - started
+    flip_aware = flips_in_training(run) if config.flip_aware is None else config.flip_aware
+    result = evaluate_images(images, dataset, config, flip_aware=flip_aware, per_sample=run.per_sample(),
+                             device=device, progress=progress)
+    weights = "ema" if config.use_ema else "model"
+    result.summary.update({
+        "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": int(checkpoint.name.split("-")[-1]),
+        "weights": weights, "sampler": config.sampler, "steps": config.steps, "eta": config.eta, "seed": config.seed,
+        "device": str(device),
+    })
+    result.summary["seconds"]["sampling"] = sampling_seconds
+    if save:
+        name = name or f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
+        result.path = save_eval(run, result, name, config.gallery_pairs)
+    return result
+
+
+def _check_trained_on(checkpoint: Path, dataset: ImageDataset) -> None:
+    """The checkpoint records the ids of the images it was trained on; comparing samples with
+    other images would measure nothing. Reads that one tensor, not the whole state."""
+    state = checkpoint / "state.safetensors"
+    if not state.exists():
+        return
+    with safe_open(str(state), "pt") as stored:
+        if "dataset_ids" in stored.keys() and not torch.equal(stored.get_tensor("dataset_ids"), dataset.ids):
+            raise ConfigError("the data differs from the data this run was trained on (image ids changed): restore "
+                              "the original data source, or pass the training dataset to evaluate_run.")
+
+
+# -- saved results --------------------------------------------------------------------------
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"evaluation name {name!r}: use a plain name without slashes or a leading dot.")
+
+
+def save_eval(run: Run, result: EvalResult, name: str, gallery_pairs: int = 32) -> Path:
+    """Write the result into RUN/eval/<name>/ (replacing an older one of that name) all at once:
+    it is assembled in a hidden folder and renamed into place."""
+    _check_name(name)
+    root = run.path / "eval"
+    final = root / name
+    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    try:
+        result.table.to_csv(tmp / "table.csv", index=False)
+        result.most_copied.to_csv(tmp / "most_copied.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps(result.summary, indent=2))
+        np.savez_compressed(tmp / "images.npz", generated=result.generated, nearest=result.nearest)
+        if gallery_pairs:
+            _write_gallery(result, tmp / "gallery.png", gallery_pairs)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_gallery(result: EvalResult, path: Path, limit: int) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    pairs = [np.atleast_3d(image) for image, _ in result.pairs(limit)]
+    scale = max(1, 64 // pairs[0].shape[0])  # small images get big enough pixels to see
+    tiles = torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = make_grid(tiles, nrow=max(1, int(np.ceil(np.sqrt(len(pairs) / 2)))), padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def list_evals(run: Run | str | Path) -> list[str]:
+    """Names of the run's saved evaluations, newest first."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    found = [p for p in (run.path / "eval").glob("*") if (p / "summary.json").exists() and not p.name.startswith(".")]
+    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
+    """A saved evaluation (the newest when no name is given)."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    names = list_evals(run)
+    if name is None:
+        if not names:
+            raise ConfigError(f"run {run.id} has no saved evaluation: run `python -m iet_core evaluate {run.path}`.")
+        name = names[0]
+    _check_name(name)
+    folder = run.path / "eval" / name
+    if not (folder / "summary.json").exists():
+        raise ConfigError(f"run {run.id} has no evaluation {name!r}; saved: {', '.join(names) or 'none'}.")
+    with np.load(folder / "images.npz", allow_pickle=False) as images:
+        generated, nearest = images["generated"], images["nearest"]
+    return EvalResult(pd.read_csv(folder / "table.csv"), json.loads((folder / "summary.json").read_text()),
+                      pd.read_csv(folder / "most_copied.csv"), generated, nearest, folder)
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+def format_summary(summary: dict) -> str:
+    """The summary as aligned text lines for a terminal."""
+    lines = []
+    if "run_id" in summary:
+        lines.append(f"run {summary['run_id']}  {summary['checkpoint']} ({summary['weights']} weights), "
+                     f"{summary['sampler']} {summary['steps']} steps, seed {summary['seed']}")
+    lines += [
+        f"samples {summary['num_samples']} vs {summary['num_training']} training images"
+        f"{' (and their mirror images)' if summary['flip_aware'] else ''}",
+        f"memorized (L2 nearest / second < {summary['memorization_threshold']:.3g}): "
+        f"{summary['memorized_count']} = {100 * summary['memorized_fraction']:.1f}%",
+        "MQ share below   " + "  ".join(f"{t:>5}" for t in summary["mq_shares"]),
+        "                 " + "  ".join(f"{100 * s:>4.0f}%" for s in summary["mq_shares"].values()),
+        f"nearest L2: mean {summary['mean_l2_nearest']:.4f}, median {summary['median_l2_nearest']:.4f}; "
+        f"{summary['distinct_nearest']} distinct training images are someone's nearest",
+        f"FID: {summary['fid']:.2f}" if summary["fid"] is not None else "FID: n/a",
+    ]
+    if summary.get("fid_message"):
+        lines.append(f"  {summary['fid_message']}")
+    return "\n".join(lines)
+
+
+def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
+    """`python -m iet_core evaluate RUN [...]`: flags override the run's eval settings."""
+    parser = subparsers.add_parser("evaluate", help="sample a run and measure memorization (and FID)",
+                                   description="Sample a run's latest checkpoint, find every sample's nearest "
+                                               "training images, print the summary and save the result in RUN/eval/.")
+    parser.add_argument("run", help="the run folder")
+    parser.add_argument("--num-samples", type=int, help="samples to generate (10,000 for comparable numbers)")
+    parser.add_argument("--sampler", choices=SAMPLERS)
+    parser.add_argument("--steps", type=int, help="sampling steps (DDIM default 50)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int, help="samples per generation batch")
+    parser.add_argument("--weights", choices=("ema", "model"), help="EMA (default) or raw weights")
+    parser.add_argument("--threshold", type=float, help="memorized when L2 nearest / second nearest is below this (1/3)")
+    parser.add_argument("--flip-aware", action=argparse.BooleanOptionalAction, default=None,
+                        help="also compare with mirrored training images (default: when training flipped)")
+    parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")
+    parser.add_argument("--fid-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--name", help="folder name under RUN/eval (default: from the settings)")
+    parser.add_argument("--no-save", action="store_true", help="print only; save nothing in the run folder")
+    parser.set_defaults(handler=_cmd_evaluate)
+    return parser
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    run = Run.open(args.run)
+    overrides = {"num_samples": args.num_samples, "sampler": args.sampler, "steps": args.steps, "eta": args.eta,
+                 "seed": args.seed, "batch_size": args.batch_size, "memorization_threshold": args.threshold,
+                 "flip_aware": args.flip_aware, "fid_weights": args.fid_weights,
+                 "use_ema": None if args.weights is None else args.weights == "ema", "fid": args.fid or None}
+    config = replace(run.config.eval, **{k: v for k, v in overrides.items() if v is not None})
+    result = evaluate_run(run, config, device=args.device, name=args.name, save=not args.no_save,
+                          progress=_print_progress)
+    print(format_summary(result.summary))
+    if result.path is not None:
+        print(f"saved: {result.path}")
+    return 0
+
+
+def _print_progress(stage: str, done: int, total: int) -> None:
+    print(f"\r{stage}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)

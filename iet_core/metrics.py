@@ -1,0 +1,54 @@
+"""Memorization metrics from nearest-neighbour distances: pure functions of arrays.
+
+- Memorization ratio (Yoon et al., Gu et al.): L2 to the nearest / L2 to the second nearest
+  training image; a sample is memorized when it is below a threshold (1/3 by convention).
+- Reference MQ (the IET-AGC authors' evaluation): squared L2 to the nearest / mean squared L2
+  to the 50 nearest (the nearest included); the share of samples below each of MQ_THRESHOLDS.
+Exact copies (distance 0) count as memorized by both (the reference script dropped them).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ConfigError
+
+MQ_THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, with 0 / 0 = 0: a sample equal to all its neighbours is a copy."""
+    out = np.zeros_like(numerator, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def memorization_ratio(sq_dist: np.ndarray) -> np.ndarray:
+    """L2(nearest) / L2(second nearest) per sample, from ascending squared distances (G, k >= 2)."""
+    if sq_dist.ndim != 2 or sq_dist.shape[1] < 2:
+        raise ConfigError("the memorization ratio needs at least 2 training images (nearest and second nearest).")
+    return _safe_ratio(np.sqrt(sq_dist[:, 0]), np.sqrt(sq_dist[:, 1]))
+
+
+def mq_ratio(sq_dist: np.ndarray, neighbours: int = 50) -> np.ndarray:
+    """Squared L2(nearest) / mean squared L2 of the `neighbours` nearest (fewer when the
+    training set or the given columns are fewer), from ascending squared distances (G, k)."""
+    if sq_dist.ndim != 2 or sq_dist.shape[1] < 1:
+        raise ConfigError("the MQ ratio needs at least one neighbour per sample.")
+    # the nearest is at most the mean; the clip removes the mean's rounding (equal distances)
+    return np.minimum(_safe_ratio(sq_dist[:, 0], sq_dist[:, :neighbours].mean(axis=1)), 1.0)
+
+
+def shares_below(values: np.ndarray, thresholds=MQ_THRESHOLDS) -> dict[float, float]:
+    """{threshold: share of values strictly below it} (0.0 for no values)."""
+    values = np.asarray(values, dtype=np.float64)
+    return {float(t): float((values < t).mean()) if len(values) else 0.0 for t in thresholds}
+
+
+def copy_counts(nearest: np.ndarray, num_training: int, memorized: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per training position: how many samples have it as nearest neighbour, and how many of
+    those samples are memorized."""
+    nearest = np.asarray(nearest, dtype=np.int64)
+    times_nearest = np.bincount(nearest, minlength=num_training)
+    flags = np.zeros(len(nearest), bool) if memorized is None else np.asarray(memorized, bool)
+    times_memorized = np.bincount(nearest[flags], minlength=num_training)
+    return times_nearest, times_memorized
