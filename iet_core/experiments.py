@@ -1,0 +1,264 @@
+"""Memorization against mitigation, end to end: baseline DDPM, IET, IET-AGC and IET-AGC+ on the
+same data, model and seeds, with equal compute (the same number of optimizer steps of the same
+batch size, so the same number of sample visits), each evaluated at several points of training.
+
+    python -m iet_core.experiments --out experiments/out/digits --seeds 0 1 2
+
+Writes into --out: results.csv (one row per method, seed and evaluation point), summary.csv
+(final numbers and memorization at equal quality, mean and spread over seeds), plots (bar chart,
+ratio histograms, memorization against quality, nearest-neighbour galleries) and report.md.
+Quality is FID when Inception weights are given (--set eval.fid=true), and always the offline
+"feature FD" and held-out distance of `iet_core.quality` (say which in any write-up).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .cli import add_config_arguments, config_from_args
+from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
+from .data import load_dataset
+from .evaluate import evaluate_images
+from .quality import QualityMeter
+from .runs import Run, atomic_write
+from .sample import generate_from_run
+from .train import train
+
+
+@dataclass
+class Experiment:
+    base: RunConfig = field(default_factory=demo_config)
+    modes: tuple[str, ...] = MODES
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_shards: int = 4
+    steps: int = 3000  # optimizer steps of base.train.batch_size per method (equal compute)
+    rounds: int = 30
+    eval_points: int = 5  # evaluations spread over the rounds (the last one at the end)
+    num_samples: int = 64
+    sample_steps: int = 50
+    heldout: int = 500  # images of the same source never trained on, for the quality measure
+    classifier_steps: int = 300
+
+    def validate(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ConfigError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}.")
+        if not self.seeds:
+            raise ConfigError("give at least one seed.")
+        if not 1 <= self.eval_points <= self.rounds:
+            raise ConfigError(f"eval_points={self.eval_points}: use between 1 and rounds ({self.rounds}).")
+        for mode in self.modes:
+            shards = 1 if mode == "ddpm" else self.num_shards
+            if self.steps // self.rounds // shards < 1:
+                raise ConfigError(f"{self.steps} steps over {self.rounds} rounds leave no local step for {shards} "
+                                  "proxies: raise steps or lower rounds or num_shards.")
+
+    def run_config(self, mode: str, seed: int) -> RunConfig:
+        """The base config with this mode's switches (keeping the base's AGC/MSR/TAA settings),
+        and local steps chosen so that rounds x K x local steps = steps."""
+        config = copy.deepcopy(self.base)
+        switches = method_for_mode(mode, self.num_shards)
+        config.method.num_shards = switches.num_shards
+        for part in ("agc", "msr", "taa"):
+            getattr(config.method, part).enabled = getattr(switches, part).enabled
+        every = self.rounds // self.eval_points
+        config.train.rounds = self.rounds
+        config.train.local_steps, config.train.local_epochs = self.steps // self.rounds // switches.num_shards, None
+        config.train.seed = seed
+        config.train.checkpoint_every_rounds = every
+        config.train.keep_checkpoints = self.rounds  # every evaluation point stays
+        config.name = f"{mode}-seed{seed}"
+        return config.validate()
+
+
+def heldout_set(config: RunConfig, count: int):
+    """Images of the same source outside the training subset (seeded choice)."""
+    data = copy.deepcopy(config.data)
+    data.subset = None
+    everything = load_dataset(data)
+    training_ids = set(load_dataset(config.data).ids.tolist())
+    outside = np.array([i for i, image_id in enumerate(everything.ids.tolist()) if image_id not in training_ids])
+    if len(outside) == 0:
+        raise ConfigError("no images are left out of training for the quality measure: lower data.subset.")
+    pick = np.sort(np.random.default_rng(12345).choice(outside, min(count, len(outside)), replace=False))
+    return everything.select(pick)
+
+
+def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.DataFrame:
+    experiment.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    heldout = heldout_set(experiment.base, experiment.heldout)
+    meter = QualityMeter.fit(heldout, steps=experiment.classifier_steps)
+    log(f"quality classifier: {len(heldout)} held-out images, accuracy {meter.accuracy:.2f}")
+    rows, finals = [], {}
+    for seed in experiment.seeds:
+        for mode in experiment.modes:
+            config = experiment.run_config(mode, seed)
+            run_started = time.time()
+            run = train(config, runs_root=out / "runs")
+            train_seconds = time.time() - run_started
+            dataset = run.dataset()
+            for checkpoint in run.checkpoints():
+                rows.append(_evaluate_point(run, checkpoint, dataset, meter, experiment, mode, seed, train_seconds))
+                log(f"{mode:9s} seed {seed} step {rows[-1]['step']:6d}: memorized {rows[-1]['memorized_fraction']:.2f}, "
+                    f"feature FD {rows[-1]['feature_fd']:.2f}, held-out L2 {rows[-1]['heldout_l2']:.3f}")
+            finals[(mode, seed)] = rows[-1].pop("_result")
+            for row in rows:
+                row.pop("_result", None)
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    summary = summarize(results)
+    summary.to_csv(out / "summary.csv", index=False)
+    plot_all(results, finals, experiment, out)
+    write_report(results, summary, experiment, out, time.time() - started, meter.accuracy)
+    return results
+
+
+def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, experiment: Experiment,
+                    mode: str, seed: int, train_seconds: float) -> dict:
+    config = run.config
+    _, meta = run.load_checkpoint(checkpoint)
+    samples = generate_from_run(run, experiment.num_samples, checkpoint=checkpoint, steps=experiment.sample_steps,
+                                seed=1000 + seed, use_ema=config.eval.use_ema)
+    flips = config.train.hflip or (config.method.taa.enabled and config.method.taa.flip)
+    result = evaluate_images(samples, dataset, config.eval, flip_aware=flips, per_sample=run.per_sample())
+    summary = result.summary
+    return {"mode": mode, "seed": seed, "round": meta["round"], "step": meta["global_step"],
+            "visits": meta["global_step"] * config.train.batch_size, "memorized_fraction": summary["memorized_fraction"],
+            "mq_below_1_3": float((result.table["mq_ratio"] < 1 / 3).mean()), "mean_l2_nearest": summary["mean_l2_nearest"],
+            **meter.measure(samples), "fid": summary["fid"], "train_seconds": train_seconds, "_result": result}
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Per mode: final numbers (mean, std over seeds) and memorization at equal quality, i.e.
+    at the first evaluation point where the mode's seed-mean feature FD reaches the level every
+    mode reaches (the worst of the modes' best)."""
+    final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
+    metrics = ["memorized_fraction", "mq_below_1_3", "mean_l2_nearest", "feature_fd", "heldout_l2"]
+    table = final.groupby("mode", sort=False)[metrics].agg(["mean", "std"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    curves = results.groupby(["mode", "step"], sort=False)[["memorized_fraction", "feature_fd"]].mean().reset_index()
+    target = curves.groupby("mode").feature_fd.min().max()
+    reached = curves[curves.feature_fd <= target + 1e-12].groupby("mode", sort=False).first()
+    table["equal_quality_fd"] = target
+    table["equal_quality_step"] = reached.step
+    table["memorized_at_equal_quality"] = reached.memorized_fraction
+    table["seeds"] = final.groupby("mode").seed.nunique()
+    return table.reset_index()
+
+
+def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in experiment.modes if m in set(results["mode"])]
+    final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    stats = final.groupby("mode").memorized_fraction.agg(["mean", "std"]).reindex(modes)
+    ax.bar(modes, stats["mean"] * 100, yerr=stats["std"].fillna(0) * 100, capsize=4, color="#4c72b0")
+    ax.set_ylabel("memorized samples (%)")
+    ax.set_title("Memorization at equal compute (nearest / second < 1/3)")
+    fig.tight_layout()
+    fig.savefig(out / "memorization_bar.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(3 * len(modes), 2.8), sharey=True)
+    for ax, mode in zip(np.atleast_1d(axes), modes):
+        ratios = np.concatenate([finals[(mode, s)].table.memorization_ratio.to_numpy() for s in experiment.seeds])
+        ax.hist(ratios, bins=np.linspace(0, 1, 26), color="#55a868")
+        ax.axvline(1 / 3, color="#c44e52", linestyle="--")
+        ax.set_title(mode)
+        ax.set_xlabel("nearest / second nearest")
+    fig.tight_layout()
+    fig.savefig(out / "ratio_histograms.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = results.groupby(["mode", "step"], sort=False)[["memorized_fraction", "feature_fd"]].mean().reset_index()
+    for mode in modes:
+        curve = curves[curves["mode"] == mode]
+        ax.plot(curve.feature_fd, curve.memorized_fraction * 100, marker="o", label=mode)
+    ax.set_xlabel("feature FD to held-out images (lower = more realistic)")
+    ax.set_ylabel("memorized samples (%)")
+    ax.set_title("Memorization against quality over training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memorization_vs_quality.png", dpi=120)
+    plt.close(fig)
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    for mode in modes:  # (generated | nearest training image) pairs of the first seed, most copied first
+        pairs = np.stack([image if image.ndim == 3 else image[..., None] for image, _ in finals[(mode, experiment.seeds[0])].pairs(16)])
+        grid = make_grid(torch.from_numpy(pairs).permute(0, 3, 1, 2), nrow=4, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+        image = Image.fromarray(grid)
+        image.resize((image.width * 3, image.height * 3), Image.Resampling.NEAREST).save(out / f"neighbours_{mode}.png")
+
+
+def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Experiment, out: Path,
+                 seconds: float, accuracy: float) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
+    columns = ["mode", "memorized_fraction_mean", "memorized_fraction_std", "mq_below_1_3_mean", "feature_fd_mean",
+               "feature_fd_std", "heldout_l2_mean", "mean_l2_nearest_mean", "memorized_at_equal_quality", "equal_quality_step"]
+    base = experiment.base
+    text = [f"# Experiment: {', '.join(experiment.modes)}", "",
+            f"- data: {base.data.source}, {base.data.subset} images at {base.data.resolution}x{base.data.resolution}, "
+            f"{base.data.channels} channel(s); model preset {base.model.preset}",
+            f"- equal compute: {experiment.steps} optimizer steps of batch {base.train.batch_size} per method "
+            f"({experiment.steps * base.train.batch_size:,} sample visits), {experiment.rounds} rounds, K = {experiment.num_shards}",
+            f"- seeds: {', '.join(map(str, experiment.seeds))}; {experiment.num_samples} samples per evaluation, DDIM {experiment.sample_steps} steps",
+            f"- quality: feature FD and held-out L2 against {experiment.heldout} held-out images "
+            f"(classifier accuracy on them {accuracy:.2f}); see iet_core/quality.py",
+            f"- command: `python -m iet_core.experiments {' '.join(sys.argv[1:])}`",
+            f"- device: {device}; run time {seconds / 60:.1f} min", "",
+            summary[[c for c in columns if c in summary]].to_markdown(index=False, floatfmt=".3f"), "",
+            "![memorization](memorization_bar.png)", "", "![histograms](ratio_histograms.png)", "",
+            "![memorization vs quality](memorization_vs_quality.png)", ""]
+    text += [f"![{mode}](neighbours_{mode}.png)" for mode in experiment.modes if mode in set(results["mode"])]
+    atomic_write(out / "report.md", "\n".join(text) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iet_core.experiments", description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per method (equal compute)")
+    parser.add_argument("--eval-points", type=int, default=5)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--heldout", type=int, default=500)
+    parser.add_argument("--classifier-steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    try:
+        base = config_from_args(args)  # --shards sets K for the IET modes (default 4)
+        shards = base.method.num_shards if base.method.num_shards > 1 else 4
+        experiment = Experiment(base=base, modes=tuple(args.modes), seeds=tuple(args.seeds), num_shards=shards,
+                                steps=args.steps, rounds=base.train.rounds, eval_points=args.eval_points,
+                                num_samples=args.num_samples, sample_steps=args.sample_steps, heldout=args.heldout,
+                                classifier_steps=args.classifier_steps)
+        run_experiment(experiment, args.out)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

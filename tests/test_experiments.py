@@ -1,0 +1,32 @@
+import pandas as pd
+
+from helpers import tiny_config
+from iet_core.experiments import Experiment, main, run_experiment
+
+
+def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
+    base = tiny_config("ddpm")
+    base.data.subset = 16
+    experiment = Experiment(base=base, seeds=(0,), num_shards=2, steps=8, rounds=2, eval_points=2,
+                            num_samples=6, sample_steps=2, heldout=40, classifier_steps=20)
+    results = run_experiment(experiment, tmp_path, log=lambda *_: None)
+    assert set(results["mode"]) == {"ddpm", "iet", "iet-agc", "iet-agc+"}
+    assert len(results) == 4 * 2  # two evaluation points per method
+    # equal compute: every method ends after the same number of sample visits
+    final = results.groupby("mode").visits.max()
+    assert final.nunique() == 1 and final.iloc[0] == 8 * base.train.batch_size
+    saved = pd.read_csv(tmp_path / "results.csv")
+    assert list(saved.columns) == ["mode", "seed", "round", "step", "visits", "memorized_fraction", "mq_below_1_3",
+                                   "mean_l2_nearest", "feature_fd", "heldout_l2", "fid", "train_seconds"]
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert {"memorized_fraction_mean", "memorized_fraction_std", "feature_fd_mean",
+            "memorized_at_equal_quality", "equal_quality_step"} <= set(summary.columns)
+    for name in ["memorization_bar.png", "ratio_histograms.png", "memorization_vs_quality.png",
+                 "neighbours_ddpm.png", "neighbours_iet-agc+.png", "report.md"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "| mode" in (tmp_path / "report.md").read_text()
+
+
+def test_runner_rejects_impossible_budgets(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--steps", "10", "--rounds", "30"]) == 2
+    assert "no local step" in capsys.readouterr().err
