@@ -12,7 +12,9 @@
         global <- sum                                # FedAvg weighted by shard size
         MSR: move often-skipped samples to another shard
 
-K = 1 with AGC off is plain DDPM. Every random draw of a step comes from a seed derived from
+The K proxies of a round run one after another or side by side as one vmapped computation
+(train.execution); the round's result is the same either way. K = 1 with AGC off is plain
+DDPM. Every random draw of a step comes from a seed derived from
 (seed, round, proxy, step), so a run stopped anywhere and resumed from its checkpoint ends
 with the same weights as one never interrupted.
 """
@@ -455,15 +457,11 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def _state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """A UNet state dict whose parameters are read from a flat vector."""
-        state = dict(self.unet.state_dict())
-        offset = 0
-        for name, param in self.unet.named_parameters():
-            state[name] = vector[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
-        return state
+        parameters = {name: value[0] for name, value in self.flat.unflatten(vector[None]).items()}
+        return {**self.unet.state_dict(), **parameters}
 
     def _flatten(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([state[name].reshape(-1) for name, _ in self.unet.named_parameters()]).to(self.device)
+        return torch.cat([state[name].reshape(-1) for name in self.flat.names]).to(self.device)
 
     def save_checkpoint(self) -> Path:
         mid_round = self.proxy > 0 or self.local_step > 0
