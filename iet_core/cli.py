@@ -108,14 +108,12 @@ def _fit(run, dataset, resume: bool, quiet: bool) -> int:
     import signal
 
     from .telemetry import ProgressBar
-    from .train import TrainControl, Trainer
+    from .train import TrainControl, prepare_trainer
 
     control = TrainControl()
     # Ctrl-C stops at the next step with a checkpoint, so `resume` continues exactly.
     signal.signal(signal.SIGINT, lambda *_: control.stop())
-    trainer = Trainer(run, dataset=dataset, control=control)
-    if resume and run.latest_checkpoint() is not None:
-        trainer.load_checkpoint()
+    trainer = prepare_trainer(run, dataset, resume, control=control)
     if not quiet:
         trainer.sinks.append(ProgressBar(trainer.total_steps, trainer.global_step))
     state = trainer.fit()

@@ -26,6 +26,9 @@ MAX_IMAGES = 200_000
 MAX_FILE_BYTES = 50 * 2**20
 MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries
 MAX_PIXELS = 40_000_000  # one decoded image; larger is treated as a decompression bomb
+# What zipfile raises for damaged, encrypted or exotic archives and entries (found by fuzzing;
+# UnicodeDecodeError from garbled names is a ValueError).
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
 
 
 class DataError(ConfigError):
@@ -199,7 +202,7 @@ def load_zip(path: Path, resolution: int, channels: int):
     sizes and counts are checked from the central directory before anything is decompressed."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
+    except ZIP_ERRORS as err:
         raise DataError(f"{path.name} is not a readable zip archive ({err}).") from None
     with archive:
         rejected, entries = [], []
@@ -231,7 +234,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
         with archive.open(info) as handle:
             data = handle.read(info.file_size + 1)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as err:
+    except ZIP_ERRORS as err:
         # damaged, encrypted or unsupported entries: reject this one, keep the rest
         raise DataError(f"damaged or unsupported archive entry ({err})") from None
     if len(data) > info.file_size:

@@ -523,6 +523,22 @@ def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset |
     return Run.create(runs_root, config), dataset
 
 
+def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool = False,
+                    sinks: Iterable[Sink] = (), control: TrainControl | None = None) -> Trainer:
+    """A Trainer for the run, restored from its last checkpoint when resuming. A failure here
+    (data gone, checkpoint unreadable) marks the run failed with the reason."""
+    try:
+        trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control)
+        if resume and run.latest_checkpoint() is not None:
+            trainer.load_checkpoint()
+        else:
+            run.cut_logs(0)  # a run restarted from scratch logs afresh
+        return trainer
+    except Exception as err:
+        run.write_status("failed", message=f"{type(err).__name__}: {err}")
+        raise
+
+
 def train(config: RunConfig | None = None, *, runs_root: str | Path | None = None, run: Run | None = None,
           resume: bool = False, sinks: Iterable[Sink] = (), control: TrainControl | None = None,
           dataset: ImageDataset | None = None) -> Run:
@@ -532,10 +548,5 @@ def train(config: RunConfig | None = None, *, runs_root: str | Path | None = Non
         if config is None or runs_root is None:
             raise ConfigError("give a config and a runs folder for a new run, or an existing run to resume.")
         run, dataset = create_run(config, runs_root, dataset)
-    trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control)
-    if resume and run.latest_checkpoint() is not None:
-        trainer.load_checkpoint()
-    else:
-        run.cut_logs(0)  # a run restarted from scratch logs afresh
-    trainer.fit()
+    prepare_trainer(run, dataset, resume, sinks, control).fit()
     return run

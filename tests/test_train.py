@@ -249,3 +249,5 @@ def test_resume_refuses_changed_data(tmp_path):
     (run.path / "config.json").write_text(config.to_json())
     with pytest.raises(ConfigError, match="data differs"):
         train(run=Run.open(run.path), resume=True)
+    status = run.status()  # readers see why, not a stale "finished"
+    assert status["state"] == "failed" and "data differs" in status["message"]

@@ -1,0 +1,243 @@
+"""What every page shares: the app context, the browser session, the run picker, images."""
+from __future__ import annotations
+
+import collections
+import functools
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from iet_core.config import ConfigError
+from iet_core.data import ImageDataset
+from iet_core.jobs import JobManager, new_owner_token
+
+SESSION_KEY = "iet-agc-app-session"
+SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}
+# Plain symbols that every system font has (emoji need a colour-emoji font).
+STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping": "■", "stopped": "■",
+               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!"}
+
+
+@dataclass
+class AppContext:
+    jobs: JobManager
+    runs_root: Path
+    secret: str  # encrypts the browser session; kept in the runs folder so sessions survive restarts
+    _datasets: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    _datasets_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def create(cls, runs_root: str | Path, jobs: JobManager) -> "AppContext":
+        root = Path(runs_root)
+        root.mkdir(parents=True, exist_ok=True)
+        secret_file = root / ".app-secret"
+        if not secret_file.exists():
+            secret_file.write_text(secrets.token_urlsafe(24))
+            secret_file.chmod(0o600)
+        return cls(jobs=jobs, runs_root=root, secret=secret_file.read_text().strip())
+
+    def dataset(self, run_id: str) -> ImageDataset:
+        """A run's training images (a few kept in memory: galleries need them on every update)."""
+        with self._datasets_lock:
+            if run_id in self._datasets:
+                self._datasets.move_to_end(run_id)
+                return self._datasets[run_id]
+        dataset = self.jobs.run(run_id).dataset()
+        with self._datasets_lock:
+            self._datasets[run_id] = dataset
+            while len(self._datasets) > 4:
+                self._datasets.popitem(last=False)
+        return dataset
+
+
+# -- the browser session --------------------------------------------------------------------
+
+def session_state(ctx: AppContext) -> gr.BrowserState:
+    """The session in the browser's localStorage: owner token, selected run, chosen data.
+    Every page makes one with the same key, so they all see the same values."""
+    return gr.BrowserState(dict(SESSION_DEFAULT), storage_key=SESSION_KEY, secret=ctx.secret)
+
+
+def ensure_owner(session: dict | None) -> dict:
+    """The session with an owner token (made on first use)."""
+    session = {**SESSION_DEFAULT, **(session or {})}
+    if not session["owner"]:
+        session["owner"] = new_owner_token()
+    return session
+
+
+def user_errors(fn):
+    """Show ConfigError (bad input, with what to do) as a message in the page instead of a crash."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+    return wrapper
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+def run_label(row: dict) -> str:
+    """"▶ demo-ddpm (ddpm) · running, round 3/30 · 11-22 14:59 a1b2c3": the run id's date and
+    suffix tell apart runs of the same name."""
+    state = row["state"] or "?"
+    where = f"#{row['queue_position']} in queue" if row.get("queue_position") else f"round {row['round']}/{row['rounds']}"
+    run_id = row["run_id"]
+    try:  # ids made by the engine start with the creation time
+        when = f"{time.strftime('%m-%d %H:%M', time.strptime(run_id[:15], '%Y%m%d-%H%M%S'))} {run_id[-6:]}"
+    except ValueError:
+        when = run_id
+    return f"{STATE_ICONS.get(state, '')} {row['name']} ({row['mode']}) · {state}, {where} · {when}"
+
+
+def run_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    return [(run_label(row), row["run_id"]) for row in ctx.jobs.list_runs()]
+
+
+def default_run(ctx: AppContext, session: dict | None, choices: list[tuple[str, str]]) -> str | None:
+    """The session's run if it still exists, else a live one, else the newest."""
+    ids = [run_id for _, run_id in choices]
+    wanted = (session or {}).get("run_id")
+    if wanted in ids:
+        return wanted
+    for run_id in ids:
+        if ctx.jobs.status(run_id)["state"] in ("running", "paused", "queued"):
+            return run_id
+    return ids[0] if ids else None
+
+
+def run_picker(label: str = "Run") -> tuple[gr.Dropdown, gr.Button]:
+    with gr.Row(equal_height=False):
+        picker = gr.Dropdown(choices=[], label=label, scale=8, elem_classes=["run-picker"])
+        refresh = gr.Button("↻ Refresh", scale=0, min_width=110, size="sm")
+    return picker, refresh
+
+
+def wire_run_picker(ctx: AppContext, page: gr.Blocks, picker: gr.Dropdown, refresh: gr.Button,
+                    session: gr.BrowserState) -> None:
+    """Fill the picker when the page opens (with the session's run) and remember the choice."""
+    def fill(session, current=None):
+        choices = run_choices(ctx)
+        ids = [c[1] for c in choices]
+        value = current if current in ids else default_run(ctx, session, choices)
+        return gr.update(choices=choices, value=value)
+
+    # The owner token is made when a page opens, so no two events of a fresh session race to make it.
+    page.load(lambda session: (fill(session), ensure_owner(session)), session, [picker, session],
+              api_visibility="private")
+    refresh.click(fill, [session, picker], picker, api_visibility="private")
+
+    def remember(run_id, session):
+        session = ensure_owner(session)
+        if run_id:
+            session["run_id"] = run_id
+        return session
+
+    picker.change(remember, [picker, session], session, api_visibility="private")
+
+
+def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState) -> gr.Markdown:
+    """Pause / resume / stop buttons for the picked run; only the session that started a run
+    may steer it. Returns the markdown where their messages appear."""
+    with gr.Row():
+        pause = gr.Button("❚❚ Pause", size="md")
+        resume = gr.Button("▶ Resume", size="md")
+        stop = gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop")
+    message = gr.Markdown()
+    done = {"pause": "Pausing after the current step.", "resume": "Resuming (a stopped run continues from its "
+            "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time."}
+
+    for button, action in ((pause, "pause"), (resume, "resume"), (stop, "stop")):
+        @user_errors
+        def act(run_id, session, action=action):
+            session = ensure_owner(session)
+            if not run_id:
+                raise gr.Error("Pick a run first.", print_exception=False)
+            getattr(ctx.jobs, action)(run_id, session["owner"])
+            return done[action], session
+
+        button.click(act, [picker, session], [message, session], api_visibility="private")
+    return message
+
+
+def status_text(status: dict, skip_lambda: float | None = None) -> str:
+    """A run's status as one markdown line (plus its message, if any)."""
+    state = status.get("state") or "?"
+    parts = [f"**{STATE_ICONS.get(state, '')} {state}**"]
+    if status.get("queue_position"):
+        parts.append(f"**#{status['queue_position']} in the queue**: starts when the run before it ends")
+    total, step = status.get("total_steps"), status.get("global_step") or 0
+    parts.append(f"round {status.get('round', 0)} · step {step}" + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
+    if skip_lambda is not None:
+        parts.append(f"skip threshold λ = **{skip_lambda:.2f}**")
+    message = status.get("error") or status.get("message") or ""
+    return " · ".join(parts) + (f"  \n{message}" if message else "")
+
+
+def download_dir(prefix: str) -> Path:
+    """A fresh temporary folder for a file to download: gradio copies what a handler returns
+    into its own cache, and nothing in the runs folder is served directly."""
+    return Path(tempfile.mkdtemp(prefix=f"iet-{prefix}-"))
+
+
+# -- images ------------------------------------------------------------------------------------
+
+def display_image(image: np.ndarray, min_size: int = 96) -> np.ndarray:
+    """(C, H, W) or (H, W[, C]) uint8 to (H, W, 3) scaled up by an integer factor (pixels
+    stay sharp) so small training images are visible."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] not in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    factor = max(1, int(np.ceil(min_size / max(image.shape[0], 1))))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def image_grid(images: np.ndarray, columns: int = 8, min_tile: int = 48, gap: int = 2) -> np.ndarray:
+    """uint8 (N, C, H, W) as one (H, W, 3) grid image with white gaps."""
+    tiles = [display_image(image, min_tile) for image in images]
+    if not tiles:
+        return np.full((min_tile, min_tile, 3), 255, np.uint8)
+    h, w, _ = tiles[0].shape
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return grid
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file (e.g. a run's preview grid) as an (H, W, 3) array: galleries get arrays,
+    so nothing in the runs folder has to be served as a file."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def training_images(ctx: AppContext, run_id: str, sample_ids, captions) -> list[tuple[np.ndarray, str]]:
+    """Gallery items for training images given by global id (none when the run's data cannot
+    be loaded any more, e.g. a Hub dataset offline: the rest of the page still works)."""
+    try:
+        dataset = ctx.dataset(run_id)
+    except ConfigError:
+        return []
+    position = {int(i): p for p, i in enumerate(dataset.ids.tolist())}
+    return [(display_image(dataset.images[position[int(i)]].numpy()), caption)
+            for i, caption in zip(sample_ids, captions) if int(i) in position]
+
+
+def page_header(title: str, text: str) -> None:
+    gr.Markdown(f"# {title}\n{text}")

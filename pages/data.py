@@ -1,0 +1,144 @@
+"""1 · Data: choose the training images (built-in, uploaded, or a Hugging Face dataset),
+preview them, and see what was rejected. The choice is kept in the browser session for Train."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from iet_core.config import DataConfig
+from iet_core.data import DataError, load_dataset
+from pages import common
+
+TITLE, PATH = "1 · Data", "data"
+BUILTIN = "Built-in: handwritten digits (works offline)"
+UPLOAD = "Upload images or a .zip / .npz"
+HUB = "Hugging Face dataset"
+RESOLUTIONS = [8, 16, 32, 64]
+PREVIEW_COUNT = 64
+
+
+def persist_upload(files: list[str], runs_root: Path, resolution: int, channels: int) -> tuple[str, list]:
+    """Uploaded files as one .npz under <runs>/datasets/ (named by a hash of their content and
+    the size), so runs trained on them can resume after a restart. Returns (path, rejected)."""
+    if not files:
+        raise DataError("no files uploaded: drop image files, or one .zip or .npz archive.")
+    paths = [Path(f) for f in files]
+    archives = [p for p in paths if p.suffix.lower() in (".zip", ".npz")]
+    if archives and len(paths) > 1:
+        raise DataError("upload either one .zip or .npz archive, or image files, not both.")
+    digest = hashlib.sha256(f"{resolution}x{channels}".encode())
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    target = runs_root / "datasets" / f"{digest.hexdigest()[:16]}-{resolution}px-{channels}ch.npz"
+    with tempfile.TemporaryDirectory() as tmp:
+        if archives:
+            source = archives[0]
+        else:  # loose images: gather them in a folder (names kept: they may carry class folders)
+            source = Path(tmp) / "images"
+            source.mkdir()
+            for path in paths:
+                shutil.copy2(path, source / path.name)
+        dataset = load_dataset(DataConfig(source=str(source), resolution=resolution, channels=channels, subset=None))
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"images": dataset.images.numpy()}
+        if dataset.labels is not None:
+            arrays["labels"] = dataset.labels.numpy()
+        partial = target.with_suffix(".tmp.npz")
+        np.savez_compressed(partial, **arrays)
+        partial.replace(target)
+    return str(target), dataset.rejected
+
+
+def data_summary(dataset, config: DataConfig) -> str:
+    classes = "" if dataset.labels is None else f", {len(np.unique(dataset.labels.numpy()))} classes"
+    rejected = f" · **{len(dataset.rejected)} rejected** (see below)" if dataset.rejected else ""
+    return (f"### {len(dataset)} images · {config.resolution}×{config.resolution} · "
+            f"{'greyscale' if config.channels == 1 else 'colour'}{classes}{rejected}\n"
+            f"Source: `{dataset.name}`. Training on the **Train** page uses this data. Few images at low resolution "
+            "memorize fastest: tens to a few hundred images show it within minutes.")
+
+
+def build(ctx: common.AppContext, page: gr.Blocks) -> None:
+    session = common.session_state(ctx)
+    common.page_header("Choose the training data", "Diffusion models copy training images when the training set "
+                       "is small. Pick a small set to see it happen quickly; the preview shows what the model will "
+                       "learn from.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            source = gr.Radio([BUILTIN, UPLOAD, HUB], value=BUILTIN, label="Source")
+            upload = gr.File(file_count="multiple", file_types=["image", ".zip", ".npz"], visible=False,
+                             label="Images (PNG, JPEG, ...), or one .zip of images (class folders become labels), "
+                                   "or an .npz with an `images` array")
+            with gr.Row(visible=False) as hub_row:
+                hub_id = gr.Textbox(label="Dataset id or local `save_to_disk` folder", placeholder="e.g. uoft-cs/cifar10",
+                                    scale=3)
+                hub_split = gr.Textbox("train", label="Split", scale=1)
+            resolution = gr.Dropdown(RESOLUTIONS, value=16, label="Resolution (pixels)",
+                                     info="16 trains fast on a CPU; 32 suits a GPU.")
+            channels = gr.Radio([("Greyscale", 1), ("Colour (RGB)", 3)], value=1, label="Channels")
+            subset = gr.Number(64, precision=0, minimum=0, label="Number of images (0 = all)",
+                               info="A seeded random subset. 64 memorizes within minutes on a CPU.")
+            load = gr.Button("Load and preview", variant="primary")
+        with gr.Column(scale=3):
+            summary = gr.Markdown("Loading the built-in digits…")
+            preview = gr.Image(label="Preview (first 64 images)", show_label=False, interactive=False,
+                               buttons=["fullscreen"], elem_id="data-preview")
+            rejected = gr.Dataframe(pd.DataFrame(columns=["file", "reason"]), label="Rejected files and why",
+                                    visible=False, interactive=False, wrap=True)
+
+    def show_source(choice):
+        return gr.update(visible=choice == UPLOAD), gr.update(visible=choice == HUB)
+
+    source.change(show_source, source, [upload, hub_row], api_visibility="private")
+
+    @common.user_errors
+    def load_data(choice, files, hub, split, res, ch, count, session):
+        session = common.ensure_owner(session)
+        res, ch = int(res), int(ch)
+        rejected_before: list = []
+        if choice == UPLOAD:
+            path, rejected_before = persist_upload(files or [], ctx.runs_root, res, ch)
+            config = DataConfig(source=path, resolution=res, channels=ch)
+        elif choice == HUB:
+            if not (hub or "").strip():
+                raise DataError("give a Hugging Face dataset id (e.g. uoft-cs/cifar10) or a local dataset folder.")
+            config = DataConfig(source=f"hf:{hub.strip()}", resolution=res, channels=ch, hf_split=(split or "train").strip())
+        else:
+            config = DataConfig(source="digits", resolution=res, channels=ch)
+        config.subset = int(count) if count else None
+        dataset = load_dataset(config)
+        dataset.rejected = rejected_before + dataset.rejected
+        session["data"] = dataclasses.asdict(config)
+        table = pd.DataFrame(dataset.rejected, columns=["file", "reason"])
+        grid = common.image_grid(dataset.images[:PREVIEW_COUNT].numpy(), columns=16, min_tile=48)
+        return data_summary(dataset, config), grid, gr.update(value=table, visible=bool(len(table))), session
+
+    inputs = [source, upload, hub_id, hub_split, resolution, channels, subset, session]
+    outputs = [summary, preview, rejected, session]
+    load.click(load_data, inputs, outputs, api_visibility="private")
+
+    def restore(session):
+        """Show the session's data choice (or the default digits) when the page opens."""
+        chosen = DataConfig(**(session or {}).get("data") or {})
+        is_upload = chosen.source.endswith(".npz") and Path(chosen.source).parent.name == "datasets"
+        choice = UPLOAD if is_upload else HUB if chosen.source.startswith("hf:") else BUILTIN
+        try:
+            dataset = load_dataset(chosen)
+        except DataError as err:
+            return [gr.skip()] * 7 + [f"The data chosen earlier cannot be loaded: {err}", None]
+        hub = chosen.source[3:] if choice == HUB else ""
+        grid = common.image_grid(dataset.images[:PREVIEW_COUNT].numpy(), columns=16, min_tile=48)
+        return (choice, gr.update(visible=choice == UPLOAD), gr.update(visible=choice == HUB), hub,
+                chosen.resolution, chosen.channels, chosen.subset or 0, data_summary(dataset, chosen), grid)
+
+    page.load(restore, session, [source, upload, hub_row, hub_id, resolution, channels, subset, summary, preview],
+              api_visibility="private")

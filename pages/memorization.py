@@ -1,0 +1,139 @@
+"""4 · Memorization: generate samples from a run and put each next to its nearest training
+image; the share of copies, MQ, FID when available, and the most-copied training images with
+their skip history from training."""
+from __future__ import annotations
+
+import shutil
+
+import gradio as gr
+import pandas as pd
+
+from iet_core.config import ConfigError
+from iet_core.evaluate import evaluate_run, load_eval
+from pages import api, charts, common
+
+TITLE, PATH = "4 · Memorization", "memorization"
+PAIRS_SHOWN = 48
+
+
+def summary_markdown(summary: dict) -> str:
+    fid = f"{summary['fid']:.1f}" if summary.get("fid") is not None else "n/a"
+    mq = summary.get("mq_shares", {})
+    mq_low = next(iter(mq.items()), None)
+    lines = [
+        f"<span class='big-number'>{100 * summary['memorized_fraction']:.0f}%</span> of "
+        f"{summary['num_samples']} samples are copies of a training image "
+        f"(nearest / second-nearest distance < {summary['memorization_threshold']:.2f})",
+        f"**FID** {fid}" + (f" · MQ share below {mq_low[0]}: **{100 * mq_low[1]:.0f}%**" if mq_low else "") +
+        f" · {summary['distinct_nearest']} different training images are nearest to some sample",
+        f"Checkpoint `{summary.get('checkpoint', '?')}` · {summary.get('sampler', '')} {summary.get('steps', '')} steps"
+        f"{' · compared with mirrored training images too' if summary.get('flip_aware') else ''}",
+    ]
+    if summary.get("fid_message"):
+        lines.append(f"<span class='explain'>{summary['fid_message']}</span>")
+    return "  \n".join(lines)
+
+
+def mq_markdown(summary: dict) -> str:
+    """The share of samples whose MQ ratio is below each threshold, as a two-row table."""
+    shares = summary.get("mq_shares", {})
+    if not shares:
+        return ""
+    return ("**MQ**, the reference code's metric: share of samples whose squared distance to the nearest training "
+            "image, over the mean of the 50 nearest, is below each threshold.\n\n"
+            "| MQ below | " + " | ".join(shares) + " |\n|" + "---|" * (len(shares) + 1) + "\n"
+            "| samples | " + " | ".join(f"{100 * v:.0f}%" for v in shares.values()) + " |")
+
+
+def pair_gallery(result, limit: int) -> list[tuple]:
+    """(sample | nearest) images with short captions, most copied first (the order of `pairs`)."""
+    rows = result.table.sort_values(["memorization_ratio", "sample_id"]).head(limit)
+    captions = [f"{r.memorization_ratio:.2f}{' copy' if r.memorized else ''}" for r in rows.itertuples()]
+    return [(common.display_image(image, 80), caption) for (image, _), caption in zip(result.pairs(limit), captions)]
+
+
+def copied_table(most_copied: pd.DataFrame, limit: int = 20) -> pd.DataFrame:
+    columns = [c for c in ("training_id", "times_nearest", "times_memorized", "shard", "visits", "skips", "skip_rate")
+               if c in most_copied]
+    top = most_copied[most_copied["times_nearest"] > 0].head(limit)[columns]
+    return top.round({"skip_rate": 3})
+
+
+def build(ctx: common.AppContext, page: gr.Blocks) -> None:
+    session = common.session_state(ctx)
+    common.page_header("Is the model copying?", "Generate samples and find each one's nearest training image. A "
+                       "sample much closer to its nearest training image than to the second nearest (ratio below "
+                       "1/3) is counted as a **copy**. Pairs are sorted most-copied first.")
+    picker, refresh_list = common.run_picker()
+    with gr.Row():
+        num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",
+                                info="64 takes seconds on a CPU for the tiny model; papers use 10,000.")
+        steps = gr.Slider(10, 250, value=50, step=10, label="DDIM sampling steps")
+        fid = gr.Checkbox(False, label="Compute FID (needs the Inception weights file in the torch cache)")
+        evaluate = gr.Button("Generate and measure", variant="primary", elem_id="evaluate")
+    summary = gr.Markdown("Pick a run and press *Generate and measure*. Saved results open automatically.",
+                          elem_id="memorization-summary")
+    with gr.Row():
+        histogram = gr.Plot(show_label=False, scale=1)
+        with gr.Column(scale=1):
+            mq = gr.Markdown()
+    pairs = gr.Gallery(fit_columns=False, label="Each sample (left) next to its nearest training image (right), most copied first; "
+                             "caption: distance ratio", columns=8, height=520, elem_id="pairs")
+    gr.Markdown("### Most copied training images and their skip history\nHow often each training image is the "
+                "nearest to a sample, next to how often AGC skipped it during training: are the images the model "
+                "copies the ones AGC flagged as too easy?")
+    with gr.Row():
+        copied_gallery = gr.Gallery(fit_columns=False, label="Most copied (× times nearest to a sample)", columns=5,
+                                    height=300, allow_preview=False, scale=1)
+        copied = gr.Dataframe(label="Most copied training images", interactive=False, max_height=300, scale=1)
+    with gr.Row():
+        export_table = gr.Button("Download the evaluation table (.csv)", scale=0, min_width=300)
+        download = gr.File(label="Download", interactive=False, visible=False)
+
+    def show(run_id, result):
+        table = result.table
+        most = copied_table(result.most_copied)
+        captions = [f"×{n}" for n in most.head(12)["times_nearest"]]
+        return (summary_markdown(result.summary),
+                charts.memorization_histogram(table["memorization_ratio"].to_numpy(),
+                                              result.summary["memorization_threshold"]),
+                mq_markdown(result.summary),
+                pair_gallery(result, PAIRS_SHOWN),
+                common.training_images(ctx, run_id, most.head(12)["training_id"], captions), most)
+
+    def load_saved(run_id):
+        if not run_id:
+            return [gr.skip()] * 6
+        try:
+            return show(run_id, load_eval(ctx.jobs.run(run_id)))
+        except ConfigError:
+            return ("No evaluation of this run yet: press *Generate and measure*.",
+                    charts.memorization_histogram([], 1 / 3), "", [], [], None)
+
+    outputs = [summary, histogram, mq, pairs, copied_gallery, copied]
+    picker.change(load_saved, picker, outputs, api_visibility="private")
+
+    @common.user_errors
+    def run_evaluation(run_id, count, sampling_steps, with_fid, progress=gr.Progress()):
+        if not run_id:
+            raise gr.Error("Pick a run first.", print_exception=False)
+        config = api.evaluation_config(ctx, run_id, count, sampling_steps)
+        config.fid = bool(with_fid)
+        result = evaluate_run(ctx.jobs.run(run_id), config,
+                              progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
+        return show(run_id, result)
+
+    evaluate.click(run_evaluation, [picker, num_samples, steps, fid], outputs, concurrency_limit=1,
+                   concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
+
+    @common.user_errors
+    def table_csv(run_id):
+        if not run_id:
+            raise gr.Error("Pick a run first.", print_exception=False)
+        result = load_eval(ctx.jobs.run(run_id))
+        target = common.download_dir(run_id) / f"{run_id}-{result.path.name}-table.csv"
+        shutil.copy2(result.path / "table.csv", target)
+        return gr.update(value=str(target), visible=True)
+
+    export_table.click(table_csv, picker, download, api_visibility="private")
+    common.wire_run_picker(ctx, page, picker, refresh_list, session)

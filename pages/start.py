@@ -1,0 +1,68 @@
+"""Start (home): what the app shows, a one-click demo, and every run in the runs folder."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from pages import api, common
+from pages.train import DEMO_PRESET, demo_run_config
+
+POLL_SECONDS = 3.0
+INTRO = """
+# Do diffusion models copy their training images?
+Trained on few images, a diffusion model starts to **reproduce its training images** instead of making new ones.
+This app trains small models live, shows the moment they start copying, and shows how **IET-AGC** (ECCV 2024)
+and **IET-AGC+** reduce it: split the data among several models (IET) and skip training samples whose loss is
+suspiciously low (AGC).
+
+**New here?** Press *Start the demo*: it trains a baseline and an IET-AGC model on 64 handwritten digits, one after
+the other (5 to 10 minutes each on a laptop CPU, much less on a GPU). Then follow the pages in order:
+**Monitor** while they train, **Memorization** to measure copying, **Compare** to put them side by side.
+**Learn** explains the ideas.
+"""
+
+
+def runs_table(ctx: common.AppContext) -> pd.DataFrame:
+    rows = ctx.jobs.list_runs()
+    columns = ["run", "mode", "state", "progress", "run id"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame([{
+        "run": row["name"], "mode": row["mode"],
+        "state": f"{common.STATE_ICONS.get(row['state'], '')} {row['state']}",
+        "progress": (f"#{row['queue_position']} in queue" if row.get("queue_position")
+                     else f"round {row['round']}/{row['rounds']}"),
+        "run id": row["run_id"]} for row in rows], columns=columns)
+
+
+def build(ctx: common.AppContext, page: gr.Blocks) -> None:
+    session = common.session_state(ctx)
+    gr.Markdown(INTRO)
+    with gr.Row():
+        demo_both = gr.Button("▶ Start the demo: baseline, then IET-AGC", variant="primary", size="lg",
+                              elem_id="start-demo", scale=2)
+        demo_baseline = gr.Button("Baseline DDPM only", size="lg", scale=1)
+        demo_agc = gr.Button("IET-AGC only", size="lg", scale=1)
+    demo_message = gr.Markdown(elem_id="demo-message")
+    gr.Markdown(f"The demo uses the preset *{DEMO_PRESET}* on the built-in digits: no download, no setup.")
+    gr.Markdown("## Runs\nEvery run in the runs folder, newest first, including runs from before a restart "
+                "(stopped runs can be resumed from the Train page).")
+    table = gr.Dataframe(runs_table(ctx), interactive=False, wrap=True, elem_id="runs-table")
+    timer = gr.Timer(POLL_SECONDS)
+
+    @common.user_errors
+    def start_demo(session, modes):
+        session = common.ensure_owner(session)
+        started = [ctx.jobs.submit(demo_run_config(mode), session["owner"]) for mode in modes]
+        session["run_id"] = started[0]
+        names = " then ".join(f"**{mode}**" for mode in modes)
+        return (f"Queued {names}. [Watch on the Monitor page →](monitor) · When a run has finished, measure it on the "
+                "[Memorization page](memorization).", session, runs_table(ctx))
+
+    for button, modes in ((demo_both, ["ddpm", "iet-agc"]), (demo_baseline, ["ddpm"]), (demo_agc, ["iet-agc"])):
+        button.click(lambda session, modes=modes: start_demo(session, modes), session,
+                     [demo_message, session, table], api_visibility="private")
+    timer.tick(lambda: runs_table(ctx), None, table, concurrency_limit=None, show_progress="hidden",
+               api_visibility="private")
+    page.load(lambda session: common.ensure_owner(session), session, session, api_visibility="private")
+    api.register(ctx)

@@ -1,0 +1,133 @@
+"""The app through its programmatic API with a real server and gradio_client: start a tiny run,
+poll it to the end, evaluate it, read the results; queueing, ownership and bad input."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from helpers import tiny_config
+
+OWNER = "owner-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    url, _ = app_server
+    return Client(url, verbose=False)
+
+
+def wait_for(client, run_id, states=("finished", "stopped", "failed"), timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(run_id, api_name="/run_status")
+        if status["state"] in states:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} still {status['state']} after {timeout} s")
+
+
+def test_train_poll_evaluate_and_read_results(client):
+    config = tiny_config("iet-agc")
+    started = client.predict(config.to_json(), OWNER, api_name="/start_run")
+    assert started["mode"] == "iet-agc" and started["state"] in ("queued", "running")
+    done = wait_for(client, started["run_id"])
+    assert done["state"] == "finished", done
+    assert done["global_step"] == done["total_steps"] == 2 * 2 * 3  # rounds x shards x local steps
+
+    result = client.predict(started["run_id"], 8, 2, api_name="/evaluate_run")
+    summary, table = result["summary"], result["table"]
+    assert summary["num_samples"] == len(table) == 8
+    assert summary["num_training"] == config.data.subset
+    assert 0.0 <= summary["memorized_fraction"] <= 1.0
+    assert summary["memorized_count"] == sum(row["memorized"] for row in table)
+    assert all(row["l2_nearest"] <= row["l2_second"] for row in table)
+
+    saved = client.predict(started["run_id"], api_name="/latest_evaluation")
+    assert saved["summary"]["memorized_fraction"] == summary["memorized_fraction"]
+    listed = {row["run_id"]: row for row in client.predict(api_name="/list_runs")}
+    assert listed[started["run_id"]]["state"] == "finished"
+
+
+def test_queue_positions_and_ownership(client):
+    first = client.predict(tiny_config("ddpm").to_json(), OWNER, api_name="/start_run")["run_id"]
+    client.predict(first, OWNER, api_name="/pause_run")
+    second = client.predict(tiny_config("iet").to_json(), OWNER, api_name="/start_run")
+    assert second["state"] == "queued" and second["queue_position"] == 1
+
+    with pytest.raises(AppError, match="another browser session"):
+        client.predict(first, "someone-else-entirely", api_name="/stop_run")
+    with pytest.raises(AppError, match="without AGC"):
+        client.predict(first, 0.3, OWNER, api_name="/set_skip_lambda")
+
+    removed = client.predict(second["run_id"], OWNER, api_name="/stop_run")  # off the queue, never started
+    assert removed["state"] == "created" and removed["queue_position"] is None
+    client.predict(first, OWNER, api_name="/resume_run")
+    assert wait_for(client, first)["state"] == "finished"
+
+
+def test_bad_input_gets_a_clear_message(client):
+    config = tiny_config("iet-agc")
+    config.method.agc.skip_lambda = 3.0
+    with pytest.raises(AppError, match="skip_lambda"):
+        client.predict(config.to_json(), OWNER, api_name="/start_run")
+    with pytest.raises(AppError, match="not valid JSON"):
+        client.predict("{not json", OWNER, api_name="/start_run")
+    with pytest.raises(AppError, match="no run"):
+        client.predict("no-such-run", api_name="/run_status")
+    with pytest.raises(AppError, match="owner token"):
+        client.predict(tiny_config().to_json(), "", api_name="/start_run")
+
+
+def test_runs_are_listed_after_a_restart(client, app_server):
+    import app
+
+    _, ctx = app_server
+    listed = client.predict(api_name="/list_runs")
+    assert listed, "the tests above leave runs behind"
+    demo, _ = app.build_app(ctx.runs_root)  # a second app on the same folder: a restart
+    _, url, _ = app.launch(demo, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    try:
+        again = Client(url, verbose=False).predict(api_name="/list_runs")
+    finally:
+        demo.close()
+    assert [(r["run_id"], r["state"]) for r in again] == [(r["run_id"], r["state"]) for r in listed]
+
+
+def test_closing_the_app_stops_running_jobs_with_a_checkpoint(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from iet_core.runs import Run
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen([sys.executable, "app.py", "--runs-dir", str(tmp_path), "--port", str(port)], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+                time.sleep(0.5)
+        run_id = client.predict(tiny_config("iet-agc", rounds=50).to_json(), OWNER, api_name="/start_run")["run_id"]
+        while client.predict(run_id, api_name="/run_status")["global_step"] < 3:
+            time.sleep(0.2)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    status = Run.open(tmp_path / run_id).status()
+    assert status["state"] == "stopped" and 3 <= status["global_step"] < 50 * 2 * 3
+    assert Run.open(tmp_path / run_id).latest_checkpoint() is not None

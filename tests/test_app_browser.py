@@ -1,0 +1,135 @@
+"""The app in a real browser (Debian chromium driven by Playwright): every page loads, a tiny
+run started from the Train page shows its loss-ratio histogram on the Monitor page.
+
+Screenshots go to $IET_SCREENSHOTS when set (else the test's temporary folder)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium")
+# Skipped only outside CI: in CI (CI=true) a missing chromium fails these tests instead.
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                reason="needs Debian's chromium (apt-get install -y chromium; .ci/run installs it)")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PAGES = [("", "Do diffusion models copy their training images?"), ("data", "Choose the training data"),
+         ("train", "Train"), ("monitor", "Monitor a run"), ("memorization", "Is the model copying?"),
+         ("compare", "Compare runs"), ("learn", "Learn: memorization and how IET-AGC reduces it")]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_server):
+    """A fresh browser tab (a new session) that fails the test on uncaught page errors and on
+    any request that leaves the local server."""
+    url, _ = app_server
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    tab = context.new_page()
+    errors, outside = [], []
+    tab.on("pageerror", lambda err: errors.append(str(err)))
+    tab.on("request", lambda request: outside.append(request.url)
+           if not request.url.startswith((url.rstrip("/"), "data:", "blob:")) else None)
+    tab.set_default_timeout(30_000)
+    yield tab
+    context.close()
+    assert not errors, f"errors in the page: {errors}"
+    assert not outside, f"the page reached outside the app: {outside}"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("IET_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_every_page_loads(app_server, page, shots):
+    url, _ = app_server
+    for path, heading in PAGES:
+        page.goto(url + path)
+        page.get_by_role("heading", name=heading, exact=True).wait_for()
+        page.screenshot(path=shots / f"page-{path or 'start'}.png", full_page=True)
+    page.goto(url + "learn")  # a drawn figure, not only text
+    page.locator(".js-plotly-plot").first.wait_for()
+
+
+def test_upload_shows_count_preview_and_rejected_files(app_server, page, tmp_path):
+    from PIL import Image
+
+    url, ctx = app_server
+    for i, colour in enumerate((0, 128, 255)):
+        Image.new("RGB", (20, 24), (colour, 255 - colour, 40)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    page.goto(url + "data")
+    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()
+    page.get_by_text("Upload images or a .zip / .npz").click()
+    page.locator("input[type=file]").set_input_files([tmp_path / f for f in ("img0.png", "img1.png", "img2.png", "broken.png")])
+    page.get_by_label("Number of images (0 = all)").fill("0")
+    page.get_by_role("button", name="Load and preview").click()
+    page.get_by_text(re.compile(r"^3 images · 16×16 · greyscale · 1 rejected")).wait_for()
+    page.get_by_text("not a readable image").filter(visible=True).first.wait_for()
+    saved = list((ctx.runs_root / "datasets").glob("*.npz"))
+    assert len(saved) == 1  # kept under the runs folder, so runs on it can resume after a restart
+
+
+def test_train_page_shows_only_the_settings_of_the_chosen_mode(app_server, page):
+    url, _ = app_server
+    page.goto(url + "train")
+    page.get_by_text("64 images · 16×16").wait_for()  # loaded: the page's own events have run
+    msr = page.get_by_text("MSR: move when skip rate >")
+    shards = page.get_by_text("Shards K (proxies)")
+    lam = page.get_by_text("Skip threshold λ")
+    page.get_by_text("IET-AGC+ (+ MSR and TAA)").click()
+    msr.wait_for()
+    assert shards.is_visible() and lam.is_visible()
+    page.get_by_text("Baseline DDPM (one model, all data)").click()
+    msr.wait_for(state="hidden")
+    lam.wait_for(state="hidden")
+    shards.wait_for(state="hidden")
+
+
+def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page(app_server, page, shots):
+    url, ctx = app_server
+    page.goto(url + "data")
+    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()  # the page has shown the default data
+    page.get_by_label("Number of images (0 = all)").fill("16")
+    page.get_by_role("button", name="Load and preview").click()
+    page.get_by_text(re.compile(r"^16 images · 16×16")).wait_for()
+
+    page.goto(url + "train")
+    page.get_by_text("16 images · 16×16").wait_for()  # the data chosen on the Data page
+    page.get_by_text("steps", exact=True).click()
+    for label, value in (("Rounds", "1"), ("Local epochs (or steps) per proxy", "10"), ("Batch size", "16"),
+                         ("Samples shown per round", "0")):
+        page.get_by_label(label, exact=True).fill(value)
+    page.get_by_role("button", name="▶ Start training").click()
+    page.locator("#train-started").get_by_text("Started").wait_for()
+    page.screenshot(path=shots / "train-started.png", full_page=True)
+    runs = ctx.jobs.list_runs()
+    config = ctx.jobs.run(runs[0]["run_id"]).config
+    assert (runs[0]["mode"], config.data.subset, config.train.local_steps, config.train.rounds) == ("iet-agc", 16, 10, 1)
+
+    page.goto(url + "monitor")
+    histogram = page.locator("#ratio-histogram")
+    histogram.get_by_text(re.compile("Loss ratio")).wait_for(timeout=120_000)
+    page.locator("#monitor-status").get_by_text("finished").wait_for(timeout=120_000)
+    assert ctx.jobs.status(runs[0]["run_id"])["state"] == "finished"
+    what_if = page.get_by_role("spinbutton", name="number input for What-if λ")
+    what_if.fill("0.9")  # the what-if redraws the histogram with a second line
+    what_if.press("Enter")
+    histogram.get_by_text("what-if 0.90").wait_for()
+    page.screenshot(path=shots / "monitor-tiny-run.png", full_page=True)

@@ -1,0 +1,199 @@
+"""The app's job manager with real (tiny) training runs: queue, pause / resume / stop, owner
+tokens, lambda changes, live telemetry versus the run folder, and listing after a restart."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from iet_core.jobs import JobError, JobManager, RunTelemetry, bin_ratios
+from iet_core.runs import Run
+from iet_core.telemetry import SampleEvent, StepEvent
+
+ME, OTHER = "owner-me-123456", "owner-other-654321"
+
+
+def wait_until(condition, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_one_job_at_a_time_with_queue_positions(tmp_path):
+    jobs = JobManager(tmp_path)
+    first = jobs.submit(tiny_config("iet-agc"), ME)
+    jobs.pause(first, ME)
+    second = jobs.submit(tiny_config("ddpm"), ME)
+    third = jobs.submit(tiny_config("iet"), OTHER)
+    assert [jobs.status(r)["state"] for r in (first, second, third)] == ["paused", "queued", "queued"]
+    assert (jobs.queue_position(second), jobs.queue_position(third)) == (1, 2)
+    assert jobs.running_count() == 1
+    wait_until(lambda: jobs.status(first)["state"] == "paused", what="the trainer to pause")
+
+    with pytest.raises(JobError, match="queued"):
+        jobs.pause(second, ME)
+    jobs.stop(second, ME)  # a queued job leaves the queue and never starts
+    assert jobs.queue_position(third) == 1
+    assert jobs.status(second)["state"] == "created"
+
+    jobs.resume(first, ME)
+    assert jobs.wait(first, 120) == "finished"
+    assert jobs.wait(third, 120) == "finished"
+    assert [r["run_id"] for r in jobs.list_runs()] == [third, second, first]
+
+
+def test_only_the_owner_steers_a_run(tmp_path):
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(tiny_config("iet-agc"), ME)
+    jobs.pause(run_id, ME)
+    for action in (jobs.pause, jobs.resume, jobs.stop):
+        for stranger in (OTHER, "", "ünïcode-tøken"):
+            with pytest.raises(JobError, match="another browser session"):
+                action(run_id, stranger)
+    with pytest.raises(JobError, match="another browser session"):
+        jobs.set_skip_lambda(run_id, 0.3, OTHER)
+    assert jobs.is_owner(run_id, ME) and not jobs.is_owner(run_id, OTHER)
+    jobs.resume(run_id, ME)
+    assert jobs.wait(run_id, 120) == "finished"
+    with pytest.raises(JobError, match="not running"):
+        jobs.pause(run_id, ME)
+
+
+def test_stop_then_resume_continues_from_the_checkpoint_with_one_history(tmp_path):
+    config = tiny_config("iet-agc", rounds=4, local_steps=10)
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(config, ME)
+    jobs.pause(run_id, ME)
+    wait_until(lambda: jobs.status(run_id)["state"] == "paused", what="the trainer to pause")
+    jobs.set_skip_lambda(run_id, 0.35, ME)
+    jobs.resume(run_id, ME)
+    wait_until(lambda: len(jobs.telemetry(run_id).rounds()) >= 1, what="the first round")
+    jobs.stop(run_id, ME)
+    assert jobs.wait(run_id, 120) == "stopped"
+    run = Run.open(tmp_path / run_id)
+    stopped_at = run.status()["global_step"]
+    total = 4 * 2 * 10
+    assert 0 < stopped_at < total and run.latest_checkpoint() is not None
+
+    jobs.resume(run_id, ME)  # a stopped run continues from its checkpoint
+    assert jobs.wait(run_id, 180) == "finished"
+    steps = jobs.telemetry(run_id).steps()
+    assert steps["global_step"].tolist() == list(range(total))  # every step once, across the restart
+    assert (steps["skip_lambda"] == np.float32(0.35)).all()  # set before the first step, kept by the checkpoint
+    settings = jobs.telemetry(run_id).settings()
+    assert [(s["name"], s["global_step"]) for s in settings] == [("skip_lambda", 0)]
+    with pytest.raises(JobError, match="finished"):
+        jobs.resume(run_id, ME)
+
+
+def test_live_telemetry_matches_the_run_folder_after_a_restart(tmp_path):
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(tiny_config("iet-agc+", rounds=3), ME)
+    assert jobs.wait(run_id, 120) == "finished"
+    live = jobs.telemetry(run_id)
+
+    restarted = JobManager(tmp_path)  # a new app process: only the folder is left
+    assert [(r["run_id"], r["state"], r["mode"]) for r in restarted.list_runs()] == [(run_id, "finished", "iet-agc+")]
+    stored = restarted.telemetry(run_id)
+    assert stored is restarted.telemetry(run_id)  # cached until the folder changes
+    columns = ["global_step", "round", "proxy", "local_step", "loss", "kept_fraction"]
+    assert np.allclose(live.steps()[columns].to_numpy(float), stored.steps()[columns].to_numpy(float))
+    assert len(live.snapshots()) == len(stored.snapshots()) > 0
+    for a, b in zip(live.snapshots(), stored.snapshots()):
+        assert (a.round, a.proxy, a.first_step, a.last_step, a.unseen, a.skipped) == \
+            (b.round, b.proxy, b.first_step, b.last_step, b.unseen, b.skipped)
+        assert (a.counts == b.counts).all()
+    live_stats, stored_stats = live.per_sample(), stored.per_sample()
+    assert live_stats[["sample_id", "visits", "skips"]].equals(stored_stats[["sample_id", "visits", "skips"]])
+    run_stats = Run.open(tmp_path / run_id).per_sample().sort_values("sample_id", ignore_index=True)
+    assert run_stats["visits"].tolist() == live_stats["visits"].tolist()
+    assert [r["shard_sizes"] for r in live.rounds()] == [r["shard_sizes"] for r in stored.rounds()]
+    assert restarted.status(run_id)["live"] is False
+
+
+def test_a_run_left_running_by_a_dead_app_shows_as_interrupted_and_resumes(tmp_path):
+    run = Run.create(tmp_path, tiny_config("ddpm"))
+    run.write_status("running", round=0, global_step=0)  # what a killed app leaves behind
+    jobs = JobManager(tmp_path)
+    status = jobs.status(run.id)
+    assert status["state"] == "interrupted" and "Resume" in status["message"]
+    jobs.resume(run.id, ME)
+    assert jobs.wait(run.id, 120) == "finished"
+    assert jobs.is_owner(run.id, ME)
+
+
+def test_a_job_whose_data_is_gone_fails_with_the_reason(tmp_path):
+    source = tmp_path / "images.npz"
+    np.savez(source, images=np.random.default_rng(0).integers(0, 255, (12, 8, 8), dtype=np.uint8))
+    config = tiny_config("ddpm")
+    config.data.source = str(source)
+    jobs = JobManager(tmp_path / "runs")
+    blocker = jobs.submit(tiny_config("ddpm"), ME)
+    jobs.pause(blocker, ME)
+    run_id = jobs.submit(config, ME)
+    source.unlink()  # gone before the queued job starts
+    jobs.resume(blocker, ME)
+    assert jobs.wait(run_id, 120) == "failed"
+    status = jobs.status(run_id)
+    assert "images.npz" in status["error"] and status["state"] == "failed"
+
+
+def test_lambda_cannot_be_set_on_runs_without_agc_or_out_of_range(tmp_path):
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(tiny_config("iet"), ME)
+    jobs.pause(run_id, ME)
+    with pytest.raises(JobError, match="without AGC"):
+        jobs.set_skip_lambda(run_id, 0.3, ME)
+    jobs.stop(run_id, ME)
+    assert jobs.wait(run_id, 120) == "stopped"
+    agc = jobs.submit(tiny_config("iet-agc"), ME)
+    jobs.pause(agc, ME)
+    with pytest.raises(JobError, match=r"\(0, 1\]"):
+        jobs.set_skip_lambda(agc, 1.5, ME)
+    jobs.shutdown()
+    assert jobs.status(agc)["state"] == "stopped"
+    with pytest.raises(JobError, match="no run"):
+        jobs.status("missing-run")
+
+
+def _events(step0: int, n: int, ratios: np.ndarray):
+    steps = np.arange(step0, step0 + n)
+    step = StepEvent(0, 0, steps, steps - step0, np.full(n, 0.5, np.float32), np.ones(n, np.float32),
+                     np.full(n, 1e-3, np.float32), np.full(n, 0.5, np.float32))
+    ids = np.arange(len(ratios)) % 7
+    sample = SampleEvent(0, 0, np.repeat(steps, len(ratios) // n), ids, ids % 2, ids, ratios.astype(np.float32),
+                         ratios.astype(np.float32), ratios < 0.5, np.zeros(len(ratios), np.float32))
+    return step, sample
+
+
+def test_telemetry_store_stays_bounded_and_keeps_exact_counts():
+    store = RunTelemetry(max_steps=100, max_snapshots=8, recent_visits=50)
+    rng = np.random.default_rng(0)
+    total_visits = 0
+    for flush in range(40):
+        ratios = np.concatenate([rng.uniform(0, 4, 19), [np.inf]])
+        total_visits += len(ratios)
+        for event in _events(flush * 5, 5, ratios):
+            store(event)
+    steps = store.steps()
+    assert len(steps) <= 100 and steps["global_step"].is_monotonic_increasing
+    assert steps["global_step"].iloc[0] == 0
+    snapshots = store.snapshots()
+    assert len(snapshots) <= 8
+    assert sum(s.visits for s in snapshots) == total_visits  # merging keeps every visit
+    assert sum(s.unseen for s in snapshots) == 40
+    assert snapshots[0].first_step == 0 and snapshots[-1].last_step == 199
+    assert 50 <= len(store.recent_visits_frame()) < 70
+    assert store.per_sample()["visits"].sum() == total_visits
+
+
+def test_ratio_bins_put_large_and_unseen_ratios_where_they_belong():
+    counts, unseen = bin_ratios(np.array([0.004, 0.499, 0.5, 2.999, 3.0, 50.0, np.inf, np.nan]))
+    assert unseen == 2
+    assert counts[0] == 1 and counts[49] == 1 and counts[50] == 1 and counts[-1] == 3
+    assert counts.sum() == 6
