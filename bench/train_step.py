@@ -35,6 +35,7 @@ def make_trainer(mode: str, args, root: Path) -> Trainer:
     run, dataset = create_run(config, root / mode)
     trainer = Trainer(run, dataset)
     trainer._start_round()
+    trainer.flat.bind(trainer.weights[0], trainer.grads[0])  # proxy 0 trains, as in a sequential round
     return trainer
 
 
@@ -60,9 +61,7 @@ def plain_step_fn(trainer: Trainer, batch_size: int):
 
 def trainer_step_fn(trainer: Trainer, batch_size: int):
     def step():
-        trainer._step(0, torch.randint(0, len(trainer.images), (batch_size,), device=trainer.device))
-        if len(trainer.recorder) >= trainer.config.train.log_every:
-            trainer.recorder.flush(0, 0)  # telemetry flush as in training (one sync), without file writes
+        trainer._step([0], torch.randint(0, len(trainer.images), (1, batch_size), device=trainer.device))
     return step
 
 
