@@ -251,3 +251,22 @@ def test_resume_refuses_changed_data(tmp_path):
         train(run=Run.open(run.path), resume=True)
     status = run.status()  # readers see why, not a stale "finished"
     assert status["state"] == "failed" and "data differs" in status["message"]
+
+
+def test_fine_tune_from_a_local_diffusers_unet(tmp_path):
+    base = train(tiny_config("ddpm", rounds=1), runs_root=tmp_path / "base")
+    folder = base.export(tmp_path / "pipeline")  # a DDPMPipeline folder: the UNet sits in unet/
+    config = tiny_config("iet-agc", rounds=1)
+    config.model.pretrained = str(folder)
+    run = train(config, runs_root=tmp_path / "tuned")
+    start = base.load_unet(ema=True).state_dict()
+    tuned = run.load_unet(ema=False).state_dict()
+    assert set(start) == set(tuned)
+    moved = sum((tuned[k] - start[k]).abs().sum() for k in start)
+    assert 0 < moved < sum(start[k].abs().sum() for k in start) * 0.1  # started there, then trained a little
+    config.data.channels = 3
+    with pytest.raises(ConfigError, match="set data.channels=1"):
+        train(config, runs_root=tmp_path / "wrong")
+    config.data.channels, config.model.pretrained = 1, "no-such-user/no-such-unet"  # tests run offline
+    with pytest.raises(ConfigError, match="cannot load model.pretrained"):
+        train(config, runs_root=tmp_path / "hub")
