@@ -38,9 +38,12 @@ CSS = """
 """
 
 
-def build_app(runs_root: str | Path, max_jobs: int = 1) -> tuple[gr.Blocks, common.AppContext]:
+def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int | None = None,
+              max_disk_per_user_mb: float | None = None) -> tuple[gr.Blocks, common.AppContext]:
     """The Gradio app and its context (job manager, runs folder) for a runs folder."""
-    ctx = common.AppContext.create(runs_root, JobManager(runs_root, max_running=max_jobs))
+    max_bytes = None if max_disk_per_user_mb is None else int(max_disk_per_user_mb * 2**20)
+    jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes)
+    ctx = common.AppContext.create(runs_root, jobs)
     with gr.Blocks(title="Memorization in diffusion models · IET-AGC") as demo:
         start.build(ctx, demo)
     for module in (data, train, monitor, memorization, compare, learn):
@@ -61,10 +64,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="where runs are kept (env IET_RUNS_DIR; default ./runs)")
     parser.add_argument("--max-jobs", type=int, default=int(os.environ.get("IET_MAX_JOBS", "1")),
                         help="training jobs that run at once; more wait in a queue (env IET_MAX_JOBS; default 1)")
+    parser.add_argument("--max-runs-per-user", type=int, default=int(os.environ.get("IET_MAX_RUNS_PER_USER", "50")),
+                        help="runs one browser session may keep (env IET_MAX_RUNS_PER_USER; default 50)")
+    parser.add_argument("--max-disk-per-user-mb", type=float,
+                        default=float(os.environ.get("IET_MAX_DISK_PER_USER_MB", "5000")),
+                        help="disk one browser session's runs may use (env IET_MAX_DISK_PER_USER_MB; default 5000)")
+    parser.add_argument("--cleanup-days", type=float, default=float(os.environ.get("IET_CLEANUP_DAYS", "0")) or None,
+                        help="admin: at start, delete runs not updated for this many days (env IET_CLEANUP_DAYS)")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a Space sets its own)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
     args = parser.parse_args(argv)
-    demo, ctx = build_app(args.runs_dir, max_jobs=args.max_jobs)
+    demo, ctx = build_app(args.runs_dir, max_jobs=args.max_jobs, max_runs_per_user=args.max_runs_per_user,
+                          max_disk_per_user_mb=args.max_disk_per_user_mb)
+    if args.cleanup_days:
+        removed = ctx.jobs.cleanup(args.cleanup_days)
+        print(f"cleanup: removed {len(removed)} run(s) not updated for {args.cleanup_days:g} days")
     # On Ctrl+C or SIGTERM (a Space restarting) the server closes, then running jobs stop;
     # stopping saves a checkpoint, so they resume after the restart.
     atexit.register(ctx.jobs.shutdown)

@@ -12,8 +12,11 @@ from their folder once and cached until the folder changes.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError, RunConfig
-from .runs import Run, list_runs
+from .runs import Run, atomic_write, list_runs
 from .telemetry import CheckpointEvent, Event, RoundEvent, SampleEvent, SettingEvent, StatusEvent, StepEvent
 from .train import TrainControl, train
 
@@ -34,10 +37,21 @@ log = logging.getLogger(__name__)
 RATIO_EDGES = np.round(np.arange(0.0, 3.0 + 1e-9, 0.01), 2)
 STEP_COLUMNS = ("global_step", "round", "proxy", "local_step", "loss", "kept_fraction", "lr", "skip_lambda")
 STEP_DTYPES = dict.fromkeys(STEP_COLUMNS[:4], np.int64) | dict.fromkeys(STEP_COLUMNS[4:], np.float32)  # as the events
+# The sha256 of the owner token of the session that started a run, so that ownership (delete,
+# resume, quotas) survives a restart of the app without storing the token itself.
+OWNER_FILE = "owner.json"
 
 
 class JobError(ConfigError):
     """A job request cannot be carried out; the message says why and what to do instead."""
+
+
+def owner_digest(token: str) -> str:
+    return hashlib.sha256(str(token).encode()).hexdigest()
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def new_owner_token() -> str:
@@ -339,9 +353,11 @@ class _JobSink:
 class JobManager:
     """Training jobs keyed by run id: queue, threads, control, ownership, telemetry."""
 
-    def __init__(self, runs_root: str | Path, max_running: int = 1, cache_size: int = 8):
+    def __init__(self, runs_root: str | Path, max_running: int = 1, cache_size: int = 8,
+                 max_runs_per_owner: int | None = None, max_bytes_per_owner: int | None = None):
         if max_running < 1:
             raise ConfigError(f"max_running={max_running}: allow at least 1 concurrent job.")
+        self.max_runs_per_owner, self.max_bytes_per_owner = max_runs_per_owner, max_bytes_per_owner
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.max_running = max_running
@@ -355,7 +371,10 @@ class JobManager:
     def submit(self, config: RunConfig, owner: str, run_id: str | None = None) -> str:
         """Create the run folder now (so it is listed at once) and queue its training."""
         config.validate()
-        run = Run.create(self.runs_root, config, run_id=run_id)
+        with self._lock:
+            self._check_quota(owner)
+            run = Run.create(self.runs_root, config, run_id=run_id)
+            atomic_write(run.path / OWNER_FILE, json.dumps({"owner_sha256": owner_digest(owner)}))
         self._enqueue(Job(run=run, owner=owner, resume=False, control=TrainControl()))
         return run.id
 
@@ -371,6 +390,7 @@ class JobManager:
                     return
                 raise JobError(f"run {run_id} is {job.state}; only a paused or stopped run can be resumed.")
             run = self._open(run_id)
+            self._check_recorded_owner(run, owner, "resume")
             state = run.status().get("state")
             if state == "finished":
                 raise JobError(f"run {run_id} has finished; start a new run to train longer.")
@@ -436,6 +456,62 @@ class JobManager:
                 raise JobError(f"run {run_id} is not running in this app: resume it first.")
             self._check_owner(job, owner)
             return job
+
+    def delete(self, run_id: str, owner: str) -> None:
+        """Remove a run folder that is not training, if this owner started it."""
+        with self._lock:
+            job = self._jobs.get(run_id)
+            if job is not None and not job.done:
+                raise JobError(f"run {run_id} is {job.state}: stop it before deleting it.")
+            run = self._open(run_id)
+            self._check_recorded_owner(run, owner, "delete", required=True)
+            shutil.rmtree(run.path)
+            self._jobs.pop(run_id, None)
+            self._cache.pop(run_id, None)
+
+    def cleanup(self, older_than_days: float) -> list[str]:
+        """Admin: delete every run not training whose last update is older than this; returns their ids."""
+        cutoff = time.time() - older_than_days * 86400
+        removed = []
+        with self._lock:
+            for run in list_runs(self.runs_root):
+                job = self._jobs.get(run.id)
+                if job is not None and not job.done:
+                    continue
+                if (run.status().get("updated") or (run.path / "config.json").stat().st_mtime) < cutoff:
+                    shutil.rmtree(run.path, ignore_errors=True)
+                    self._jobs.pop(run.id, None)
+                    self._cache.pop(run.id, None)
+                    removed.append(run.id)
+        return removed
+
+    def _check_quota(self, owner: str) -> None:
+        mine = [run for run in list_runs(self.runs_root) if self._recorded_owner(run) == owner_digest(owner)]
+        if self.max_runs_per_owner is not None and len(mine) >= self.max_runs_per_owner:
+            raise JobError(f"you already have {len(mine)} runs and the limit per user is {self.max_runs_per_owner}: "
+                           "delete runs you no longer need, then start again.")
+        if self.max_bytes_per_owner is not None:
+            used = sum(folder_bytes(run.path) for run in mine)
+            if used >= self.max_bytes_per_owner:
+                raise JobError(f"your runs use {used / 2**20:.0f} MiB and the limit per user is "
+                               f"{self.max_bytes_per_owner / 2**20:.0f} MiB: delete runs you no longer need first.")
+
+    @staticmethod
+    def _recorded_owner(run: Run) -> str | None:
+        try:
+            return json.loads((run.path / OWNER_FILE).read_text())["owner_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _check_recorded_owner(self, run: Run, owner: str, action: str, required: bool = False) -> None:
+        """Runs started in the app record their owner; runs made elsewhere (the CLI) have none and
+        may be resumed by anyone, but deleted by no one from the app."""
+        recorded = self._recorded_owner(run)
+        if recorded is None and not required:
+            return
+        if recorded is None or not secrets.compare_digest(recorded, owner_digest(owner)):
+            raise JobError(f"run {run.id} was started from another browser session or outside the app; "
+                           f"only its owner can {action} it.")
 
     @staticmethod
     def _check_owner(job: Job, owner: str) -> None:

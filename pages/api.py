@@ -74,6 +74,12 @@ def register(ctx: AppContext) -> None:
         return run_summary(ctx, run_id)
 
     @user_errors
+    def delete_run(run_id: str, owner: str) -> list[dict]:
+        """Delete a run you started (not while it trains); returns the remaining runs."""
+        ctx.jobs.delete(run_id, _owner(owner))
+        return ctx.jobs.list_runs()
+
+    @user_errors
     def set_skip_lambda(run_id: str, skip_lambda: float, owner: str) -> dict:
         """Change a running run's AGC threshold from its next step."""
         ctx.jobs.set_skip_lambda(run_id, float(skip_lambda), _owner(owner))
@@ -91,7 +97,8 @@ def register(ctx: AppContext) -> None:
         result = load_eval(ctx.jobs.run(run_id))
         return {"summary": result.summary, "table": result.table.to_dict("records")}
 
-    for fn in (start_run, run_status, list_runs, pause_run, resume_run, stop_run, set_skip_lambda, latest_evaluation):
+    for fn in (start_run, run_status, list_runs, pause_run, resume_run, stop_run, delete_run, set_skip_lambda,
+               latest_evaluation):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
     gr.api(evaluate, api_name="evaluate_run", concurrency_limit=1, concurrency_id=EVAL_CONCURRENCY)
 

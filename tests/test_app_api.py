@@ -9,6 +9,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from helpers import tiny_config
+from iet_core.runs import Run
 
 OWNER = "owner-token-for-tests"
 
@@ -131,3 +132,55 @@ def test_closing_the_app_stops_running_jobs_with_a_checkpoint(tmp_path):
     status = Run.open(tmp_path / run_id).status()
     assert status["state"] == "stopped" and 3 <= status["global_step"] < 50 * 2 * 3
     assert Run.open(tmp_path / run_id).latest_checkpoint() is not None
+
+
+def test_two_sessions_at_once_queue_in_order_and_cannot_stop_each_other(app_server):
+    import threading
+
+    url, _ = app_server
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    started = {}
+
+    def start(name, client, delay):
+        time.sleep(delay)
+        started[name] = client.predict(tiny_config("ddpm", rounds=2).to_json(), f"token-of-{name}-1234",
+                                       api_name="/start_run")
+
+    threads = [threading.Thread(target=start, args=("alice", alice, 0.0)),
+               threading.Thread(target=start, args=("bob", bob, 0.3))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    a, b = started["alice"]["run_id"], started["bob"]["run_id"]
+    assert started["bob"]["state"] == "queued" and started["bob"]["queue_position"] >= 1
+    with pytest.raises(AppError, match="another browser session"):
+        bob.predict(a, "token-of-bob-1234", api_name="/stop_run")
+    with pytest.raises(AppError, match="another browser session"):
+        alice.predict(b, "token-of-alice-1234", api_name="/stop_run")
+    finished_a, finished_b = wait_for(alice, a), wait_for(bob, b)
+    assert finished_a["state"] == finished_b["state"] == "finished"
+    assert Run.open(_runs_root(app_server) / a).status()["updated"] < Run.open(_runs_root(app_server) / b).status()["updated"]
+    with pytest.raises(AppError, match="only its owner can delete"):
+        bob.predict(a, "token-of-bob-1234", api_name="/delete_run")
+    remaining = alice.predict(a, "token-of-alice-1234", api_name="/delete_run")
+    assert a not in {row["run_id"] for row in remaining}
+
+
+def _runs_root(app_server):
+    return app_server[1].jobs.runs_root
+
+
+def test_the_server_serves_no_files_outside_its_runs_and_assets(app_server):
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    url, _ = app_server
+    for path in ("/etc/passwd", str(Path(__file__).resolve()), str(Path(__file__).resolve().parents[1] / "app.py")):
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={path}", timeout=10) as response:
+                code = response.status
+        except urllib.error.HTTPError as err:
+            code = err.code
+        assert code in (403, 404), (path, code)

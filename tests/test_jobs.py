@@ -197,3 +197,67 @@ def test_ratio_bins_put_large_and_unseen_ratios_where_they_belong():
     assert unseen == 2
     assert counts[0] == 1 and counts[49] == 1 and counts[50] == 1 and counts[-1] == 3
     assert counts.sum() == 6
+
+
+def test_ownership_survives_a_restart_for_resume_and_delete(tmp_path):
+    jobs = JobManager(tmp_path)
+    mine = jobs.submit(tiny_config("ddpm", rounds=1), ME)
+    assert jobs.wait(mine, 120) == "finished"
+    assert ME not in (tmp_path / mine / "owner.json").read_text()  # only a digest is kept
+    restarted = JobManager(tmp_path)
+    with pytest.raises(JobError, match="only its owner can delete"):
+        restarted.delete(mine, OTHER)
+    with pytest.raises(JobError, match="only its owner can resume"):
+        restarted.resume(mine, OTHER)
+    restarted.delete(mine, ME)
+    assert not (tmp_path / mine).exists() and restarted.list_runs() == []
+
+
+def test_a_run_cannot_be_deleted_while_it_trains_or_from_outside_the_app(tmp_path):
+    from iet_core.train import train
+
+    jobs = JobManager(tmp_path)
+    live = jobs.submit(tiny_config("ddpm", rounds=1), ME)
+    jobs.pause(live, ME)
+    with pytest.raises(JobError, match="stop it before deleting"):
+        jobs.delete(live, ME)
+    jobs.stop(live, ME)
+    assert jobs.wait(live, 120) == "stopped"
+    cli_run = train(tiny_config("ddpm", rounds=1), runs_root=tmp_path)  # no owner: made outside the app
+    with pytest.raises(JobError, match="outside the app"):
+        jobs.delete(cli_run.id, ME)
+    jobs.delete(live, ME)
+    assert [r["run_id"] for r in jobs.list_runs()] == [cli_run.id]
+
+
+def test_per_user_caps_on_runs_and_disk(tmp_path):
+    jobs = JobManager(tmp_path, max_runs_per_owner=1)
+    first = jobs.submit(tiny_config("ddpm", rounds=1), ME)
+    with pytest.raises(JobError, match="limit per user is 1"):
+        jobs.submit(tiny_config("ddpm", rounds=1), ME)
+    other = jobs.submit(tiny_config("ddpm", rounds=1), OTHER)  # someone else is not affected
+    assert jobs.wait(first, 120) == jobs.wait(other, 120) == "finished"
+    jobs.delete(first, ME)
+    jobs.submit(tiny_config("ddpm", rounds=1), ME)  # room again
+
+    tight = JobManager(tmp_path / "disk", max_bytes_per_owner=10_000)
+    done = tight.submit(tiny_config("ddpm", rounds=1), ME)
+    assert tight.wait(done, 120) == "finished"  # a checkpoint is far above 10 kB
+    with pytest.raises(JobError, match="MiB and the limit per user"):
+        tight.submit(tiny_config("ddpm", rounds=1), ME)
+
+
+def test_admin_cleanup_removes_old_runs_only(tmp_path):
+    import json
+    import os
+
+    jobs = JobManager(tmp_path)
+    old, new = (jobs.submit(tiny_config("ddpm", rounds=1), ME) for _ in range(2))
+    assert jobs.wait(old, 120) == jobs.wait(new, 120) == "finished"
+    status = tmp_path / old / "status.json"
+    data = json.loads(status.read_text())
+    data["updated"] -= 10 * 86400
+    status.write_text(json.dumps(data))
+    assert jobs.cleanup(older_than_days=7) == [old]
+    assert [r["run_id"] for r in jobs.list_runs()] == [new]
+    assert os.path.isdir(tmp_path / new)
