@@ -146,17 +146,19 @@ def wire_run_picker(ctx: AppContext, page: gr.Blocks, picker: gr.Dropdown, refre
 
 
 def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState) -> gr.Markdown:
-    """Pause / resume / stop buttons for the picked run; only the session that started a run
-    may steer it. Returns the markdown where their messages appear."""
+    """Pause / resume / stop / delete buttons for the picked run; only the session that started
+    a run may steer or delete it. Returns the markdown where their messages appear."""
     with gr.Row():
         pause = gr.Button("❚❚ Pause", size="md")
         resume = gr.Button("▶ Resume", size="md")
         stop = gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop")
+        delete = gr.Button("🗑 Delete run", size="md")
     message = gr.Markdown()
     done = {"pause": "Pausing after the current step.", "resume": "Resuming (a stopped run continues from its "
-            "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time."}
+            "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time.",
+            "delete": "Deleted: the run's folder is gone (↻ Refresh the list)."}
 
-    for button, action in ((pause, "pause"), (resume, "resume"), (stop, "stop")):
+    for button, action in ((pause, "pause"), (resume, "resume"), (stop, "stop"), (delete, "delete")):
         @user_errors
         def act(run_id, session, action=action):
             session = ensure_owner(session)

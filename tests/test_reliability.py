@@ -142,8 +142,10 @@ def test_hostile_images_are_rejected_with_reasons_and_good_ones_kept(tmp_path):
     Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")  # 144 Mpixel in a few kB
     (folder / "bomb.png").write_bytes(bomb.getvalue())
     (folder / "script.png").write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    (folder / "wide.png").write_bytes(_png(random_images(1, size=40)[0][:10]))  # 10x40: centre-cropped
+    (folder / "tiny.png").write_bytes(_png(random_images(1, size=3)[0]))  # 3x3: upsampled
     dataset = load_dataset(DataConfig(source=str(folder), resolution=8, channels=1, subset=None))
-    assert len(dataset) == 3
+    assert len(dataset) == 5 and dataset.images.shape[1:] == (1, 8, 8)
     reasons = dict(dataset.rejected)
     assert "pixel limit" in reasons["bomb.png"]
     assert "not a readable image" in reasons["truncated.png"] and "not a readable image" in reasons["script.png"]
