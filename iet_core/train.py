@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -169,6 +170,7 @@ class Trainer:
         n, k = len(self.dataset), config.method.num_shards
         labels = None if self.dataset.labels is None else self.dataset.labels.numpy()
         self.shard_of = split_shards(n, k, config.method.shard_split, labels, config.train.seed)
+        self._check_memory(k)
         self.global_weights = self.flat.data.clone()
         self.global_ema = self.flat.data.clone()
         self.weights = self.global_weights.repeat(k, 1)  # each proxy's weights this round
@@ -191,6 +193,20 @@ class Trainer:
         self.round_started = time.time()
         self.total_steps = self._estimate_total_steps()
         self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
+
+    def _check_memory(self, k: int) -> None:
+        """Refuse before allocating when the K proxies' weights, EMA, Adam moments and gradients
+        (5 x K x parameters) cannot fit in the device's free memory (activations come on top)."""
+        need = 5 * k * self.flat.numel * self.flat.data.element_size()
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > 0.9 * free:
+            raise ConfigError(
+                f"{k} proxies of this {self.flat.numel / 1e6:.1f}M-parameter model need {need / 2**30:.1f} GiB for weights, "
+                f"EMA and optimizer state, more than the {free / 2**30:.1f} GiB free on {self.device}: lower "
+                "method.num_shards or choose a smaller model preset.")
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> str:
