@@ -91,35 +91,48 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import ProcessGroup
+    from .runs import Run
     from .train import create_run
 
-    run, dataset = create_run(config_from_args(args), args.runs_dir)
-    print(f"run folder: {run.path}", file=sys.stderr)
-    return _fit(run, dataset, resume=False, quiet=args.quiet)
+    config = config_from_args(args)
+    group = ProcessGroup.from_environment()  # set when launched by torchrun or accelerate launch
+    run = dataset = None
+    if group is None or group.is_writer:
+        run, dataset = create_run(config, args.runs_dir)
+        print(f"run folder: {run.path}", file=sys.stderr)
+    if group is not None:  # the other processes train the run the writer created
+        run = Run.open(group.share_from_writer(str(run.path) if run else None))
+    return _fit(run, dataset, resume=False, quiet=args.quiet, group=group)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from .distributed import ProcessGroup
     from .runs import Run
 
-    return _fit(Run.open(args.run), None, resume=True, quiet=args.quiet)
+    return _fit(Run.open(args.run), None, resume=True, quiet=args.quiet, group=ProcessGroup.from_environment())
 
 
-def _fit(run, dataset, resume: bool, quiet: bool) -> int:
+def _fit(run, dataset, resume: bool, quiet: bool, group=None) -> int:
     import signal
 
     from .telemetry import ProgressBar
     from .train import TrainControl, prepare_trainer
 
     control = TrainControl()
-    # Ctrl-C stops at the next step with a checkpoint, so `resume` continues exactly.
+    # Ctrl-C stops at the next step (with several processes: at the round's end) with a
+    # checkpoint, so `resume` continues exactly.
     signal.signal(signal.SIGINT, lambda *_: control.stop())
-    trainer = prepare_trainer(run, dataset, resume, control=control)
-    if not quiet:
+    trainer = prepare_trainer(run, dataset, resume, control=control, group=group)
+    if trainer.writer and not quiet:
         trainer.sinks.append(ProgressBar(trainer.total_steps, trainer.global_step))
     state = trainer.fit()
-    print(f"{state}: {run.path} (step {trainer.global_step} of {trainer.total_steps})", file=sys.stderr)
-    if state == "stopped":
-        print(f"continue with: python -m iet_core resume {run.path}", file=sys.stderr)
+    if group is not None:
+        group.close()
+    if trainer.writer:
+        print(f"{state}: {run.path} (step {trainer.global_step} of {trainer.total_steps})", file=sys.stderr)
+        if state == "stopped":
+            print(f"continue with: python -m iet_core resume {run.path}", file=sys.stderr)
     return 0
 
 

@@ -29,7 +29,7 @@ from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
 from .evaluate import evaluate_images
 from .quality import QualityMeter
-from .runs import Run, atomic_write
+from .runs import Run, atomic_write, list_runs
 from .sample import generate_from_run
 from .train import train
 
@@ -93,6 +93,19 @@ def heldout_set(config: RunConfig, count: int):
     return everything.select(pick)
 
 
+def matching_run(root: Path, config: RunConfig) -> Run | None:
+    """The run under root trained with exactly this config (newest first), so that an
+    interrupted or extended experiment picks up where it stopped instead of training again."""
+    wanted = config.to_dict()
+    for run in list_runs(root):
+        try:
+            if run.config.to_dict() == wanted and run.status().get("state") != "failed":
+                return run
+        except (OSError, ValueError):  # ConfigError is a ValueError
+            continue  # a half-written or foreign folder is not ours to reuse
+    return None
+
+
 def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.DataFrame:
     experiment.validate()
     out = Path(out)
@@ -105,9 +118,15 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
     for seed in experiment.seeds:
         for mode in experiment.modes:
             config = experiment.run_config(mode, seed)
-            run_started = time.time()
-            run = train(config, runs_root=out / "runs")
-            train_seconds = time.time() - run_started
+            run = matching_run(out / "runs", config)
+            if run is None:
+                run = train(config, runs_root=out / "runs")
+            elif run.status().get("state") != "finished":
+                log(f"{mode:9s} seed {seed}: resuming {run.id}")
+                train(run=run, resume=True)
+            else:
+                log(f"{mode:9s} seed {seed}: reusing finished run {run.id}")
+            train_seconds = float(run.rounds()["seconds"].sum())  # training only, also when reused
             dataset = run.dataset()
             for checkpoint in run.checkpoints():
                 rows.append(_evaluate_point(run, checkpoint, dataset, meter, experiment, mode, seed, train_seconds))

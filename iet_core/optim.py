@@ -8,6 +8,7 @@ moments and step count untouched, with no host sync to find that out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -120,9 +121,12 @@ def shard_weights(sizes: list[int]) -> list[float]:
     return [n / total for n in sizes]
 
 
-def weighted_average(vectors: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
-    """sum_k (|D_k| / |D|) * v_k, accumulated in proxy order (as the trainer does)."""
+def weighted_average(vectors, sizes: list[int], rows: Iterable[int] | None = None) -> torch.Tensor:
+    """sum_k (|D_k| / |D|) * v_k over the proxies k (a list or the rows of a (K, P) tensor),
+    accumulated in proxy order. With `rows`, only those proxies' share: the part one process
+    adds before the all-reduce that completes the average."""
+    weights = shard_weights(sizes)
     total = torch.zeros_like(vectors[0])
-    for vector, weight in zip(vectors, shard_weights(sizes)):
-        total.add_(vector, alpha=weight)
+    for k in range(len(sizes)) if rows is None else rows:
+        total.add_(vectors[k], alpha=weights[k])
     return total

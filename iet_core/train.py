@@ -13,7 +13,8 @@
         MSR: move often-skipped samples to another shard
 
 The K proxies of a round run one after another or side by side as one vmapped computation
-(train.execution); the round's result is the same either way. K = 1 with AGC off is plain
+(train.execution), or spread over several processes (iet_core.distributed); the round's
+result is the same either way. K = 1 with AGC off is plain
 DDPM. Every random draw of a step comes from a seed derived from
 (seed, round, proxy, step), so a run stopped anywhere and resumed from its checkpoint ends
 with the same weights as one never interrupted.
@@ -36,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 from . import agc
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, load_dataset
+from .distributed import ProcessGroup
 from .models import build_unet, training_scheduler
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
@@ -148,12 +150,17 @@ class Trainer:
     """
 
     def __init__(self, run: Run, dataset: ImageDataset | None = None, sinks: Iterable[Sink] = (),
-                 control: TrainControl | None = None):
+                 control: TrainControl | None = None, group: ProcessGroup | None = None):
         self.run = run
         self.config = config = run.config
         self.dataset = dataset if dataset is not None else load_dataset(config.data)
         config.validate(num_images=len(self.dataset))
-        self.sinks: list[Sink] = [RunLogger(run), *sinks]
+        self.group = group
+        self.writer = group is None or group.is_writer  # the one process that writes the run folder
+        self.sinks: list[Sink] = [RunLogger(run), *sinks] if self.writer else []
+        self.outbox: list[Event] = []  # a non-writer's step records, sent to the writer each round
+        self.mine = group.block(config.method.num_shards) if group else range(config.method.num_shards)
+        self.stopping = False  # all processes agreed to stop at this round's end
         self.control = control or TrainControl()
         self.device = device = resolve_device(config.train.device)
 
@@ -186,7 +193,7 @@ class Trainer:
         self.round_visits = torch.zeros(n, device=device)
         self.round_skips = torch.zeros(n, device=device)
         self.running_ratio = torch.full((n,), float("nan"), device=device)
-        self.round = self.proxy = self.local_step = self.global_step = 0
+        self.round = self.proxy = self.local_step = self.global_step = self.round_start_step = 0
         self.skip_lambda = config.method.agc.skip_lambda
         self.round_sizes = np.bincount(self.shard_of, minlength=k).tolist()
         self.execution = "sequential"
@@ -218,11 +225,13 @@ class Trainer:
                 if self.proxy == 0 and self.local_step == 0:
                     self._start_round()
                 done = self._run_batched() if self.execution == "batched" else self._run_sequential()
-                if not done:
+                if done:
+                    self._end_round()
+                else:
                     self.save_checkpoint()
+                if not done or self.stopping:
                     self._emit(StatusEvent("stopped", self.round, self.global_step, "stopped; resume to continue"))
                     return "stopped"
-                self._end_round()
         except torch.cuda.OutOfMemoryError as err:
             tc = self.config.train
             error = TrainingOutOfMemory(
@@ -244,6 +253,10 @@ class Trainer:
         self.round_visits.zero_()
         self.round_skips.zero_()
         self.round_started = time.time()
+        self.round_start_step = self.global_step
+        # Another process's first proxy takes up the step numbers where the previous one ends.
+        self.proxy = self.mine.start
+        self.global_step += sum(self.config.train.steps_for_shard(n) for n in self.round_sizes[:self.mine.start])
         if self.config.train.reset_optimizer_each_round:
             self.adam.zero_()
         self.execution = self._choose_execution()
@@ -273,7 +286,7 @@ class Trainer:
 
     def _run_sequential(self) -> bool:
         """Proxies one after another, from where the round stands; False if stopped."""
-        for k in range(self.proxy, self.config.method.num_shards):
+        for k in range(self.proxy, self.mine.stop):
             batches, steps = self._batches(k)
             if self.local_step == 0:
                 self.weights[k] = self.global_weights
@@ -288,18 +301,18 @@ class Trainer:
         return True
 
     def _run_batched(self) -> bool:
-        """All proxies side by side, one vmapped step each; False if stopped."""
-        k = self.config.method.num_shards
-        batches, steps = zip(*(self._batches(j) for j in range(k)))
+        """This process's proxies side by side, one vmapped step each; False if stopped."""
+        rows = slice(self.mine.start, self.mine.stop)
+        batches, steps = zip(*(self._batches(j) for j in self.mine))
         if self.local_step == 0:
-            self.weights[:] = self.global_weights
-            self.ema[:] = self.global_ema
+            self.weights[rows] = self.global_weights
+            self.ema[rows] = self.global_ema
         while self.local_step < steps[0]:
             if not self._steer():
                 return False
-            self._step(list(range(k)), torch.stack([b[self.local_step] for b in batches]))
+            self._step(list(self.mine), torch.stack([b[self.local_step] for b in batches]))
         self._flush()
-        self.proxy, self.local_step = k, 0
+        self.proxy, self.local_step = self.mine.stop, 0
         return True
 
     def _draw(self, k: int, batch: torch.Tensor):
@@ -392,8 +405,17 @@ class Trainer:
 
     def _end_round(self) -> None:
         config = self.config
-        self.global_weights.copy_(weighted_average(list(self.weights), self.round_sizes))
-        self.global_ema.copy_(weighted_average(list(self.ema), self.round_sizes))
+        averages = torch.stack([weighted_average(self.weights, self.round_sizes, self.mine),
+                                weighted_average(self.ema, self.round_sizes, self.mine)])
+        if self.group:
+            self.group.sum_(averages)
+            self._share_bookkeeping()
+            for event in self.group.gather_to_writer(self.outbox):
+                self._emit(event)
+            self.outbox = []
+            self.global_step = self.round_start_step + sum(config.train.steps_for_shard(n) for n in self.round_sizes)
+        self.global_weights.copy_(averages[0])
+        self.global_ema.copy_(averages[1])
         moves: list[tuple[int, int, int]] = []
         round_visits = self.round_visits.cpu().numpy()
         round_skips = self.round_skips.cpu().numpy()
@@ -410,8 +432,31 @@ class Trainer:
         self.round += 1
         self.proxy = 0
         rounds = config.train.rounds
-        if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds:
+        self.stopping = self.group is not None and self.group.any(self.control.stop_requested)
+        if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds or self.stopping:
             self.save_checkpoint()
+
+    def _share_bookkeeping(self, tensors: Iterable[torch.Tensor] = ()) -> None:
+        """Give every process the rows it did not train: other proxies' banks and counters,
+        other shards' images, and any per-proxy `tensors`. Each row has one owner and the
+        others send zeros, so the sum is exact."""
+        others = torch.ones(self.config.method.num_shards, dtype=torch.bool, device=self.device)
+        others[self.mine.start:self.mine.stop] = False
+        per_proxy = [self.banks, self.visits, self.skips, *tensors]
+        for tensor in per_proxy:
+            tensor[others] = 0
+        # Only the owner of an image's shard adds to its counters during the round.
+        owned = torch.from_numpy((self.shard_of >= self.mine.start) & (self.shard_of < self.mine.stop)).to(self.device)
+        per_image = [self.round_visits, self.round_skips, self.running_ratio]
+        for tensor in per_image:
+            tensor.copy_(torch.where(owned, tensor, 0.0))
+        everything = per_proxy + per_image
+        shared = self.group.sum_(torch.cat([t.reshape(-1) for t in everything]))
+        for tensor, part in zip(everything, shared.split([t.numel() for t in everything])):
+            tensor.copy_(part.view_as(tensor))
+        iterations = torch.tensor([n if k in self.mine else 0 for k, n in enumerate(self.iterations)],
+                                  dtype=torch.float64, device=self.device)
+        self.iterations = [int(n) for n in self.group.sum_(iterations).tolist()]
 
     # -- steering, telemetry ---------------------------------------------------------------
     def _steer(self) -> bool:
@@ -425,7 +470,8 @@ class Trainer:
             self.control.wait_while_paused()
             if not self.control.stop_requested:
                 self._emit(StatusEvent("running", self.round, self.global_step))
-        return not self.control.stop_requested
+        # Processes of one run stop together, at the end of a round (see _end_round).
+        return not self.control.stop_requested or self.group is not None
 
     def _flush(self) -> None:
         events = [e for k, recorder in enumerate(self.recorders) for e in recorder.flush(self.round, k)]
@@ -439,6 +485,10 @@ class Trainer:
             self._emit(event)
 
     def _emit(self, event: Event) -> None:
+        if not self.writer:
+            if isinstance(event, (StepEvent, SampleEvent)):
+                self.outbox.append(event)
+            return
         for sink in self.sinks:
             sink(event)
 
@@ -454,7 +504,7 @@ class Trainer:
 
     def _write_preview(self) -> None:
         count = self.config.train.preview_samples
-        if not count:
+        if not count or not self.writer:
             return
         from PIL import Image
         from torchvision.utils import make_grid  # torchvision comes with pytorch-fid
@@ -479,7 +529,12 @@ class Trainer:
     def _flatten(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([state[name].reshape(-1) for name in self.flat.names]).to(self.device)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint; with several processes all must call it and the writer's path is returned."""
+        if self.group:
+            self._share_bookkeeping(self.adam.tensors("adam").values())
+        if not self.writer:
+            return None
         mid_round = self.proxy > 0 or self.local_step > 0
         tensors = {"banks": self.banks, "shard_of": torch.from_numpy(self.shard_of), "visits": self.visits,
                    "skips": self.skips, "round_visits": self.round_visits, "round_skips": self.round_skips,
@@ -521,7 +576,11 @@ class Trainer:
         self.global_step, self.skip_lambda, self.round_sizes = meta["global_step"], meta["skip_lambda"], meta["round_sizes"]
         self.iterations, self.execution = list(meta["iterations"]), meta["execution"]
         self.total_steps = self.global_step + self._estimate_total_steps(self.config.train.rounds - self.round)
-        self.run.cut_logs(self.global_step)
+        if self.group and (self.proxy or self.local_step):
+            raise ConfigError("this checkpoint was saved in the middle of a round: resume it in a single process "
+                              "(`python -m iet_core resume`), then launch several processes from the next one.")
+        if self.writer:
+            self.run.cut_logs(self.global_step)
 
     def _write_per_sample(self) -> None:
         visits, skips = self.visits.sum(0).cpu().numpy(), self.skips.sum(0).cpu().numpy()
@@ -540,14 +599,15 @@ def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset |
 
 
 def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool = False,
-                    sinks: Iterable[Sink] = (), control: TrainControl | None = None) -> Trainer:
+                    sinks: Iterable[Sink] = (), control: TrainControl | None = None,
+                    group: ProcessGroup | None = None) -> Trainer:
     """A Trainer for the run, restored from its last checkpoint when resuming. A failure here
     (data gone, checkpoint unreadable) marks the run failed with the reason."""
     try:
-        trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control)
+        trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control, group=group)
         if resume and run.latest_checkpoint() is not None:
             trainer.load_checkpoint()
-        else:
+        elif trainer.writer:
             run.cut_logs(0)  # a run restarted from scratch logs afresh
         return trainer
     except Exception as err:
