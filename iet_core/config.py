@@ -177,6 +177,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "bf16" autocasts the UNet on GPUs that support it
+    channels_last: bool = False  # conv weights and inputs in channels-last memory layout (faster on recent GPUs)
+    compile: bool = False  # torch.compile the UNet for proxies run one after another (slow first steps)
     # How the K proxies of a round run: one after another, or side by side as one batched
     # (vmapped) computation; "auto" batches on a GPU when the proxies fit in memory.
     execution: str = "auto"

@@ -15,31 +15,48 @@ import torch
 
 class FlatParams:
     """Re-homes a module's parameters as views into one vector (call after moving the module
-    to its device: `.to()` would break the views)."""
+    to its device: `.to()` would break the views). With channels_last, 4-d (conv) weights are
+    stored output, height, width, input in the vector, so their views have channels-last strides."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, channels_last: bool = False):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
+        self.channels_last = channels_last
         self.offsets = [0]
         for p in self.params:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.numel = self.offsets[-1]
-        self.data = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.data = self.flatten(dict(zip(self.names, (p.detach() for p in self.params))))
         self.grad = torch.zeros_like(self.data)
         self.bind(self.data, self.grad)
+
+    def _view(self, segment: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(..., numel) -> (..., *shape), channels-last for 4-d weights when asked."""
+        if self.channels_last and len(shape) == 4:
+            out_channels, in_channels, height, width = shape
+            return segment.unflatten(-1, (out_channels, height, width, in_channels)).movedim(-1, -3)
+        return segment.unflatten(-1, shape)
+
+    def flatten(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The vector of these parameters from a state dict, or (J, numel) from stacked
+        {name: (J, *shape)} (the inverse of the views)."""
+        lead = state[self.names[0]].dim() - len(self.shapes[0])
+        parts = [state[name].movedim(-3, -1) if self.channels_last and len(shape) == 4 else state[name]
+                 for name, shape in zip(self.names, self.shapes)]
+        return torch.cat([part.flatten(lead) for part in parts], dim=-1)
 
     def bind(self, data: torch.Tensor, grad: torch.Tensor) -> None:
         """Point the module's parameters and gradients at these vectors (e.g. one proxy's row)."""
         self.data, self.grad = data, grad
         for p, shape, start, end in zip(self.params, self.shapes, self.offsets, self.offsets[1:]):
-            p.data = data[start:end].view(shape)
-            p.grad = grad[start:end].view(shape)
+            p.data = self._view(data[start:end], shape)
+            p.grad = self._view(grad[start:end], shape)
 
     def unflatten(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of stacked vectors (J, numel) as {name: (J, *shape)}, for torch.func.functional_call."""
-        return {name: stacked[:, start:end].unflatten(1, shape)
+        return {name: self._view(stacked[:, start:end], shape)
                 for name, shape, start, end in zip(self.names, self.shapes, self.offsets, self.offsets[1:])}
 
     def zero_grad(self) -> None:

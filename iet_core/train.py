@@ -166,7 +166,9 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)  # the same seed starts from the same weights
         self.unet = build_unet(config.model, config.data.resolution, config.data.channels).to(device).train()
-        self.flat = FlatParams(self.unet)
+        self.flat = FlatParams(self.unet, channels_last=config.train.channels_last)
+        # Compiled for one proxy at a time; side-by-side proxies run the eager module under vmap.
+        self.forward = torch.compile(self.unet) if config.train.compile else self.unet
         alphas_cumprod = training_scheduler(config.model).alphas_cumprod.to(device=device, dtype=torch.float32)
         self.sqrt_ab = alphas_cumprod.sqrt()
         self.sqrt_one_minus_ab = (1 - alphas_cumprod).sqrt()
@@ -350,8 +352,9 @@ class Trainer:
         rows = slice(proxies[0], proxies[-1] + 1)
         bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         if len(proxies) == 1:
+            model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
             with bf16:
-                prediction = self.unet(x_t[0], t[0]).sample
+                prediction = self.forward(model_input, t[0]).sample
             loss, seen, keep = self._masked_loss(prediction, noise[0], self.banks[proxies[0]], t[0])
             self.flat.zero_grad()
             loss.backward()
@@ -365,7 +368,7 @@ class Trainer:
 
             grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
                 self.flat.unflatten(self.weights[rows]), x_t, t, noise, self.banks[rows])
-            self.grads[rows] = torch.cat([grads[name].flatten(1) for name in self.flat.names], dim=1)
+            self.grads[rows] = self.flat.flatten(grads)
 
         ratio = seen / self.banks[rows].gather(1, t)  # loss / bank[t] before the update, inf while empty
         kept = keep.sum(dim=1)
@@ -527,7 +530,7 @@ class Trainer:
         return {**self.unet.state_dict(), **parameters}
 
     def _flatten(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([state[name].reshape(-1) for name in self.flat.names]).to(self.device)
+        return self.flat.flatten(state).to(self.device)
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint; with several processes all must call it and the writer's path is returned."""

@@ -164,6 +164,28 @@ def test_batched_proxies_match_sequential_proxies(tmp_path, stop_at=5):
     assert sorted(run.metrics().global_step) == list(range(18))
 
 
+def test_channels_last_and_compile_train_the_same_model(tmp_path):
+    """Channels-last weights and inputs, with torch.compile (one proxy at a time) or under vmap
+    (side by side), give the default run's weights within rounding; checkpoints keep the usual
+    layout and load back exactly."""
+    config = tiny_config("iet-agc", rounds=2, local_steps=3, execution="sequential")
+    default = train(config, runs_root=tmp_path / "default")
+    fresh = Trainer(*create_run(config, tmp_path / "init"))
+    vector = lambda state: torch.cat([state[name].reshape(-1) for name in sorted(state)])
+    init = vector(fresh._state_dict(fresh.global_weights))
+    expected = vector(default.load_checkpoint()[0]["model"])
+    for variant in ({"compile": True}, {"execution": "batched"}):
+        changed = tiny_config("iet-agc", rounds=2, local_steps=3, channels_last=True, **{"execution": "sequential", **variant})
+        run = train(changed, runs_root=tmp_path / str(variant))
+        saved = run.load_checkpoint()[0]["model"]
+        assert (vector(saved) - expected).norm() / (expected - init).norm() < 1e-2, variant
+        trainer = Trainer(run)
+        trainer.load_checkpoint()
+        assert trainer.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        restored = trainer._state_dict(trainer.global_weights)
+        assert all(torch.equal(restored[name], saved[name]) for name in saved)
+
+
 def test_pause_and_lambda_change_from_another_thread(tmp_path):
     import threading
 
