@@ -1,8 +1,12 @@
 """Time one training step side by side: a plain DDPM step (torch.optim.Adam, F.mse_loss), our
 trainer's step without AGC, and with AGC (IET-AGC). Variants are interleaved round-robin so
-that machine load affects them alike; we report medians and ratios.
+that machine load affects them alike; we report medians and ratios, and model FLOP utilisation:
+the step's FLOPs (counted by torch's FlopCounterMode) per second against the measured matmul
+peak of the same device (bf16 on a GPU, float32 on a CPU).
 
     python bench/train_step.py --preset tiny --resolution 16 --batch-size 64 --repeats 30
+    python bench/train_step.py --device cuda --preset small --resolution 32 --channels 3 --batch-size 128 \
+        --precision bf16 --channels-last
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ def make_trainer(mode: str, args, root: Path) -> Trainer:
     config = demo_config(mode)
     config.model.preset = args.preset
     config.data.resolution = args.resolution
+    config.data.channels = args.channels
     config.train.batch_size = args.batch_size
     config.train.device = args.device
     config.train.preview_samples = 0
     config.train.record_samples = True
+    config.train.precision, config.train.channels_last, config.train.compile = args.precision, args.channels_last, args.compile
     run, dataset = create_run(config, root / mode)
     trainer = Trainer(run, dataset)
     trainer._start_round()
@@ -51,7 +57,9 @@ def plain_step_fn(trainer: Trainer, batch_size: int):
         t = torch.randint(0, 1000, (batch_size,), device=trainer.device)
         noise = torch.randn_like(x0)
         x_t = alphas[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - alphas[t]).sqrt().view(-1, 1, 1, 1) * noise
-        loss = F.mse_loss(model(x_t, t).sample, noise)
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.config.train.precision == "bf16"):
+            prediction = model(x_t, t).sample
+        loss = F.mse_loss(prediction.float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -65,11 +73,38 @@ def trainer_step_fn(trainer: Trainer, batch_size: int):
     return step
 
 
+def matmul_peak(device: torch.device, size: int = 4096, repeats: int = 10) -> tuple[float, str]:
+    """Measured FLOP/s of a large matmul: bf16 on a GPU, float32 on a CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = size if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * size**3 * repeats / (time.perf_counter() - start), str(dtype).removeprefix("torch.")
+
+
+def step_flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=1, help="3: the digits as colour images")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our step's UNet (warm-up compiles)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -93,6 +128,8 @@ def main() -> None:
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
         params = count_parameters(ddpm.unet)
+        flops = step_flops(variants["ours, IET-AGC step"])
+        peak, peak_dtype = matmul_peak(ddpm.device)
 
     base = statistics.median(times["plain DDPM step (torch Adam)"])
     rows = [{"variant": name, "median_ms": 1000 * statistics.median(t), "ratio_to_plain": statistics.median(t) / base}
@@ -105,9 +142,14 @@ def main() -> None:
     for row in rows:
         print(f"{row['variant']:34s} {row['median_ms']:10.1f} {row['ratio_to_plain']:8.3f}")
     print(f"AGC overhead over our no-AGC step: {100 * (agc_over_ours - 1):+.1f}%")
+    agc_seconds = statistics.median(times["ours, IET-AGC step"])
+    mfu = flops / agc_seconds / peak
+    print(f"model FLOP utilisation of our IET-AGC step: {flops / 1e9:.2f} GFLOP per step, {flops / agc_seconds / 1e12:.3f} "
+          f"TFLOP/s against a measured {peak_dtype} matmul peak of {peak / 1e12:.2f} TFLOP/s = {100 * mfu:.1f}%")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": vars(args), "device": device, "params": params, "rows": rows,
-                                           "agc_over_no_agc": agc_over_ours}, indent=2))
+                                           "agc_over_no_agc": agc_over_ours, "flops_per_step": flops,
+                                           "matmul_peak_flops": peak, "peak_dtype": peak_dtype, "mfu": mfu}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "| mode" in (tmp_path / "report.md").read_text()
 
+    # Run again with a seed added: the first seed's runs are reused, not trained again.
+    before = {p.name for p in (tmp_path / "runs").iterdir()}
+    experiment.seeds = (0, 1)
+    again = run_experiment(experiment, tmp_path, log=lambda *_: None)
+    assert {p.name for p in (tmp_path / "runs").iterdir()} > before
+    assert len(list((tmp_path / "runs").iterdir())) == 8
+    first = again[again.seed == 0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(first.drop(columns="train_seconds"), results.drop(columns="train_seconds"))
+
 
 def test_runner_rejects_impossible_budgets(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--steps", "10", "--rounds", "30"]) == 2
