@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import add_config_arguments, config_from_args
+from .cli import add_config_arguments, config_from_args, set_setting
 from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
 from .evaluate import evaluate_images
@@ -47,37 +47,58 @@ class Experiment:
     sample_steps: int = 50
     heldout: int = 500  # images of the same source never trained on, for the quality measure
     classifier_steps: int = 300
+    # Extra methods to compare, by label: a mode and settings over it, e.g.
+    # {"ddpm+agc": ("ddpm", ("method.agc.enabled=true",))}: AGC without IET.
+    variants: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return (*self.modes, *self.variants)
+
+    def mode_of(self, label: str) -> str:
+        return self.variants[label][0] if label in self.variants else label
 
     def validate(self) -> None:
-        unknown = [m for m in self.modes if m not in MODES]
+        unknown = [m for m in map(self.mode_of, self.labels) if m not in MODES]
         if unknown:
             raise ConfigError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}.")
         if not self.seeds:
             raise ConfigError("give at least one seed.")
         if not 1 <= self.eval_points <= self.rounds:
             raise ConfigError(f"eval_points={self.eval_points}: use between 1 and rounds ({self.rounds}).")
-        for mode in self.modes:
-            shards = 1 if mode == "ddpm" else self.num_shards
+        for label in self.labels:
+            shards = self._proxies(label)
             if self.steps // self.rounds // shards < 1:
                 raise ConfigError(f"{self.steps} steps over {self.rounds} rounds leave no local step for {shards} "
                                   "proxies: raise steps or lower rounds or num_shards.")
+            self.run_config(label, self.seeds[0])  # a variant's settings are checked here
 
-    def run_config(self, mode: str, seed: int) -> RunConfig:
-        """The base config with this mode's switches (keeping the base's AGC/MSR/TAA settings),
-        and local steps chosen so that rounds x K x local steps = steps."""
+    def _method(self, label: str) -> dict:
+        """The mode's switches over the base's method settings, then the variant's settings."""
         config = copy.deepcopy(self.base)
-        switches = method_for_mode(mode, self.num_shards)
+        switches = method_for_mode(self.mode_of(label), self.num_shards)
         config.method.num_shards = switches.num_shards
         for part in ("agc", "msr", "taa"):
             getattr(config.method, part).enabled = getattr(switches, part).enabled
-        every = self.rounds // self.eval_points
-        config.train.rounds = self.rounds
-        config.train.local_steps, config.train.local_epochs = self.steps // self.rounds // switches.num_shards, None
-        config.train.seed = seed
-        config.train.checkpoint_every_rounds = every
-        config.train.keep_checkpoints = self.rounds  # every evaluation point stays
-        config.name = f"{mode}-seed{seed}"
-        return config.validate()
+        tree = config.to_dict()
+        for item in self.variants.get(label, ("", ()))[1]:
+            key, _, value = item.partition("=")
+            set_setting(tree, key.strip(), value.strip())
+        return tree
+
+    def _proxies(self, label: str) -> int:
+        return int(self._method(label)["method"]["num_shards"])
+
+    def run_config(self, label: str, seed: int) -> RunConfig:
+        """The base config with this mode's switches (keeping the base's AGC/MSR/TAA settings),
+        a variant's settings over them, and local steps chosen so that rounds x K x local
+        steps = steps."""
+        tree = self._method(label)
+        tree["train"].update(rounds=self.rounds, local_steps=self.steps // self.rounds // self._proxies(label),
+                             local_epochs=None, seed=seed, checkpoint_every_rounds=self.rounds // self.eval_points,
+                             keep_checkpoints=self.rounds)  # every evaluation point stays
+        tree["name"] = f"{label}-seed{seed}"
+        return RunConfig.from_dict(tree).validate()
 
 
 def heldout_set(config: RunConfig, count: int):
@@ -116,7 +137,7 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
     log(f"quality classifier: {len(heldout)} held-out images, accuracy {meter.accuracy:.2f}")
     rows, finals = [], {}
     for seed in experiment.seeds:
-        for mode in experiment.modes:
+        for mode in experiment.labels:
             config = experiment.run_config(mode, seed)
             run = matching_run(out / "runs", config)
             if run is None:
@@ -183,7 +204,7 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    modes = [m for m in experiment.modes if m in set(results["mode"])]
+    modes = [m for m in experiment.labels if m in set(results["mode"])]
     final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -235,7 +256,7 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
     columns = ["mode", "memorized_fraction_mean", "memorized_fraction_std", "mq_below_1_3_mean", "feature_fd_mean",
                "feature_fd_std", "heldout_l2_mean", "mean_l2_nearest_mean", "memorized_at_equal_quality", "equal_quality_step"]
     base = experiment.base
-    text = [f"# Experiment: {', '.join(experiment.modes)}", "",
+    text = [f"# Experiment: {', '.join(experiment.labels)}", "",
             f"- data: {base.data.source}, {base.data.subset} images at {base.data.resolution}x{base.data.resolution}, "
             f"{base.data.channels} channel(s); model preset {base.model.preset}",
             f"- equal compute: {experiment.steps} optimizer steps of batch {base.train.batch_size} per method "
@@ -248,7 +269,9 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
             summary[[c for c in columns if c in summary]].to_markdown(index=False, floatfmt=".3f"), "",
             "![memorization](memorization_bar.png)", "", "![histograms](ratio_histograms.png)", "",
             "![memorization vs quality](memorization_vs_quality.png)", ""]
-    text += [f"![{mode}](neighbours_{mode}.png)" for mode in experiment.modes if mode in set(results["mode"])]
+    text += [f"![{mode}](neighbours_{mode}.png)" for mode in experiment.labels if mode in set(results["mode"])]
+    for label, (mode, settings) in experiment.variants.items():
+        text.insert(text.index("") + 1, f"- variant {label}: {mode} with {', '.join(settings) or 'no changes'}")
     atomic_write(out / "report.md", "\n".join(text) + "\n")
 
 
@@ -264,14 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--heldout", type=int, default=500)
     parser.add_argument("--classifier-steps", type=int, default=300)
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=MODE[,SECTION.NAME=VALUE...]",
+                        help="an extra method, e.g. ddpm+agc=ddpm,method.agc.enabled=true (repeatable)")
     args = parser.parse_args(argv)
     try:
         base = config_from_args(args)  # --shards sets K for the IET modes (default 4)
         shards = base.method.num_shards if base.method.num_shards > 1 else 4
+        variants = {}
+        for item in args.variant:
+            label, _, spec = item.partition("=")
+            mode, *settings = spec.split(",")
+            if not label or not mode:
+                raise ConfigError(f"--variant {item!r}: write LABEL=MODE[,section.name=value...], "
+                                  "e.g. ddpm+agc=ddpm,method.agc.enabled=true.")
+            variants[label.strip()] = (mode.strip(), tuple(settings))
         experiment = Experiment(base=base, modes=tuple(args.modes), seeds=tuple(args.seeds), num_shards=shards,
                                 steps=args.steps, rounds=base.train.rounds, eval_points=args.eval_points,
                                 num_samples=args.num_samples, sample_steps=args.sample_steps, heldout=args.heldout,
-                                classifier_steps=args.classifier_steps)
+                                classifier_steps=args.classifier_steps, variants=variants)
         run_experiment(experiment, args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,16 +2,18 @@ import pandas as pd
 
 from helpers import tiny_config
 from iet_core.experiments import Experiment, main, run_experiment
+from iet_core.runs import list_runs
 
 
 def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
     base = tiny_config("ddpm")
     base.data.subset = 16
     experiment = Experiment(base=base, seeds=(0,), num_shards=2, steps=8, rounds=2, eval_points=2,
-                            num_samples=6, sample_steps=2, heldout=40, classifier_steps=20)
+                            num_samples=6, sample_steps=2, heldout=40, classifier_steps=20,
+                            variants={"ddpm+agc": ("ddpm", ("method.agc.enabled=true",))})
     results = run_experiment(experiment, tmp_path, log=lambda *_: None)
-    assert set(results["mode"]) == {"ddpm", "iet", "iet-agc", "iet-agc+"}
-    assert len(results) == 4 * 2  # two evaluation points per method
+    assert set(results["mode"]) == {"ddpm", "iet", "iet-agc", "iet-agc+", "ddpm+agc"}
+    assert len(results) == 5 * 2  # two evaluation points per method
     # equal compute: every method ends after the same number of sample visits
     final = results.groupby("mode").visits.max()
     assert final.nunique() == 1 and final.iloc[0] == 8 * base.train.batch_size
@@ -31,7 +33,10 @@ def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
     experiment.seeds = (0, 1)
     again = run_experiment(experiment, tmp_path, log=lambda *_: None)
     assert {p.name for p in (tmp_path / "runs").iterdir()} > before
-    assert len(list((tmp_path / "runs").iterdir())) == 8
+    runs = list_runs(tmp_path / "runs")
+    assert len(runs) == 10
+    variant = next(run.config for run in runs if run.config.name == "ddpm+agc-seed1")
+    assert variant.method.agc.enabled and variant.method.num_shards == 1
     first = again[again.seed == 0].reset_index(drop=True)
     pd.testing.assert_frame_equal(first.drop(columns="train_seconds"), results.drop(columns="train_seconds"))
 
@@ -39,3 +44,7 @@ def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
 def test_runner_rejects_impossible_budgets(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--steps", "10", "--rounds", "30"]) == 2
     assert "no local step" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--variant", "lonely"]) == 2
+    assert "LABEL=MODE" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--variant", "x=ddpm,method.agc.nonsense=1"]) == 2
+    assert "unknown setting" in capsys.readouterr().err
