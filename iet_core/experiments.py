@@ -50,6 +50,7 @@ class Experiment:
     # Extra methods to compare, by label: a mode and settings over it, e.g.
     # {"ddpm+agc": ("ddpm", ("method.agc.enabled=true",))}: AGC without IET.
     variants: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    train: bool = True  # False: only evaluate the checkpoints that matching runs already have
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -140,13 +141,17 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
         for mode in experiment.labels:
             config = experiment.run_config(mode, seed)
             run = matching_run(out / "runs", config)
-            if run is None:
+            finished = run is not None and run.status().get("state") == "finished"
+            if not experiment.train and not (run and run.checkpoints()):
+                log(f"{mode:9s} seed {seed}: nothing trained yet, left out")
+                continue
+            if not experiment.train or finished:
+                log(f"{mode:9s} seed {seed}: reusing {'finished' if finished else 'unfinished'} run {run.id}")
+            elif run is None:
                 run = train(config, runs_root=out / "runs")
-            elif run.status().get("state") != "finished":
+            else:
                 log(f"{mode:9s} seed {seed}: resuming {run.id}")
                 train(run=run, resume=True)
-            else:
-                log(f"{mode:9s} seed {seed}: reusing finished run {run.id}")
             train_seconds = float(run.rounds()["seconds"].sum())  # training only, also when reused
             dataset = run.dataset()
             for checkpoint in run.checkpoints():
@@ -156,6 +161,8 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
             finals[(mode, seed)] = rows[-1].pop("_result")
             for row in rows:
                 row.pop("_result", None)
+    if not rows:
+        raise ConfigError(f"no run of this experiment has a checkpoint in {out / 'runs'}: train it first.")
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
     summary = summarize(results)
@@ -218,7 +225,7 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
 
     fig, axes = plt.subplots(1, len(modes), figsize=(3 * len(modes), 2.8), sharey=True)
     for ax, mode in zip(np.atleast_1d(axes), modes):
-        ratios = np.concatenate([finals[(mode, s)].table.memorization_ratio.to_numpy() for s in experiment.seeds])
+        ratios = np.concatenate([result.table.memorization_ratio.to_numpy() for (m, _), result in finals.items() if m == mode])
         ax.hist(ratios, bins=np.linspace(0, 1, 26), color="#55a868")
         ax.axvline(1 / 3, color="#c44e52", linestyle="--")
         ax.set_title(mode)
@@ -244,7 +251,8 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     from torchvision.utils import make_grid
 
     for mode in modes:  # (generated | nearest training image) pairs of the first seed, most copied first
-        pairs = np.stack([image if image.ndim == 3 else image[..., None] for image, _ in finals[(mode, experiment.seeds[0])].pairs(16)])
+        first = next(result for (m, _), result in finals.items() if m == mode)
+        pairs = np.stack([image if image.ndim == 3 else image[..., None] for image, _ in first.pairs(16)])
         grid = make_grid(torch.from_numpy(pairs).permute(0, 3, 1, 2), nrow=4, padding=2, pad_value=255).permute(1, 2, 0).numpy()
         image = Image.fromarray(grid)
         image.resize((image.width * 3, image.height * 3), Image.Resampling.NEAREST).save(out / f"neighbours_{mode}.png")
@@ -289,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier-steps", type=int, default=300)
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=MODE[,SECTION.NAME=VALUE...]",
                         help="an extra method, e.g. ddpm+agc=ddpm,method.agc.enabled=true (repeatable)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: evaluate the checkpoints matching runs in --out have so far")
     args = parser.parse_args(argv)
     try:
         base = config_from_args(args)  # --shards sets K for the IET modes (default 4)
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = Experiment(base=base, modes=tuple(args.modes), seeds=tuple(args.seeds), num_shards=shards,
                                 steps=args.steps, rounds=base.train.rounds, eval_points=args.eval_points,
                                 num_samples=args.num_samples, sample_steps=args.sample_steps, heldout=args.heldout,
-                                classifier_steps=args.classifier_steps, variants=variants)
+                                classifier_steps=args.classifier_steps, variants=variants,
+                                train=not args.report_only)
         run_experiment(experiment, args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -40,6 +40,11 @@ def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
     first = again[again.seed == 0].reset_index(drop=True)
     pd.testing.assert_frame_equal(first.drop(columns="train_seconds"), results.drop(columns="train_seconds"))
 
+    # Report only: evaluate what exists, train nothing (seed 2 has no runs and is left out).
+    experiment.seeds, experiment.train = (0, 2), False
+    report = run_experiment(experiment, tmp_path, log=lambda *_: None)
+    assert set(report.seed) == {0} and len(list_runs(tmp_path / "runs")) == 10
+
 
 def test_runner_rejects_impossible_budgets(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--steps", "10", "--rounds", "30"]) == 2
