@@ -72,6 +72,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Train", "Start a run with a preset, or change the settings first. Only the settings of the "
                        "chosen mode are shown. The run trains on the server: you can close this tab and come back.")
     data_text = gr.Markdown()
+    demo = PRESETS[DEMO_PRESET]  # the form opens on the demo preset
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
@@ -81,17 +82,17 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             mode = gr.Radio([(label, m) for m, label in MODE_LABELS.items()], value="iet-agc", label="Method",
                             info="Train a baseline and an IET-AGC run on the same data, then compare them.")
             with gr.Row():
-                shards = gr.Slider(2, 16, value=4, step=1, label="Shards K (proxies)")
-                rounds = gr.Number(12, precision=0, minimum=1, label="Rounds")
-                unit = gr.Radio(["epochs", "steps"], value="epochs", label="Local training per round in")
-                amount = gr.Number(100, minimum=0.01, label="Local epochs (or steps) per proxy")
+                shards = gr.Slider(2, 16, value=demo["shards"], step=1, label="Shards K (proxies)")
+                rounds = gr.Number(demo["rounds"], precision=0, minimum=1, label="Rounds")
+                unit = gr.Radio(["epochs", "steps"], value=demo["unit"], label="Local training per round in")
+                amount = gr.Number(demo["amount"], minimum=0.01, label="Local epochs (or steps) per proxy")
             with gr.Row():
-                model = gr.Dropdown(list(MODEL_PRESETS), value="tiny", label="Model",
+                model = gr.Dropdown(list(MODEL_PRESETS), value=demo["model"], label="Model",
                                     info="tiny ≈1M (CPU) · small ≈17M · ddpm-cifar10 ≈36M")
-                batch_size = gr.Number(64, precision=0, minimum=1, label="Batch size")
-                lr = gr.Number(1e-3, minimum=1e-7, label="Learning rate")
+                batch_size = gr.Number(demo["batch_size"], precision=0, minimum=1, label="Batch size")
+                lr = gr.Number(demo["lr"], minimum=1e-7, label="Learning rate")
                 seed = gr.Number(0, precision=0, label="Seed")
-                preview = gr.Number(16, precision=0, minimum=0, maximum=256, label="Samples shown per round")
+                preview = gr.Number(demo["preview"], precision=0, minimum=0, maximum=256, label="Samples shown per round")
             with gr.Group() as agc_group:
                 gr.Markdown("**AGC: anti-gradient control**: skip a sample when loss / bank[t] < λ, bank[t] being "
                             "the recent loss at the same noise level.")
