@@ -51,6 +51,9 @@ class Experiment:
     # {"ddpm+agc": ("ddpm", ("method.agc.enabled=true",))}: AGC without IET.
     variants: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     train: bool = True  # False: only evaluate the checkpoints that matching runs already have
+    # Other experiments' results.csv drawn in the memorization-against-quality plot, by name
+    # (same data and quality measure only: feature FD is specific to its held-out set).
+    overlays: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -235,10 +238,12 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    curves = results.groupby(["mode", "step"], sort=False)[["memorized_fraction", "feature_fd"]].mean().reset_index()
-    for mode in modes:
-        curve = curves[curves["mode"] == mode]
-        ax.plot(curve.feature_fd, curve.memorized_fraction * 100, marker="o", label=mode)
+    for label, frame, style in [("", results, "-"), *[(f" ({name})", other, "--") for name, other in experiment.overlays.items()]]:
+        curves = frame.groupby(["mode", "step"], sort=False)[["memorized_fraction", "feature_fd"]].mean().reset_index()
+        for mode in curves["mode"].unique():
+            curve = curves[curves["mode"] == mode]
+            ax.plot(curve.feature_fd, curve.memorized_fraction * 100, style, marker="o", label=mode + label)
+    ax.set_xscale("log")  # quality spans an order of magnitude over training
     ax.set_xlabel("feature FD to held-out images (lower = more realistic)")
     ax.set_ylabel("memorized samples (%)")
     ax.set_title("Memorization against quality over training")
@@ -283,6 +288,18 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
     atomic_write(out / "report.md", "\n".join(text) + "\n")
 
 
+def read_overlays(paths: list[str]) -> dict[str, pd.DataFrame]:
+    overlays = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"--overlay {path}: no such file; give the results.csv of another experiment.")
+        frame = pd.read_csv(path)
+        if not {"mode", "step", "memorized_fraction", "feature_fd"} <= set(frame.columns):
+            raise ConfigError(f"--overlay {path} is not an experiment's results.csv (mode, step, memorized_fraction, feature_fd).")
+        overlays[path.parent.name] = frame
+    return overlays
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m iet_core.experiments", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier-steps", type=int, default=300)
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=MODE[,SECTION.NAME=VALUE...]",
                         help="an extra method, e.g. ddpm+agc=ddpm,method.agc.enabled=true (repeatable)")
+    parser.add_argument("--overlay", action="append", default=[], metavar="RESULTS_CSV",
+                        help="draw another experiment's curves (its results.csv) in the quality plot (repeatable)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: evaluate the checkpoints matching runs in --out have so far")
     args = parser.parse_args(argv)
@@ -315,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                 steps=args.steps, rounds=base.train.rounds, eval_points=args.eval_points,
                                 num_samples=args.num_samples, sample_steps=args.sample_steps, heldout=args.heldout,
                                 classifier_steps=args.classifier_steps, variants=variants,
-                                train=not args.report_only)
+                                train=not args.report_only, overlays=read_overlays(args.overlay))
         run_experiment(experiment, args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

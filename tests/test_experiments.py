@@ -41,7 +41,7 @@ def test_runner_end_to_end_on_a_tiny_configuration(tmp_path):
     pd.testing.assert_frame_equal(first.drop(columns="train_seconds"), results.drop(columns="train_seconds"))
 
     # Report only: evaluate what exists, train nothing (seed 2 has no runs and is left out).
-    experiment.seeds, experiment.train = (0, 2), False
+    experiment.seeds, experiment.train, experiment.overlays = (0, 2), False, {"before": results}
     report = run_experiment(experiment, tmp_path, log=lambda *_: None)
     assert set(report.seed) == {0} and len(list_runs(tmp_path / "runs")) == 10
 
@@ -53,3 +53,5 @@ def test_runner_rejects_impossible_budgets(tmp_path, capsys):
     assert "LABEL=MODE" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--variant", "x=ddpm,method.agc.nonsense=1"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--overlay", str(tmp_path / "missing.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
