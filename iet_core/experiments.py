@@ -213,6 +213,7 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     modes = [m for m in experiment.labels if m in set(results["mode"])]
     final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
@@ -244,6 +245,9 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
             curve = curves[curves["mode"] == mode]
             ax.plot(curve.feature_fd, curve.memorized_fraction * 100, style, marker="o", label=mode + label)
     ax.set_xscale("log")  # quality spans an order of magnitude over training
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("feature FD to held-out images (lower = more realistic)")
     ax.set_ylabel("memorized samples (%)")
     ax.set_title("Memorization against quality over training")
