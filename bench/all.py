@@ -17,13 +17,16 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 RESULTS = BENCH / "results"
 
 
 def run(script: str, *args: str) -> dict:
     out = RESULTS / f"all-{script.removesuffix('.py')}.json"
     flag = "--out" if script == "eval_timing.py" else "--json"
-    subprocess.run([sys.executable, str(BENCH / script), *args, flag, str(out)], check=True)
+    # Paths relative to the repository, so the recorded arguments name no machine's folders.
+    subprocess.run([sys.executable, str(BENCH.relative_to(REPO) / script), *args, flag, str(out.relative_to(REPO))],
+                   check=True, cwd=REPO)
     return json.loads(out.read_text())
 
 
