@@ -41,6 +41,15 @@ def set_setting(tree: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
+def apply_settings(tree: dict, items) -> None:
+    """Apply "section.name=value" strings (as --set writes them) to a config tree."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"setting {item!r}: write section.name=value, e.g. train.lr=1e-3.")
+        key, value = item.split("=", 1)
+        set_setting(tree, key.strip(), value.strip())
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Recipe or config file, then --mode, then shortcut flags, then --set, then validation."""
     if args.config:
@@ -62,11 +71,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             set_setting(tree, dotted, value)
-    for item in args.set or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: write section.name=value, e.g. --set train.lr=1e-3.")
-        key, value = item.split("=", 1)
-        set_setting(tree, key.strip(), value.strip())
+    apply_settings(tree, args.set or [])
     if args.name:
         tree["name"] = args.name
     return RunConfig.from_dict(tree).validate()

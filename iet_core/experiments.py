@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import add_config_arguments, config_from_args, set_setting
+from .cli import add_config_arguments, apply_settings, config_from_args
 from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
 from .evaluate import evaluate_images
@@ -71,7 +71,7 @@ class Experiment:
         if not 1 <= self.eval_points <= self.rounds:
             raise ConfigError(f"eval_points={self.eval_points}: use between 1 and rounds ({self.rounds}).")
         for label in self.labels:
-            shards = self._proxies(label)
+            shards = self._method(label)["method"]["num_shards"]
             if self.steps // self.rounds // shards < 1:
                 raise ConfigError(f"{self.steps} steps over {self.rounds} rounds leave no local step for {shards} "
                                   "proxies: raise steps or lower rounds or num_shards.")
@@ -85,20 +85,16 @@ class Experiment:
         for part in ("agc", "msr", "taa"):
             getattr(config.method, part).enabled = getattr(switches, part).enabled
         tree = config.to_dict()
-        for item in self.variants.get(label, ("", ()))[1]:
-            key, _, value = item.partition("=")
-            set_setting(tree, key.strip(), value.strip())
-        return tree
-
-    def _proxies(self, label: str) -> int:
-        return int(self._method(label)["method"]["num_shards"])
+        apply_settings(tree, self.variants.get(label, ("", ()))[1])
+        return RunConfig.from_dict(tree).to_dict()  # the variant's values typed and checked
 
     def run_config(self, label: str, seed: int) -> RunConfig:
         """The base config with this mode's switches (keeping the base's AGC/MSR/TAA settings),
         a variant's settings over them, and local steps chosen so that rounds x K x local
         steps = steps."""
         tree = self._method(label)
-        tree["train"].update(rounds=self.rounds, local_steps=self.steps // self.rounds // self._proxies(label),
+        proxies = tree["method"]["num_shards"]
+        tree["train"].update(rounds=self.rounds, local_steps=self.steps // self.rounds // proxies,
                              local_epochs=None, seed=seed, checkpoint_every_rounds=self.rounds // self.eval_points,
                              keep_checkpoints=self.rounds)  # every evaluation point stays
         tree["name"] = f"{label}-seed{seed}"
@@ -276,6 +272,8 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
     text = [f"# Experiment: {', '.join(experiment.labels)}", "",
             f"- data: {base.data.source}, {base.data.subset} images at {base.data.resolution}x{base.data.resolution}, "
             f"{base.data.channels} channel(s); model preset {base.model.preset}",
+            *[f"- variant {label}: {mode} with {', '.join(settings) or 'no changes'}"
+              for label, (mode, settings) in experiment.variants.items()],
             f"- equal compute: {experiment.steps} optimizer steps of batch {base.train.batch_size} per method "
             f"({experiment.steps * base.train.batch_size:,} sample visits), {experiment.rounds} rounds, K = {experiment.num_shards}",
             f"- seeds: {', '.join(map(str, experiment.seeds))}; {experiment.num_samples} samples per evaluation, DDIM {experiment.sample_steps} steps",
@@ -287,8 +285,6 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
             "![memorization](memorization_bar.png)", "", "![histograms](ratio_histograms.png)", "",
             "![memorization vs quality](memorization_vs_quality.png)", ""]
     text += [f"![{mode}](neighbours_{mode}.png)" for mode in experiment.labels if mode in set(results["mode"])]
-    for label, (mode, settings) in experiment.variants.items():
-        text.insert(text.index("") + 1, f"- variant {label}: {mode} with {', '.join(settings) or 'no changes'}")
     atomic_write(out / "report.md", "\n".join(text) + "\n")
 
 

@@ -412,11 +412,10 @@ class Trainer:
                                 weighted_average(self.ema, self.round_sizes, self.mine)])
         if self.group:
             self.group.sum_(averages)
-            self._share_bookkeeping()
+            self._share_round()
             for event in self.group.gather_to_writer(self.outbox):
                 self._emit(event)
             self.outbox = []
-            self.global_step = self.round_start_step + sum(config.train.steps_for_shard(n) for n in self.round_sizes)
         self.global_weights.copy_(averages[0])
         self.global_ema.copy_(averages[1])
         moves: list[tuple[int, int, int]] = []
@@ -439,27 +438,31 @@ class Trainer:
         if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds or self.stopping:
             self.save_checkpoint()
 
-    def _share_bookkeeping(self, tensors: Iterable[torch.Tensor] = ()) -> None:
-        """Give every process the rows it did not train: other proxies' banks and counters,
-        other shards' images, and any per-proxy `tensors`. Each row has one owner and the
-        others send zeros, so the sum is exact."""
-        others = torch.ones(self.config.method.num_shards, dtype=torch.bool, device=self.device)
-        others[self.mine.start:self.mine.stop] = False
-        per_proxy = [self.banks, self.visits, self.skips, *tensors]
-        for tensor in per_proxy:
-            tensor[others] = 0
-        # Only the owner of an image's shard adds to its counters during the round.
+    def _share_round(self) -> None:
+        """Give every process what the others did this round: their proxies' banks and
+        counters, and their shards' images' counters. Step counts follow from the shard sizes."""
         owned = torch.from_numpy((self.shard_of >= self.mine.start) & (self.shard_of < self.mine.stop)).to(self.device)
         per_image = [self.round_visits, self.round_skips, self.running_ratio]
-        for tensor in per_image:
+        for tensor in per_image:  # only the owner of an image's shard added to its counters
             tensor.copy_(torch.where(owned, tensor, 0.0))
-        everything = per_proxy + per_image
+        self._share_rows([self.banks, self.visits, self.skips], per_image)
+        steps = [self.config.train.steps_for_shard(n) for n in self.round_sizes]
+        for k in set(range(len(steps))) - set(self.mine):
+            self.iterations[k] += steps[k]
+        self.global_step = self.round_start_step + sum(steps)
+
+    def _share_rows(self, per_proxy: list[torch.Tensor], extra: list[torch.Tensor] = ()) -> None:
+        """One all-reduce that gives every process the other processes' rows of (K, ...)
+        tensors (each row has one owner, the others send zeros, so the sum is exact), plus
+        `extra` tensors already zero outside what this process owns."""
+        others = torch.ones(self.config.method.num_shards, dtype=torch.bool, device=self.device)
+        others[self.mine.start:self.mine.stop] = False
+        for tensor in per_proxy:
+            tensor[others] = 0
+        everything = [*per_proxy, *extra]
         shared = self.group.sum_(torch.cat([t.reshape(-1) for t in everything]))
         for tensor, part in zip(everything, shared.split([t.numel() for t in everything])):
             tensor.copy_(part.view_as(tensor))
-        iterations = torch.tensor([n if k in self.mine else 0 for k, n in enumerate(self.iterations)],
-                                  dtype=torch.float64, device=self.device)
-        self.iterations = [int(n) for n in self.group.sum_(iterations).tolist()]
 
     # -- steering, telemetry ---------------------------------------------------------------
     def _steer(self) -> bool:
@@ -534,8 +537,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint; with several processes all must call it and the writer's path is returned."""
-        if self.group:
-            self._share_bookkeeping(self.adam.tensors("adam").values())
+        if self.group:  # Adam moments are read only by their own proxy, so they travel only here
+            self._share_rows(list(self.adam.tensors("adam").values()))
         if not self.writer:
             return None
         mid_round = self.proxy > 0 or self.local_step > 0
