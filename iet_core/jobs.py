@@ -51,7 +51,13 @@ def owner_digest(token: str) -> str:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for file in path.rglob("*"):
+        try:
+            total += file.stat().st_size if file.is_file() else 0
+        except OSError:  # removed meanwhile (e.g. an old checkpoint of a training run)
+            continue
+    return total
 
 
 def new_owner_token() -> str:
@@ -94,8 +100,9 @@ class RunTelemetry:
     """A bounded, thread-safe store of one run's training history for a UI to poll.
 
     It is an event sink (call it with events) and can be filled from a run folder
-    (`from_run`). Step series are thinned (every other row dropped) when they pass
-    `max_steps`, ratio snapshots are merged pairwise past `max_snapshots`, and only the most
+    (`from_run`). Step series keep every `stride`-th global step, the stride doubling whenever
+    they pass `max_steps`; ratio snapshots each cover `width` flushes, the width doubling
+    (neighbours merged) past `max_snapshots`, so old and new history stay evenly sampled. Only the most
     recent `recent_visits` per-sample visits are kept raw (for the threshold what-if);
     per-image visit and skip counts are exact. `version` grows with every change.
     """
@@ -106,7 +113,9 @@ class RunTelemetry:
         self.version = 0
         self._steps: list[dict[str, np.ndarray]] = []
         self._num_steps = 0
+        self._stride = 1
         self._snapshots: list[RatioSnapshot] = []
+        self._width, self._last_width = 1, 0  # flushes per snapshot, and in the newest one
         self._recent: collections.deque[dict[str, np.ndarray]] = collections.deque()
         self._num_recent = 0
         self._visits = np.zeros(0, np.int64)
@@ -146,18 +155,20 @@ class RunTelemetry:
             self.version += 1
 
     def _add_steps(self, columns: dict[str, np.ndarray]) -> None:
-        n = len(columns["global_step"])
-        if not n:
+        if not len(columns["global_step"]):
             return
-        self._steps.append({k: np.asarray(columns[k], STEP_DTYPES[k]) for k in STEP_COLUMNS})
-        self._num_steps += n
         self._proxies[int(columns["proxy"][-1])] = {"round": int(columns["round"][-1]),
                                                     "local_step": int(columns["local_step"][-1]),
                                                     "global_step": int(columns["global_step"][-1])}
-        if self._num_steps > self.max_steps:
+        keep = np.asarray(columns["global_step"]) % self._stride == 0
+        self._steps.append({k: np.asarray(columns[k], STEP_DTYPES[k])[keep] for k in STEP_COLUMNS})
+        self._num_steps += int(keep.sum())
+        while self._num_steps > self.max_steps:
+            self._stride *= 2
             merged = self._merged_steps()
-            self._steps = [{k: v[::2] for k, v in merged.items()}]
-            self._num_steps = len(self._steps[0]["global_step"])
+            keep = merged["global_step"] % self._stride == 0
+            self._steps = [{k: v[keep] for k, v in merged.items()}]
+            self._num_steps = int(keep.sum())
 
     def _merged_steps(self) -> dict[str, np.ndarray]:
         """The step chunks joined into one (kept joined, so repeated reads are cheap)."""
@@ -172,10 +183,20 @@ class RunTelemetry:
         ratio = np.asarray(ratio, np.float64)
         skipped = np.asarray(skipped, bool)
         counts, unseen = bin_ratios(ratio)
-        self._snapshots.append(RatioSnapshot(round_, proxy, int(np.min(global_step)), int(np.max(global_step)),
-                                             counts, unseen, int(skipped.sum())))
+        snapshot = RatioSnapshot(round_, proxy, int(np.min(global_step)), int(np.max(global_step)),
+                                 counts, unseen, int(skipped.sum()))
+        if self._snapshots and self._last_width < self._width:
+            self._snapshots[-1] = self._snapshots[-1].merged(snapshot)
+            self._last_width += 1
+        else:
+            self._snapshots.append(snapshot)
+            self._last_width = 1
         if len(self._snapshots) > self.max_snapshots:
+            # All but the newest cover `width` flushes; merging neighbours doubles that.
             pairs = self._snapshots
+            if len(pairs) % 2 == 0:
+                self._last_width += self._width
+            self._width *= 2
             self._snapshots = [pairs[i].merged(pairs[i + 1]) if i + 1 < len(pairs) else pairs[i]
                                for i in range(0, len(pairs), 2)]
         size = int(sample_id.max()) + 1
