@@ -591,9 +591,11 @@ class JobManager:
         """The run's history: the live store while training, else its folder (cached)."""
         job = self._jobs.get(run_id)
         if job is not None and not job.done:
-            if job.telemetry is None:
-                return RunTelemetry.from_run(job.run) if job.resume else RunTelemetry()
-            return job.telemetry
+            if job.telemetry is not None:
+                return job.telemetry
+            if not job.resume:
+                return RunTelemetry()
+            # A resumed run waiting for its trainer: its folder, cached like a finished run's.
         run = self.run(run_id)
         key = _folder_signature(run)
         with self._lock:

@@ -119,7 +119,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             raise gr.Error("Pick a run first.", print_exception=False)
         config = api.evaluation_config(ctx, run_id, count, sampling_steps)
         config.fid = bool(with_fid)
-        result = evaluate_run(ctx.jobs.run(run_id), config,
+        result = evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id),
                               progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
         return show(run_id, result)
 
