@@ -100,7 +100,7 @@ class RunTelemetry:
     """A bounded, thread-safe store of one run's training history for a UI to poll.
 
     It is an event sink (call it with events) and can be filled from a run folder
-    (`from_run`). Step series keep every `stride`-th global step, the stride doubling whenever
+    (`from_run`). Step series keep every `stride`-th step of each proxy, the stride doubling whenever
     they pass `max_steps`; ratio snapshots each cover `width` flushes, the width doubling
     (neighbours merged) past `max_snapshots`, so old and new history stay evenly sampled. Only the most
     recent `recent_visits` per-sample visits are kept raw (for the threshold what-if);
@@ -114,6 +114,8 @@ class RunTelemetry:
         self._steps: list[dict[str, np.ndarray]] = []
         self._num_steps = 0
         self._stride = 1
+        self._proxy_steps: dict[int, int] = {}  # steps seen per proxy
+        self._last: dict | None = None  # the newest step, kept or thinned
         self._snapshots: list[RatioSnapshot] = []
         self._width, self._last_width = 1, 0  # flushes per snapshot, and in the newest one
         self._recent: collections.deque[dict[str, np.ndarray]] = collections.deque()
@@ -157,23 +159,32 @@ class RunTelemetry:
     def _add_steps(self, columns: dict[str, np.ndarray]) -> None:
         if not len(columns["global_step"]):
             return
-        self._proxies[int(columns["proxy"][-1])] = {"round": int(columns["round"][-1]),
-                                                    "local_step": int(columns["local_step"][-1]),
-                                                    "global_step": int(columns["global_step"][-1])}
-        keep = np.asarray(columns["global_step"]) % self._stride == 0
-        self._steps.append({k: np.asarray(columns[k], STEP_DTYPES[k])[keep] for k in STEP_COLUMNS})
+        proxy = int(columns["proxy"][-1])  # a chunk holds one proxy's steps
+        self._proxies[proxy] = {"round": int(columns["round"][-1]), "local_step": int(columns["local_step"][-1]),
+                                "global_step": int(columns["global_step"][-1])}
+        # Thinned by each proxy's own step count: side-by-side proxies interleave global
+        # steps, so thinning by global step would drop whole proxies.
+        first = self._proxy_steps.get(proxy, 0)
+        index = np.arange(first, first + len(columns["global_step"]))
+        self._proxy_steps[proxy] = first + len(index)
+        self._last = {k: np.asarray(columns[k], STEP_DTYPES[k])[-1].item() for k in STEP_COLUMNS}
+        keep = index % self._stride == 0
+        self._steps.append({"index": index[keep]} | {k: np.asarray(columns[k], STEP_DTYPES[k])[keep] for k in STEP_COLUMNS})
         self._num_steps += int(keep.sum())
         while self._num_steps > self.max_steps:
             self._stride *= 2
             merged = self._merged_steps()
-            keep = merged["global_step"] % self._stride == 0
+            keep = merged["index"] % self._stride == 0
             self._steps = [{k: v[keep] for k, v in merged.items()}]
             self._num_steps = int(keep.sum())
 
     def _merged_steps(self) -> dict[str, np.ndarray]:
-        """The step chunks joined into one (kept joined, so repeated reads are cheap)."""
+        """The step chunks joined into one, in global-step order (kept joined, so repeated
+        reads are cheap)."""
         if len(self._steps) > 1:
-            self._steps = [{k: np.concatenate([c[k] for c in self._steps]) for k in STEP_COLUMNS}]
+            merged = {k: np.concatenate([c[k] for c in self._steps]) for k in self._steps[0]}
+            order = np.argsort(merged["global_step"], kind="stable")
+            self._steps = [{k: v[order] for k, v in merged.items()}]
         return self._steps[0]
 
     def _add_samples(self, round_: int, proxy: int, global_step, sample_id, shard, ratio, skipped) -> None:
@@ -231,12 +242,13 @@ class RunTelemetry:
             for (_, proxy), part in metrics.groupby(["round", "proxy"], sort=False):
                 store._add_steps({k: part[k].to_numpy() for k in STEP_COLUMNS})
         if len(samples):
-            # One snapshot per `log_every` steps of a proxy's round, like the trainer's flushes
-            # (which an uninterrupted run reproduces exactly; pauses flush early).
+            # One snapshot per `log_every` local steps of a proxy's round, in the order the
+            # trainer flushed them (an uninterrupted run is reproduced exactly; pauses flush
+            # early). A proxy's local step is the rank of its global step within the round.
             every = run.config.train.log_every
-            start = samples.groupby(["round", "proxy"])["global_step"].transform("min")
-            flush = (samples["global_step"] - start) // every
-            for _, part in samples.groupby([samples["round"], samples["proxy"], flush], sort=True):
+            local = samples.groupby(["round", "proxy"])["global_step"].rank(method="dense").astype(np.int64) - 1
+            flushes = samples.groupby([samples["round"], samples["proxy"], local // every], sort=False)
+            for _, part in sorted(flushes, key=lambda item: item[1]["global_step"].min()):
                 store._add_samples(int(part["round"].iloc[0]), int(part["proxy"].iloc[0]), part["global_step"].to_numpy(),
                                    part["sample_id"].to_numpy(), part["shard"].to_numpy(),
                                    part["ratio"].to_numpy(np.float64), part["skipped"].to_numpy(bool))
@@ -323,7 +335,7 @@ class RunTelemetry:
     def last(self) -> dict | None:
         """The latest logged step (global_step, round, proxy, ..., skip_lambda), or None."""
         with self._lock:
-            return {k: v[-1].item() for k, v in self._steps[-1].items()} if self._steps else None
+            return dict(self._last) if self._last else None
 
     @property
     def last_step(self) -> int:

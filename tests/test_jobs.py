@@ -91,9 +91,10 @@ def test_stop_then_resume_continues_from_the_checkpoint_with_one_history(tmp_pat
         jobs.resume(run_id, ME)
 
 
-def test_live_telemetry_matches_the_run_folder_after_a_restart(tmp_path):
+@pytest.mark.parametrize("execution", ["sequential", "batched"])  # batched proxies interleave global steps
+def test_live_telemetry_matches_the_run_folder_after_a_restart(tmp_path, execution):
     jobs = JobManager(tmp_path)
-    run_id = jobs.submit(tiny_config("iet-agc+", rounds=3), ME)
+    run_id = jobs.submit(tiny_config("iet-agc+", rounds=3, execution=execution), ME)
     assert jobs.wait(run_id, 120) == "finished"
     live = jobs.telemetry(run_id)
 
@@ -190,6 +191,19 @@ def test_telemetry_store_stays_bounded_and_keeps_exact_counts():
     assert snapshots[0].first_step == 0 and snapshots[-1].last_step == 199
     assert 50 <= len(store.recent_visits_frame()) < 70
     assert store.per_sample()["visits"].sum() == total_visits
+
+
+def test_thinning_keeps_every_proxy_of_side_by_side_training():
+    store = RunTelemetry(max_steps=40)
+    for local in range(0, 100, 5):  # 4 proxies step together: global step = 4 x local step + proxy
+        for proxy in range(4):
+            steps = np.arange(local, local + 5)
+            store(StepEvent(0, proxy, 4 * steps + proxy, steps, np.ones(5, np.float32), np.ones(5, np.float32),
+                            np.ones(5, np.float32), np.full(5, 0.5, np.float32)))
+    steps = store.steps()
+    assert len(steps) <= 40 and steps["global_step"].is_monotonic_increasing
+    assert steps.groupby("proxy").size().to_dict() == {0: 7, 1: 7, 2: 7, 3: 7}  # local steps 0, 16, ..., 96
+    assert store.last()["global_step"] == 399 and store.proxies()[3]["local_step"] == 99
 
 
 def test_ratio_bins_put_large_and_unseen_ratios_where_they_belong():
