@@ -498,25 +498,35 @@ class JobManager:
                 raise JobError(f"run {run_id} is {job.state}: stop it before deleting it.")
             run = self._open(run_id)
             self._check_recorded_owner(run, owner, "delete", required=True)
-            shutil.rmtree(run.path)
-            self._jobs.pop(run_id, None)
-            self._cache.pop(run_id, None)
+            doomed = self._set_aside(run)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def cleanup(self, older_than_days: float) -> list[str]:
         """Admin: delete every run not training whose last update is older than this; returns their ids."""
         cutoff = time.time() - older_than_days * 86400
-        removed = []
+        removed, doomed = [], []
         with self._lock:
             for run in list_runs(self.runs_root):
                 job = self._jobs.get(run.id)
                 if job is not None and not job.done:
                     continue
                 if (run.status().get("updated") or (run.path / "config.json").stat().st_mtime) < cutoff:
-                    shutil.rmtree(run.path, ignore_errors=True)
-                    self._jobs.pop(run.id, None)
-                    self._cache.pop(run.id, None)
+                    doomed.append(self._set_aside(run))
                     removed.append(run.id)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
         return removed
+
+    def _set_aside(self, run: Run) -> Path:
+        """Take a run out of the runs folder at once (a rename), to be removed outside the
+        lock: removing a large folder must not hold up every other request."""
+        trash = self.runs_root / ".deleted"
+        trash.mkdir(exist_ok=True)
+        target = trash / f"{run.id}-{secrets.token_hex(4)}"
+        run.path.rename(target)
+        self._jobs.pop(run.id, None)
+        self._cache.pop(run.id, None)
+        return target
 
     def _check_quota(self, owner: str) -> None:
         mine = [run for run in list_runs(self.runs_root) if self._recorded_owner(run) == owner_digest(owner)]

@@ -225,6 +225,7 @@ def test_ownership_survives_a_restart_for_resume_and_delete(tmp_path):
         restarted.resume(mine, OTHER)
     restarted.delete(mine, ME)
     assert not (tmp_path / mine).exists() and restarted.list_runs() == []
+    assert list((tmp_path / ".deleted").iterdir()) == []  # set aside, then removed
 
 
 def test_a_run_cannot_be_deleted_while_it_trains_or_from_outside_the_app(tmp_path):
