@@ -134,14 +134,9 @@ class RunTelemetry:
     def __call__(self, event: Event) -> None:
         with self._lock:
             if isinstance(event, StepEvent):
-                self._add_steps({
-                    "global_step": event.global_step, "round": np.full(len(event.global_step), event.round),
-                    "proxy": np.full(len(event.global_step), event.proxy), "local_step": event.local_step,
-                    "loss": event.loss, "kept_fraction": event.kept_fraction, "lr": event.lr,
-                    "skip_lambda": event.skip_lambda})
+                self._add_steps(event.columns())
             elif isinstance(event, SampleEvent):
-                self._add_samples(event.round, event.proxy, event.global_step, event.sample_id, event.shard,
-                                  event.ratio, event.skipped)
+                self._add_samples(event.columns())
             elif isinstance(event, RoundEvent):
                 self._rounds.append({"round": event.round, "global_step": event.global_step,
                                      "skip_rate": event.skip_rate, "moves": len(event.moves),
@@ -187,15 +182,17 @@ class RunTelemetry:
             self._steps = [{k: v[order] for k, v in merged.items()}]
         return self._steps[0]
 
-    def _add_samples(self, round_: int, proxy: int, global_step, sample_id, shard, ratio, skipped) -> None:
-        if not len(sample_id):
+    def _add_samples(self, columns: dict) -> None:
+        """One flush of one proxy's visits (columns as in samples.csv)."""
+        if not len(columns["sample_id"]):
             return
-        sample_id = np.asarray(sample_id, np.int64)
-        ratio = np.asarray(ratio, np.float64)
-        skipped = np.asarray(skipped, bool)
+        global_step = np.asarray(columns["global_step"], np.int64)
+        sample_id = np.asarray(columns["sample_id"], np.int64)
+        ratio = np.asarray(columns["ratio"], np.float64)
+        skipped = np.asarray(columns["skipped"], bool)
         counts, unseen = bin_ratios(ratio)
-        snapshot = RatioSnapshot(round_, proxy, int(np.min(global_step)), int(np.max(global_step)),
-                                 counts, unseen, int(skipped.sum()))
+        snapshot = RatioSnapshot(int(columns["round"][0]), int(columns["proxy"][0]), int(global_step.min()),
+                                 int(global_step.max()), counts, unseen, int(skipped.sum()))
         if self._snapshots and self._last_width < self._width:
             self._snapshots[-1] = self._snapshots[-1].merged(snapshot)
             self._last_width += 1
@@ -220,8 +217,8 @@ class RunTelemetry:
         np.add.at(self._visits, sample_id, 1)
         np.add.at(self._skips, sample_id, skipped.astype(np.int64))
         self._last_ratio[sample_id] = ratio  # later visits overwrite earlier ones
-        self._shard[sample_id] = np.asarray(shard, np.int64)
-        self._recent.append({"global_step": np.asarray(global_step, np.int64), "sample_id": sample_id,
+        self._shard[sample_id] = np.asarray(columns["shard"], np.int64)
+        self._recent.append({"global_step": global_step, "sample_id": sample_id,
                              "ratio": ratio, "skipped": skipped})
         self._num_recent += len(sample_id)
         while self._num_recent - len(self._recent[0]["sample_id"]) >= self.recent_visits:
@@ -249,9 +246,7 @@ class RunTelemetry:
             local = samples.groupby(["round", "proxy"])["global_step"].rank(method="dense").astype(np.int64) - 1
             flushes = samples.groupby([samples["round"], samples["proxy"], local // every], sort=False)
             for _, part in sorted(flushes, key=lambda item: item[1]["global_step"].min()):
-                store._add_samples(int(part["round"].iloc[0]), int(part["proxy"].iloc[0]), part["global_step"].to_numpy(),
-                                   part["sample_id"].to_numpy(), part["shard"].to_numpy(),
-                                   part["ratio"].to_numpy(np.float64), part["skipped"].to_numpy(bool))
+                store._add_samples({k: part[k].to_numpy() for k in part.columns})
         else:
             store._add_per_sample(run.per_sample())
         rounds = run.rounds()

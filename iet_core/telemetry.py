@@ -2,21 +2,28 @@
 
 The trainer keeps per-step and per-sample values on the device and flushes them every
 `train.log_every` steps with one host transfer, so consumers (a log, the run folder, a UI)
-never slow the hot loop. A sink is any callable taking one event; `EventBuffer` is a
-thread-safe one that a UI polls.
+never slow the hot loop. A sink is any callable taking one event (`list.append` will do).
 """
 from __future__ import annotations
 
-import collections
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Union
 
 import numpy as np
 
 
+class _Flush:
+    def columns(self) -> dict[str, np.ndarray]:
+        """One row per step or visit, as the run folder's logs keep them: global_step, round
+        and proxy first, then the other fields in order."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        size = len(self.global_step)
+        return {"global_step": values.pop("global_step"), "round": np.full(size, values.pop("round")),
+                "proxy": np.full(size, values.pop("proxy")), **values}
+
+
 @dataclass
-class StepEvent:
+class StepEvent(_Flush):
     """A flush of consecutive steps of one proxy (arrays of equal length)."""
 
     round: int
@@ -30,7 +37,7 @@ class StepEvent:
 
 
 @dataclass
-class SampleEvent:
+class SampleEvent(_Flush):
     """Per-sample records of the same flush: one row per sample visit."""
 
     round: int
@@ -83,24 +90,6 @@ class SettingEvent:
 
 Event = Union[StepEvent, SampleEvent, RoundEvent, StatusEvent, CheckpointEvent, SettingEvent]
 Sink = Callable[[Event], None]
-
-
-class EventBuffer:
-    """A bounded, thread-safe queue of events for a consumer in another thread."""
-
-    def __init__(self, maxlen: int = 10_000):
-        self._events: collections.deque[Event] = collections.deque(maxlen=maxlen)
-        self._lock = threading.Lock()
-
-    def __call__(self, event: Event) -> None:
-        with self._lock:
-            self._events.append(event)
-
-    def drain(self) -> list[Event]:
-        with self._lock:
-            events = list(self._events)
-            self._events.clear()
-        return events
 
 
 class ProgressBar:

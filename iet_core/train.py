@@ -114,15 +114,9 @@ class RunLogger:
     def __call__(self, event: Event) -> None:
         path = self.run.path
         if isinstance(event, StepEvent):
-            append_csv(path / "metrics.csv", pd.DataFrame({
-                "global_step": event.global_step, "round": event.round, "proxy": event.proxy,
-                "local_step": event.local_step, "loss": event.loss, "kept_fraction": event.kept_fraction,
-                "lr": event.lr, "skip_lambda": event.skip_lambda}))
+            append_csv(path / "metrics.csv", pd.DataFrame(event.columns()))
         elif isinstance(event, SampleEvent):
-            append_csv(path / "samples.csv", pd.DataFrame({
-                "global_step": event.global_step, "round": event.round, "proxy": event.proxy,
-                "sample_id": event.sample_id, "shard": event.shard, "timestep": event.timestep,
-                "loss": event.loss, "ratio": event.ratio, "skipped": event.skipped, "augment": event.augment}))
+            append_csv(path / "samples.csv", pd.DataFrame(event.columns()))
         elif isinstance(event, RoundEvent):
             append_csv(path / "rounds.csv", pd.DataFrame([{
                 "round": event.round, "global_step": event.global_step, "shard_sizes": " ".join(map(str, event.shard_sizes)),

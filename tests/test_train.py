@@ -7,7 +7,7 @@ from diffusers import DDPMPipeline
 from helpers import tiny_config
 from iet_core import ConfigError, Run, TrainControl, Trainer, train
 from iet_core.models import build_unet, training_scheduler
-from iet_core.telemetry import EventBuffer, RoundEvent, SampleEvent, StepEvent
+from iet_core.telemetry import RoundEvent, SampleEvent, StepEvent
 from iet_core.train import create_run, derive_seed
 
 
@@ -85,11 +85,11 @@ def test_msr_moves_are_applied_and_logged(tmp_path):
     config.method.agc.skip_lambda = 1.0
     config.method.msr.threshold = 0.0  # every sample skipped at least once in a round moves
     config.method.msr.min_visits = 1
-    buffer = EventBuffer()
-    trainer = make_trainer(tmp_path, config, sinks=[buffer])
+    events = []
+    trainer = make_trainer(tmp_path, config, sinks=[events.append])
     trainer.banks.fill_(10.0)  # most losses fall below lambda * bank: many skips
     assert trainer.fit() == "finished"
-    rounds = [e for e in buffer.drain() if isinstance(e, RoundEvent)]
+    rounds = [e for e in events if isinstance(e, RoundEvent)]
     moves = [m for e in rounds for m in e.moves]
     assert moves, "expected MSR moves"
     logged = trainer.run.msr_moves()
@@ -212,9 +212,8 @@ def test_pause_and_lambda_change_from_another_thread(tmp_path):
 
 def test_end_to_end_train_checkpoint_export_sample(tmp_path):
     config = tiny_config("iet-agc", rounds=2, preview_samples=4, preview_steps=2)
-    buffer = EventBuffer()
-    run = train(config, runs_root=tmp_path / "runs", sinks=[buffer])
-    events = buffer.drain()
+    events = []
+    run = train(config, runs_root=tmp_path / "runs", sinks=[events.append])
     samples = [e for e in events if isinstance(e, SampleEvent)]
     assert sum(len(e.sample_id) for e in samples) == 2 * 2 * 3 * 4  # rounds x proxies x steps x batch
     records = run.sample_records()
