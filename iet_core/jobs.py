@@ -27,7 +27,8 @@ import pandas as pd
 
 from .config import ConfigError, RunConfig
 from .runs import Run, atomic_write, list_runs
-from .telemetry import CheckpointEvent, Event, RoundEvent, SampleEvent, SettingEvent, StatusEvent, StepEvent
+from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
+                        StepEvent)
 from .train import TrainControl, train
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class RunTelemetry:
         self._shard = np.zeros(0, np.int64)
         self._proxies: dict[int, dict] = {}
         self._rounds: list[dict] = []
+        self._plan: dict | None = None  # the current round's steps per proxy
         self._settings: list[dict] = []
         self._status: dict = {}
         self._checkpoint: str | None = None
@@ -141,10 +143,13 @@ class RunTelemetry:
                 self._rounds.append({"round": event.round, "global_step": event.global_step,
                                      "skip_rate": event.skip_rate, "moves": len(event.moves),
                                      "seconds": event.seconds, "shard_sizes": list(event.shard_sizes)})
+            elif isinstance(event, RoundStartEvent):
+                self._plan = {"round": event.round, "steps_per_proxy": list(event.steps_per_proxy)}
+                self._status["total_steps"] = event.total_steps
             elif isinstance(event, SettingEvent):
                 self._settings.append({"name": event.name, "value": event.value, "global_step": event.global_step})
             elif isinstance(event, StatusEvent):
-                total = event.total_steps or self._status.get("total_steps")  # only "running" events carry it
+                total = event.total_steps or self._status.get("total_steps")  # also set by each round's start
                 self._status = {"state": event.state, "round": event.round, "global_step": event.global_step,
                                 "message": event.message, "total_steps": total}
             elif isinstance(event, CheckpointEvent):
@@ -255,6 +260,10 @@ class RunTelemetry:
         store._rounds = rounds.to_dict("records") if len(rounds) else []
         for row in store._rounds:  # the log keeps shard sizes as "n0 n1 ..."
             row["shard_sizes"] = [int(n) for n in str(row.get("shard_sizes", "")).split()]
+        if store._rounds:  # the last round the folder shows complete
+            last = store._rounds[-1]
+            store._plan = {"round": int(last["round"]),
+                           "steps_per_proxy": [run.config.train.steps_for_shard(n) for n in last["shard_sizes"]]}
         settings = run.settings_history()
         if len(settings) and before_step is not None:
             settings = settings[settings["global_step"] < before_step]
@@ -318,6 +327,12 @@ class RunTelemetry:
     def rounds(self) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self._rounds]
+
+    def round_plan(self) -> dict | None:
+        """The current round (or, read from a folder, the last complete one): round and
+        steps_per_proxy. None before the first round starts."""
+        with self._lock:
+            return None if self._plan is None else {**self._plan, "steps_per_proxy": list(self._plan["steps_per_proxy"])}
 
     def settings(self) -> list[dict]:
         with self._lock:

@@ -64,6 +64,17 @@ class RoundEvent:
 
 
 @dataclass
+class RoundStartEvent:
+    """A round's plan: each proxy's local steps (they follow its shard's size, which MSR
+    changes between rounds) and the run's expected total."""
+
+    round: int
+    global_step: int
+    steps_per_proxy: list[int]
+    total_steps: int
+
+
+@dataclass
 class StatusEvent:
     state: str  # "running", "paused", "stopped", "finished", "failed"
     round: int
@@ -88,7 +99,7 @@ class SettingEvent:
     global_step: int
 
 
-Event = Union[StepEvent, SampleEvent, RoundEvent, StatusEvent, CheckpointEvent, SettingEvent]
+Event = Union[StepEvent, SampleEvent, RoundEvent, RoundStartEvent, StatusEvent, CheckpointEvent, SettingEvent]
 Sink = Callable[[Event], None]
 
 

@@ -43,7 +43,7 @@ from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, append_csv, atomic_write
 from .shards import redistribute, split_shards
-from .telemetry import (CheckpointEvent, Event, RoundEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
+from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
 
 CHECKPOINT_FORMAT = 1
@@ -190,6 +190,7 @@ class Trainer:
         self.round_skips = torch.zeros(n, device=device)
         self.running_ratio = torch.full((n,), float("nan"), device=device)
         self.round = self.proxy = self.local_step = self.global_step = self.round_start_step = 0
+        self.round_announced = False  # the current round's RoundStartEvent went out
         self.skip_lambda = config.method.agc.skip_lambda
         self.round_sizes = np.bincount(self.shard_of, minlength=k).tolist()
         self.execution = "sequential"
@@ -220,6 +221,8 @@ class Trainer:
             while self.round < rounds:
                 if self.proxy == 0 and self.local_step == 0:
                     self._start_round()
+                elif not self.round_announced:  # resumed mid-round
+                    self._announce_round()
                 done = self._run_batched() if self.execution == "batched" else self._run_sequential()
                 if done:
                     self._end_round()
@@ -252,15 +255,24 @@ class Trainer:
         self.round_start_step = self.global_step
         # Another process's first proxy takes up the step numbers where the previous one ends.
         self.proxy = self.mine.start
-        self.global_step += sum(self.config.train.steps_for_shard(n) for n in self.round_sizes[:self.mine.start])
+        self.global_step += sum(self.round_steps()[:self.mine.start])
         if self.config.train.reset_optimizer_each_round:
             self.adam.zero_()
         self.execution = self._choose_execution()
         self.total_steps = self.global_step + self._estimate_total_steps(self.config.train.rounds - self.round)
+        self._announce_round()
+
+    def round_steps(self) -> list[int]:
+        """Each proxy's local steps this round (they follow its shard's size)."""
+        return [self.config.train.steps_for_shard(n) for n in self.round_sizes]
+
+    def _announce_round(self) -> None:
+        self.round_announced = True
+        self._emit(RoundStartEvent(self.round, self.round_start_step, self.round_steps(), self.total_steps))
 
     def _choose_execution(self) -> str:
         tc, k = self.config.train, self.config.method.num_shards
-        equal_steps = len({tc.steps_for_shard(n) for n in self.round_sizes}) == 1
+        equal_steps = len(set(self.round_steps())) == 1
         if tc.execution == "batched" and not equal_steps:
             raise ConfigError("train.execution='batched' needs the same number of local steps for every proxy, but "
                               f"the shards differ in size ({self.round_sizes}): use train.local_steps, or 'auto'.")
@@ -440,7 +452,7 @@ class Trainer:
         for tensor in per_image:  # only the owner of an image's shard added to its counters
             tensor.copy_(torch.where(owned, tensor, 0.0))
         self._share_rows([self.banks, self.visits, self.skips], per_image)
-        steps = [self.config.train.steps_for_shard(n) for n in self.round_sizes]
+        steps = self.round_steps()
         for k in set(range(len(steps))) - set(self.mine):
             self.iterations[k] += steps[k]
         self.global_step = self.round_start_step + sum(steps)
@@ -500,7 +512,7 @@ class Trainer:
 
     def _estimate_total_steps(self, rounds: int | None = None) -> int:
         rounds = self.config.train.rounds if rounds is None else rounds
-        return rounds * sum(self.config.train.steps_for_shard(n) for n in self.round_sizes)
+        return rounds * sum(self.round_steps())
 
     def _write_preview(self) -> None:
         count = self.config.train.preview_samples

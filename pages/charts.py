@@ -138,13 +138,13 @@ def ratio_histogram(current: RatioSnapshot | None, skip_lambda: float, early: Ra
     return figure
 
 
-def shard_progress(proxies: dict[int, dict], num_shards: int, round_: int, steps_per_shard: list[int] | None) -> go.Figure:
+def shard_progress(proxies: dict[int, dict], num_shards: int, round_: int, steps_per_proxy: list[int] | None) -> go.Figure:
     """One bar per proxy: its local steps done in the current round."""
     done = []
     for k in range(num_shards):
         p = proxies.get(k)
         done.append(p["local_step"] + 1 if p and p["round"] == round_ else 0)
-    totals = steps_per_shard or [max(done) or 1] * num_shards
+    totals = steps_per_proxy or [max(done) or 1] * num_shards
     share = [min(d / max(t, 1), 1.0) for d, t in zip(done, totals)]
     figure = go.Figure(go.Bar(y=[f"shard {k}" for k in range(num_shards)], x=share, orientation="h",
                               text=[f"{d}/{t} steps" for d, t in zip(done, totals)], textposition="auto",

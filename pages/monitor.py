@@ -27,14 +27,6 @@ def scrub_window(snapshots: list[RatioSnapshot], scrub: float) -> RatioSnapshot 
     return charts.window(snapshots, int(round(scrub / 100 * (len(snapshots) - 1))))
 
 
-def steps_per_shard(config, rounds: list[dict]) -> list[int]:
-    k = config.method.num_shards
-    if config.train.local_steps is not None:
-        return [config.train.local_steps] * k
-    sizes = rounds[-1]["shard_sizes"] if rounds else [max(1, (config.data.subset or k) // k)] * k
-    return [config.train.steps_for_shard(n) for n in sizes]
-
-
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     session = common.session_state(ctx)
     common.page_header("Monitor a run", "Watch a run learn, live. The **loss-ratio histogram** is the heart of AGC: "
@@ -136,9 +128,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                    if view_state.get("key") and view_state["key"][2] != key[2] else gr.skip())
         steps, settings, rounds = telemetry.steps(max_points=2000), telemetry.settings(), telemetry.rounds()
         hist, what_if_md, what_if_images = histogram_outputs(run_id, scrub_value, overlay_on, what_if_value)
-        round_now = int(status_value.get("round") or 0)
-        shards = charts.shard_progress(telemetry.proxies(), config.method.num_shards,
-                                       min(round_now, config.train.rounds - 1), steps_per_shard(config, rounds))
+        plan = telemetry.round_plan() or {"round": 0, "steps_per_proxy": None}
+        shards = charts.shard_progress(telemetry.proxies(), config.method.num_shards, plan["round"],
+                                       plan["steps_per_proxy"])
         return [text, charts.loss_figure(steps, settings, rounds), charts.kept_figure(steps, settings, rounds), hist,
                 what_if_md, what_if_images, shards, preview_images(run),
                 most_skipped(run_id, telemetry, config.method.agc.enabled), {"key": key}, relabel]

@@ -114,6 +114,7 @@ def test_live_telemetry_matches_the_run_folder_after_a_restart(tmp_path, executi
     run_stats = Run.open(tmp_path / run_id).per_sample().sort_values("sample_id", ignore_index=True)
     assert run_stats["visits"].tolist() == live_stats["visits"].tolist()
     assert [r["shard_sizes"] for r in live.rounds()] == [r["shard_sizes"] for r in stored.rounds()]
+    assert live.round_plan() == stored.round_plan() == {"round": 2, "steps_per_proxy": [3, 3]}
     assert restarted.status(run_id)["live"] is False
 
 

@@ -7,7 +7,7 @@ from diffusers import DDPMPipeline
 from helpers import tiny_config
 from iet_core import ConfigError, Run, TrainControl, Trainer, train
 from iet_core.models import build_unet, training_scheduler
-from iet_core.telemetry import RoundEvent, SampleEvent, StepEvent
+from iet_core.telemetry import RoundEvent, RoundStartEvent, SampleEvent, StepEvent
 from iet_core.train import create_run, derive_seed
 
 
@@ -81,7 +81,8 @@ def test_round_average_is_shard_size_weighted(tmp_path):
 
 
 def test_msr_moves_are_applied_and_logged(tmp_path):
-    config = tiny_config("iet-agc+", rounds=2, local_steps=4)
+    config = tiny_config("iet-agc+", rounds=3, local_steps=None, local_epochs=1.0)  # steps follow shard sizes
+    config.method.num_shards = 3
     config.method.agc.skip_lambda = 1.0
     config.method.msr.threshold = 0.0  # every sample skipped at least once in a round moves
     config.method.msr.min_visits = 1
@@ -92,6 +93,10 @@ def test_msr_moves_are_applied_and_logged(tmp_path):
     rounds = [e for e in events if isinstance(e, RoundEvent)]
     moves = [m for e in rounds for m in e.moves]
     assert moves, "expected MSR moves"
+    # Each round announces the steps its proxies will take, from the shard sizes after the moves.
+    plans = [e.steps_per_proxy for e in events if isinstance(e, RoundStartEvent)]
+    assert plans == [[config.train.steps_for_shard(n) for n in e.shard_sizes] for e in rounds]
+    assert len({tuple(plan) for plan in plans}) > 1, "expected MSR to change the shard sizes"
     logged = trainer.run.msr_moves()
     assert list(map(tuple, logged[["sample_id", "from_shard", "to_shard"]].to_numpy())) == moves
     per_sample = trainer.run.per_sample().set_index("sample_id")
