@@ -69,17 +69,18 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     view = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
 
-    def histogram_outputs(run_id, scrub_value, overlay_on, what_if_value):
-        """Histogram figure, what-if text and the would-be-skipped images."""
-        telemetry = ctx.jobs.telemetry(run_id)
-        config = ctx.jobs.run(run_id).config
+    def histogram_outputs(run_id, scrub_value, overlay_on, what_if_value, telemetry=None, config=None):
+        """Histogram figure, what-if text, and the training images visited below the what-if
+        lambda as (ids, captions)."""
+        telemetry = telemetry or ctx.jobs.telemetry(run_id)
+        config = config or ctx.jobs.run(run_id).config
         snapshots = telemetry.snapshots()
         current = scrub_window(snapshots, scrub_value)
         skip_lambda = current_lambda(telemetry, config)
         early = charts.early_window(snapshots) if overlay_on and len(snapshots) > 1 else None
         figure = charts.ratio_histogram(current, skip_lambda, early, what_if_value)
         if current is None or current.visits == current.unseen:
-            return figure, "No ratios yet.", []
+            return figure, "No ratios yet.", ((), ())
         share_now = charts.skipped_share(current, skip_lambda)
         share_new = charts.skipped_share(current, what_if_value)
         label = "AGC skips" if config.method.agc.enabled else "AGC would skip (this run trains without AGC)"
@@ -89,27 +90,23 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         recent = telemetry.recent_visits_frame()
         below = recent[recent["ratio"] < what_if_value]["sample_id"].value_counts().head(18)
         seen = recent["sample_id"].value_counts()
-        captions = [f"{n}/{seen[i]}" for i, n in below.items()]
-        return figure, text, common.training_images(ctx, run_id, below.index, captions)
+        return figure, text, (tuple(below.index), tuple(f"{n}/{seen[i]}" for i, n in below.items()))
 
-    def most_skipped(run_id, telemetry, agc: bool):
+    def most_skipped(telemetry, agc: bool) -> tuple[str, tuple, tuple]:
+        """The gallery's label and the training images to show, as (label, ids, captions)."""
         stats = telemetry.per_sample()
         if agc and len(stats) and stats["skips"].sum() > 0:
             top = stats[stats["skips"] > 0].sort_values(["skips", "skip_rate"], ascending=False).head(20)
-            captions = [f"{r.skips}/{r.visits}" for r in top.itertuples()]
-            label = "Most-skipped training images (skipped / visits)"
-        else:  # nothing skipped (yet, or no AGC): show what AGC would skip first
-            top = stats[np.isfinite(stats["last_ratio"])].sort_values("last_ratio").head(20) if len(stats) else stats
-            captions = [f"ratio {r.last_ratio:.2f}" for r in top.itertuples()]
-            label = "Lowest loss ratios: what AGC would skip first (nothing skipped so far)"
-        images = common.training_images(ctx, run_id, top["sample_id"], captions) if len(top) else []
-        return gr.update(value=images, label=label)
-
-    def preview_images(run):
-        return [(common.read_image(path), f"round {int(path.stem.split('-')[-1])}") for path in reversed(run.preview_paths())]
+            return ("Most-skipped training images (skipped / visits)", tuple(top["sample_id"]),
+                    tuple(f"{r.skips}/{r.visits}" for r in top.itertuples()))
+        # Nothing skipped (yet, or no AGC): show what AGC would skip first.
+        top = stats[np.isfinite(stats["last_ratio"])].sort_values("last_ratio").head(20) if len(stats) else stats
+        return ("Lowest loss ratios: what AGC would skip first (nothing skipped so far)", tuple(top["sample_id"]),
+                tuple(f"ratio {r.last_ratio:.2f}" for r in top.itertuples()))
 
     def refresh(run_id, scrub_value, overlay_on, what_if_value, view_state):
-        """The timer's handler: status always, the rest only when the run's store changed."""
+        """The timer's handler: status always, the rest only when the run's store changed, and
+        each gallery only when what it shows changed (images are encoded and sent each time)."""
         nothing = [gr.skip()] * 8
         if not run_id:
             return ["Pick a run (or start one on the Train page).", *nothing, view_state, gr.skip()]
@@ -123,17 +120,33 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         key = (run_id, telemetry.version, status_value.get("state"), scrub_value, overlay_on, what_if_value)
         if view_state.get("key") == key:
             return [text, *nothing, view_state, gr.skip()]
+        shown = dict(view_state.get("shown", {})) if view_state.get("key", (None,))[0] == run_id else {}
+
+        def when_changed(name, token, make):
+            if shown.get(name) == token:
+                return gr.skip()
+            shown[name] = token
+            return make()
+
         # A new state (e.g. finished) also shows in the run list's labels.
         relabel = (gr.update(choices=common.run_choices(ctx), value=run_id)
                    if view_state.get("key") and view_state["key"][2] != key[2] else gr.skip())
         steps, settings, rounds = telemetry.steps(max_points=2000), telemetry.settings(), telemetry.rounds()
-        hist, what_if_md, what_if_images = histogram_outputs(run_id, scrub_value, overlay_on, what_if_value)
+        hist, what_if_md, (below, captions) = histogram_outputs(run_id, scrub_value, overlay_on, what_if_value,
+                                                                telemetry, config)
+        what_if_images = when_changed("what_if", [list(below), list(captions)],
+                                      lambda: common.training_images(ctx, run_id, below, captions))
         plan = telemetry.round_plan() or {"round": 0, "steps_per_proxy": None}
         shards = charts.shard_progress(telemetry.proxies(), config.method.num_shards, plan["round"],
                                        plan["steps_per_proxy"])
+        paths = run.preview_paths()
+        previews_value = when_changed("previews", [p.name for p in paths], lambda: [
+            (common.read_image(path), f"round {int(path.stem.split('-')[-1])}") for path in reversed(paths)])
+        label, ids, skipped_captions = most_skipped(telemetry, config.method.agc.enabled)
+        skipped = when_changed("skipped", [label, list(ids), list(skipped_captions)], lambda: gr.update(
+            value=common.training_images(ctx, run_id, ids, skipped_captions), label=label))
         return [text, charts.loss_figure(steps, settings, rounds), charts.kept_figure(steps, settings, rounds), hist,
-                what_if_md, what_if_images, shards, preview_images(run),
-                most_skipped(run_id, telemetry, config.method.agc.enabled), {"key": key}, relabel]
+                what_if_md, what_if_images, shards, previews_value, skipped, {"key": key, "shown": shown}, relabel]
 
     outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, previews,
                skipped_gallery, view]
@@ -154,7 +167,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def redraw(run_id, scrub_value, overlay_on, what_if_value):
         if not run_id:
             return gr.skip(), gr.skip(), gr.skip()
-        return histogram_outputs(run_id, scrub_value, overlay_on, what_if_value)
+        figure, text, (below, captions) = histogram_outputs(run_id, scrub_value, overlay_on, what_if_value)
+        return figure, text, common.training_images(ctx, run_id, below, captions)
 
     for control in (scrub, overlay, what_if):
         control.change(redraw, [picker, scrub, overlay, what_if], [hist_plot, what_if_text, what_if_gallery],

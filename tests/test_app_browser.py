@@ -128,6 +128,7 @@ def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page
     histogram.get_by_text(re.compile("Loss ratio")).wait_for(timeout=120_000)
     page.locator("#monitor-status").get_by_text("finished").wait_for(timeout=120_000)
     assert ctx.jobs.status(runs[0]["run_id"])["state"] == "finished"
+    page.locator("#most-skipped img").first.wait_for()  # the gallery of training images under AGC's eye
     what_if = page.get_by_role("spinbutton", name="number input for What-if λ")
     what_if.fill("0.9")  # the what-if redraws the histogram with a second line
     what_if.press("Enter")
