@@ -61,6 +61,13 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
+def _remove(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            log.warning("could not remove all of %s; the admin cleanup tries again", folder.name)
+
+
 def new_owner_token() -> str:
     """A random token that identifies one browser session (or client) as a job's owner."""
     return secrets.token_urlsafe(16)
@@ -260,10 +267,7 @@ class RunTelemetry:
         store._rounds = rounds.to_dict("records") if len(rounds) else []
         for row in store._rounds:  # the log keeps shard sizes as "n0 n1 ..."
             row["shard_sizes"] = [int(n) for n in str(row.get("shard_sizes", "")).split()]
-        if store._rounds:  # the last round the folder shows complete
-            last = store._rounds[-1]
-            store._plan = {"round": int(last["round"]),
-                           "steps_per_proxy": [run.config.train.steps_for_shard(n) for n in last["shard_sizes"]]}
+        store._plan = cls._plan_from_folder(run, store._rounds)
         settings = run.settings_history()
         if len(settings) and before_step is not None:
             settings = settings[settings["global_step"] < before_step]
@@ -273,6 +277,21 @@ class RunTelemetry:
         store._checkpoint = str(checkpoint) if checkpoint else None
         store.version = 1
         return store
+
+    @staticmethod
+    def _plan_from_folder(run: Run, rounds: list[dict]) -> dict | None:
+        """The round a stopped run is in (its shard sizes from the last checkpoint's
+        per_sample.csv), else the last round it completed."""
+        status, train = run.status(), run.config.train
+        completed = int(rounds[-1]["round"]) if rounds else -1
+        current = int(status.get("round") or 0)
+        shards = run.per_sample() if status.get("state") != "finished" and current > completed else pd.DataFrame()
+        if len(shards):
+            sizes = np.bincount(shards["shard"].to_numpy(np.int64), minlength=run.config.method.num_shards)
+            return {"round": current, "steps_per_proxy": [train.steps_for_shard(int(n)) for n in sizes]}
+        if rounds:
+            return {"round": completed, "steps_per_proxy": [train.steps_for_shard(n) for n in rounds[-1]["shard_sizes"]]}
+        return None
 
     def _add_per_sample(self, frame: pd.DataFrame) -> None:
         """Visit and skip counts from per_sample.csv, for runs that did not record every visit."""
@@ -509,13 +528,16 @@ class JobManager:
             run = self._open(run_id)
             self._check_recorded_owner(run, owner, "delete", required=True)
             doomed = self._set_aside(run)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove([doomed])
 
     def cleanup(self, older_than_days: float) -> list[str]:
-        """Admin: delete every run not training whose last update is older than this; returns their ids."""
+        """Admin: delete every run not training whose last update is older than this, and what
+        an earlier deletion left set aside; returns the runs' ids."""
         cutoff = time.time() - older_than_days * 86400
         removed, doomed = [], []
         with self._lock:
+            trash = self.runs_root / ".deleted"
+            doomed += list(trash.iterdir()) if trash.is_dir() else []  # e.g. the app died while deleting
             for run in list_runs(self.runs_root):
                 job = self._jobs.get(run.id)
                 if job is not None and not job.done:
@@ -523,8 +545,7 @@ class JobManager:
                 if (run.status().get("updated") or (run.path / "config.json").stat().st_mtime) < cutoff:
                     doomed.append(self._set_aside(run))
                     removed.append(run.id)
-        for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+        _remove(doomed)
         return removed
 
     def _set_aside(self, run: Run) -> Path:
@@ -652,11 +673,16 @@ class JobManager:
         for run in list_runs(self.runs_root):
             try:
                 config = run.config
+            except FileNotFoundError:  # deleted since the folder was listed
+                continue
             except ConfigError:  # a folder with a broken config: list it so the user sees it
                 rows.append({"run_id": run.id, "name": run.id, "mode": "?", "state": "broken", "queue_position": None,
                              "round": 0, "rounds": 0})
                 continue
-            status = self.status(run.id)
+            try:
+                status = self.status(run.id)
+            except JobError:  # deleted since the folder was listed
+                continue
             rows.append({"run_id": run.id, "name": config.name, "mode": config.method.mode, "state": status.get("state"),
                          "queue_position": status.get("queue_position"), "round": status.get("round", 0),
                          "rounds": config.train.rounds, "global_step": status.get("global_step", 0),

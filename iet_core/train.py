@@ -195,7 +195,7 @@ class Trainer:
         self.round_sizes = np.bincount(self.shard_of, minlength=k).tolist()
         self.execution = "sequential"
         self.round_started = time.time()
-        self.total_steps = self._estimate_total_steps()
+        self.total_steps = self._expected_total_steps()
         self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
 
     def _check_memory(self, k: int) -> None:
@@ -259,7 +259,7 @@ class Trainer:
         if self.config.train.reset_optimizer_each_round:
             self.adam.zero_()
         self.execution = self._choose_execution()
-        self.total_steps = self.global_step + self._estimate_total_steps(self.config.train.rounds - self.round)
+        self.total_steps = self._expected_total_steps()
         self._announce_round()
 
     def round_steps(self) -> list[int]:
@@ -439,6 +439,7 @@ class Trainer:
         self._write_preview()
         self.round += 1
         self.proxy = 0
+        self.round_start_step = self.global_step  # where the next round starts (a checkpoint now saves it)
         rounds = config.train.rounds
         self.stopping = self.group is not None and self.group.any(self.control.stop_requested)
         if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds or self.stopping:
@@ -510,9 +511,10 @@ class Trainer:
         repeats = math.ceil(count / shard_size)
         return torch.cat([torch.randperm(shard_size, generator=generator) for _ in range(repeats)])[:count].to(self.device)
 
-    def _estimate_total_steps(self, rounds: int | None = None) -> int:
-        rounds = self.config.train.rounds if rounds is None else rounds
-        return rounds * sum(self.round_steps())
+    def _expected_total_steps(self) -> int:
+        """The run's last step if the remaining rounds keep this round's shard sizes (MSR may
+        change them)."""
+        return self.round_start_step + (self.config.train.rounds - self.round) * sum(self.round_steps())
 
     def _write_preview(self) -> None:
         count = self.config.train.preview_samples
@@ -554,7 +556,8 @@ class Trainer:
         if mid_round:  # the proxies' own weights matter only until the round's average
             tensors.update({"proxy_weights": self.weights, "proxy_ema": self.ema})
         meta = {"format": CHECKPOINT_FORMAT, "round": self.round, "proxy": self.proxy, "local_step": self.local_step,
-                "global_step": self.global_step, "skip_lambda": self.skip_lambda, "round_sizes": self.round_sizes,
+                "global_step": self.global_step, "round_start_step": self.round_start_step,
+                "skip_lambda": self.skip_lambda, "round_sizes": self.round_sizes,
                 "iterations": self.iterations, "execution": self.execution, "saved": time.time()}
         path = self.run.save_checkpoint(self.global_step, {"model": self._state_dict(self.global_weights),
                                                            "ema": self._state_dict(self.global_ema), "state": tensors},
@@ -587,7 +590,8 @@ class Trainer:
         self.round, self.proxy, self.local_step = meta["round"], meta["proxy"], meta["local_step"]
         self.global_step, self.skip_lambda, self.round_sizes = meta["global_step"], meta["skip_lambda"], meta["round_sizes"]
         self.iterations, self.execution = list(meta["iterations"]), meta["execution"]
-        self.total_steps = self.global_step + self._estimate_total_steps(self.config.train.rounds - self.round)
+        self.round_start_step = meta.get("round_start_step", self.global_step)  # absent before it was saved
+        self.total_steps = self._expected_total_steps()
         if self.group and (self.proxy or self.local_step):
             raise ConfigError("this checkpoint was saved in the middle of a round: resume it in a single process "
                               "(`python -m iet_core resume`), then launch several processes from the next one.")

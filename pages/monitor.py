@@ -7,7 +7,7 @@ import shutil
 import gradio as gr
 import numpy as np
 
-from iet_core.jobs import RatioSnapshot
+from iet_core.jobs import JobError, RatioSnapshot
 from pages import charts, common
 
 TITLE, PATH = "3 · Monitor", "monitor"
@@ -110,7 +110,10 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         nothing = [gr.skip()] * 8
         if not run_id:
             return ["Pick a run (or start one on the Train page).", *nothing, view_state, gr.skip()]
-        status_value = ctx.jobs.status(run_id)
+        try:
+            status_value = ctx.jobs.status(run_id)
+        except JobError as err:  # e.g. deleted in another tab: say so, and offer the runs that are left
+            return [str(err), *nothing, {}, gr.update(choices=common.run_choices(ctx), value=None)]
         run = ctx.jobs.run(run_id)
         config = run.config
         telemetry = ctx.jobs.telemetry(run_id)

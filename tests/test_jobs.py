@@ -79,6 +79,9 @@ def test_stop_then_resume_continues_from_the_checkpoint_with_one_history(tmp_pat
     stopped_at = run.status()["global_step"]
     total = 4 * 2 * 10
     assert 0 < stopped_at < total and run.latest_checkpoint() is not None
+    # Read back from the folder (a restarted app), the progress bars show the round it stopped in.
+    plan = JobManager(tmp_path).telemetry(run_id).round_plan()
+    assert plan == {"round": run.status()["round"], "steps_per_proxy": [10, 10]} and plan["round"] >= 1
 
     jobs.resume(run_id, ME)  # a stopped run continues from its checkpoint
     assert jobs.wait(run_id, 180) == "finished"
@@ -274,6 +277,10 @@ def test_admin_cleanup_removes_old_runs_only(tmp_path):
     data = json.loads(status.read_text())
     data["updated"] -= 10 * 86400
     status.write_text(json.dumps(data))
+    leftover = tmp_path / ".deleted" / "run-set-aside-when-the-app-died"  # never listed, removed by the cleanup
+    leftover.mkdir(parents=True)
+    (leftover / "metrics.csv").write_text("global_step\n0\n")
     assert jobs.cleanup(older_than_days=7) == [old]
+    assert not leftover.exists()
     assert [r["run_id"] for r in jobs.list_runs()] == [new]
     assert os.path.isdir(tmp_path / new)

@@ -125,8 +125,12 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert trainer.fit() == "stopped"
     assert run.status()["state"] == "stopped"
     assert 7 <= run.status()["global_step"] < 12
-    train(run=run, resume=True)
+    events = []
+    train(run=run, resume=True, sinks=[events.append])
     assert run.status()["state"] == "finished"
+    # Resumed mid-round, it announces the round it is in: where it started, and the same total.
+    announced = next(e for e in events if isinstance(e, RoundStartEvent))
+    assert (announced.round, announced.global_step, announced.total_steps) == (1, 6, 12)
     for stem in ("model", "ema"):
         a, _ = straight.load_checkpoint()
         b, _ = run.load_checkpoint()
