@@ -469,8 +469,9 @@ class JobManager:
         with self._lock:
             while self._queue and self.running_count() < self.max_running:
                 job = self._jobs[self._queue.pop(0)]
-                job.thread = threading.Thread(target=self._work, args=(job,), name=f"train-{job.run.id}", daemon=True)
-                job.thread.start()
+                thread = threading.Thread(target=self._work, args=(job,), name=f"train-{job.run.id}", daemon=True)
+                thread.start()
+                job.thread = thread  # only once started: `wait` joins it without the lock
 
     def _work(self, job: Job) -> None:
         try:
