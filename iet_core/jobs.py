@@ -41,6 +41,7 @@ STEP_DTYPES = dict.fromkeys(STEP_COLUMNS[:4], np.int64) | dict.fromkeys(STEP_COL
 # The sha256 of the owner token of the session that started a run, so that ownership (delete,
 # resume, quotas) survives a restart of the app without storing the token itself.
 OWNER_FILE = "owner.json"
+DELETED_DIR = ".deleted"  # run folders set aside for removal; never listed (no config.json)
 
 
 class JobError(ConfigError):
@@ -174,9 +175,10 @@ class RunTelemetry:
         first = self._proxy_steps.get(proxy, 0)
         index = np.arange(first, first + len(columns["global_step"]))
         self._proxy_steps[proxy] = first + len(index)
-        self._last = {k: np.asarray(columns[k], STEP_DTYPES[k])[-1].item() for k in STEP_COLUMNS}
+        typed = {k: np.asarray(columns[k], STEP_DTYPES[k]) for k in STEP_COLUMNS}
+        self._last = {k: v[-1].item() for k, v in typed.items()}
         keep = index % self._stride == 0
-        self._steps.append({"index": index[keep]} | {k: np.asarray(columns[k], STEP_DTYPES[k])[keep] for k in STEP_COLUMNS})
+        self._steps.append({"index": index[keep]} | {k: v[keep] for k, v in typed.items()})
         self._num_steps += int(keep.sum())
         while self._num_steps > self.max_steps:
             self._stride *= 2
@@ -256,8 +258,9 @@ class RunTelemetry:
             # early). A proxy's local step is the rank of its global step within the round.
             every = run.config.train.log_every
             local = samples.groupby(["round", "proxy"])["global_step"].rank(method="dense").astype(np.int64) - 1
-            flushes = samples.groupby([samples["round"], samples["proxy"], local // every], sort=False)
-            for _, part in sorted(flushes, key=lambda item: item[1]["global_step"].min()):
+            flush = [samples["round"], samples["proxy"], local // every]
+            first_step = samples.groupby(flush)["global_step"].transform("min")  # one per flush, in flush order
+            for _, part in samples.groupby(first_step, sort=True):
                 store._add_samples({k: part[k].to_numpy() for k in part.columns})
         else:
             store._add_per_sample(run.per_sample())
@@ -537,7 +540,7 @@ class JobManager:
         cutoff = time.time() - older_than_days * 86400
         removed, doomed = [], []
         with self._lock:
-            trash = self.runs_root / ".deleted"
+            trash = self.runs_root / DELETED_DIR
             doomed += list(trash.iterdir()) if trash.is_dir() else []  # e.g. the app died while deleting
             for run in list_runs(self.runs_root):
                 job = self._jobs.get(run.id)
@@ -552,7 +555,7 @@ class JobManager:
     def _set_aside(self, run: Run) -> Path:
         """Take a run out of the runs folder at once (a rename), to be removed outside the
         lock: removing a large folder must not hold up every other request."""
-        trash = self.runs_root / ".deleted"
+        trash = self.runs_root / DELETED_DIR
         trash.mkdir(exist_ok=True)
         target = trash / f"{run.id}-{secrets.token_hex(4)}"
         run.path.rename(target)

@@ -190,7 +190,6 @@ class Trainer:
         self.round_skips = torch.zeros(n, device=device)
         self.running_ratio = torch.full((n,), float("nan"), device=device)
         self.round = self.proxy = self.local_step = self.global_step = self.round_start_step = 0
-        self.round_announced = False  # the current round's RoundStartEvent went out
         self.skip_lambda = config.method.agc.skip_lambda
         self.round_sizes = np.bincount(self.shard_of, minlength=k).tolist()
         self.execution = "sequential"
@@ -217,12 +216,12 @@ class Trainer:
         """Train until done or stopped; returns the final state ("finished" or "stopped")."""
         rounds = self.config.train.rounds
         self._emit(StatusEvent("running", self.round, self.global_step, total_steps=self.total_steps))
+        if self.proxy or self.local_step:  # resumed mid-round: no round start will announce it
+            self._announce_round()
         try:
             while self.round < rounds:
                 if self.proxy == 0 and self.local_step == 0:
                     self._start_round()
-                elif not self.round_announced:  # resumed mid-round
-                    self._announce_round()
                 done = self._run_batched() if self.execution == "batched" else self._run_sequential()
                 if done:
                     self._end_round()
@@ -267,7 +266,6 @@ class Trainer:
         return [self.config.train.steps_for_shard(n) for n in self.round_sizes]
 
     def _announce_round(self) -> None:
-        self.round_announced = True
         self._emit(RoundStartEvent(self.round, self.round_start_step, self.round_steps(), self.total_steps))
 
     def _choose_execution(self) -> str:

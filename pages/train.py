@@ -15,13 +15,13 @@ MODE_LABELS = {"ddpm": "Baseline DDPM (one model, all data)", "iet": "IET (K pro
 
 # Training presets: model and schedule; the data comes from the Data page. Local training is
 # in epochs of each proxy's shard, so every method gets the same compute whatever K is.
-_RECIPE = demo_config().train
+_DEMO = demo_config()
 PRESETS: dict[str, dict] = {
     # The engine's demo recipe (100 steps of batch 64 per round, every method), stopped at 20
     # of its 30 rounds for a class: at 2,000 steps the baseline memorized 78% of its samples in
     # all three seeds of docs/results.md, in about 7 minutes on 2 CPU cores.
-    "Classroom demo · CPU · ~8 min": dict(model=demo_config().model.preset, shards=4, rounds=20, unit="epochs",
-                                          amount=100, batch_size=_RECIPE.batch_size, lr=_RECIPE.lr, preview=16),
+    "Classroom demo · CPU · ~8 min": dict(model=_DEMO.model.preset, shards=4, rounds=20, unit="epochs", amount=100,
+                                          batch_size=_DEMO.train.batch_size, lr=_DEMO.train.lr, preview=16),
     "Quick look · CPU · 2-3 min, curves only": dict(
         model="tiny", shards=4, rounds=4, unit="epochs", amount=40, batch_size=64, lr=1e-3, preview=16),
     "GPU · small model · 32×32 colour": dict(
