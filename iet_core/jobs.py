@@ -516,9 +516,12 @@ class JobManager:
         job.control.set_skip_lambda(float(value))
 
     def _live_job(self, run_id: str, owner: str) -> Job:
+        """The owner's live job; ownership is checked before state, so a non-owner learns nothing
+        about the run (not even whether it is still training)."""
         with self._lock:
             job = self._jobs.get(run_id)
             if job is None or job.done:
+                self._check_recorded_owner(self._open(run_id), owner, "steer")
                 raise JobError(f"run {run_id} is not running in this app: resume it first.")
             self._check_owner(job, owner)
             return job
@@ -526,11 +529,11 @@ class JobManager:
     def delete(self, run_id: str, owner: str) -> None:
         """Remove a run folder that is not training, if this owner started it."""
         with self._lock:
+            run = self._open(run_id)
+            self._check_recorded_owner(run, owner, "delete", required=True)  # ownership first, as everywhere
             job = self._jobs.get(run_id)
             if job is not None and not job.done:
                 raise JobError(f"run {run_id} is {job.state}: stop it before deleting it.")
-            run = self._open(run_id)
-            self._check_recorded_owner(run, owner, "delete", required=True)
             doomed = self._set_aside(run)
         _remove([doomed])
 

@@ -44,6 +44,22 @@ def shares_below(values: np.ndarray, thresholds=MQ_THRESHOLDS) -> dict[float, fl
     return {float(t): float((values < t).mean()) if len(values) else 0.0 for t in thresholds}
 
 
+def proportion_interval(count: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a share count / total (e.g. memorized samples out of N): the
+    range the true share lies in with this confidence. (0, 1) when total is 0."""
+    if total <= 0:
+        return 0.0, 1.0
+    if not 0 <= count <= total:
+        raise ConfigError(f"a share of {count} out of {total} is impossible.")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    share = count / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def copy_counts(nearest: np.ndarray, num_training: int, memorized: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per training position: how many samples have it as nearest neighbour, and how many of
     those samples are memorized."""

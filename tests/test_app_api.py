@@ -138,33 +138,44 @@ def test_two_sessions_at_once_queue_in_order_and_cannot_stop_each_other(app_serv
     import threading
 
     url, _ = app_server
-    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
-    started = {}
+    carol, alice, bob = (Client(url, verbose=False) for _ in range(3))
+    # A long run holds the only training slot, so both sessions' runs queue behind it however
+    # fast or loaded the machine is; carol stops it once the checks on the queue are done.
+    blocker = carol.predict(tiny_config("ddpm", rounds=5_000).to_json(), "token-of-carol-1234",
+                            api_name="/start_run")["run_id"]
+    started, barrier = {}, threading.Barrier(2)
 
-    def start(name, client, delay):
-        time.sleep(delay)
+    def start(name, client):
+        barrier.wait()
         started[name] = client.predict(tiny_config("ddpm", rounds=2).to_json(), f"token-of-{name}-1234",
                                        api_name="/start_run")
 
-    threads = [threading.Thread(target=start, args=("alice", alice, 0.0)),
-               threading.Thread(target=start, args=("bob", bob, 0.3))]
+    threads = [threading.Thread(target=start, args=(name, client)) for name, client in (("alice", alice), ("bob", bob))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
     a, b = started["alice"]["run_id"], started["bob"]["run_id"]
-    assert started["bob"]["state"] == "queued" and started["bob"]["queue_position"] >= 1
+    assert started["alice"]["state"] == started["bob"]["state"] == "queued"
+    assert sorted(s["queue_position"] for s in started.values()) == [1, 2]
     with pytest.raises(AppError, match="another browser session"):
         bob.predict(a, "token-of-bob-1234", api_name="/stop_run")
     with pytest.raises(AppError, match="another browser session"):
         alice.predict(b, "token-of-alice-1234", api_name="/stop_run")
+    carol.predict(blocker, "token-of-carol-1234", api_name="/stop_run")
     finished_a, finished_b = wait_for(alice, a), wait_for(bob, b)
     assert finished_a["state"] == finished_b["state"] == "finished"
-    assert Run.open(_runs_root(app_server) / a).status()["updated"] < Run.open(_runs_root(app_server) / b).status()["updated"]
+    first, second = sorted((a, b), key=lambda run_id: started["alice" if run_id == a else "bob"]["queue_position"])
+    root = _runs_root(app_server)
+    assert Run.open(root / first).status()["updated"] < Run.open(root / second).status()["updated"]
+    # Ownership is checked before state: a finished run's non-owner gets the same refusal.
+    with pytest.raises(AppError, match="another browser session"):
+        bob.predict(a, "token-of-bob-1234", api_name="/stop_run")
     with pytest.raises(AppError, match="only its owner can delete"):
         bob.predict(a, "token-of-bob-1234", api_name="/delete_run")
     remaining = alice.predict(a, "token-of-alice-1234", api_name="/delete_run")
     assert a not in {row["run_id"] for row in remaining}
+    wait_for(carol, blocker)
 
 
 def _runs_root(app_server):

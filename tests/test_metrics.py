@@ -83,3 +83,18 @@ def test_threshold_is_a_setting():
     strict = evaluate_images(near, train, EvalConfig(memorization_threshold=0.01))
     loose = evaluate_images(near, train, EvalConfig(memorization_threshold=1 / 3))
     assert strict.summary["memorized_count"] == 0 and loose.summary["memorized_count"] == 5
+
+
+def test_proportion_interval_matches_the_wilson_score_interval():
+    from iet_core.metrics import proportion_interval
+
+    # Wilson 95% intervals worked by hand: centre (p + z²/2n) / (1 + z²/n), z = 1.96.
+    assert proportion_interval(50, 64) == pytest.approx((0.6657, 0.8650), abs=1e-4)
+    assert proportion_interval(0, 64) == pytest.approx((0.0, 0.0566), abs=1e-4)
+    assert proportion_interval(64, 64) == pytest.approx((0.9434, 1.0), abs=1e-4)
+    assert proportion_interval(256, 512) == pytest.approx((0.4568, 0.5432), abs=1e-4)
+    low, high = proportion_interval(5, 100, confidence=0.99)
+    assert low < proportion_interval(5, 100)[0] and high > proportion_interval(5, 100)[1]
+    assert proportion_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="impossible"):
+        proportion_interval(5, 4)
