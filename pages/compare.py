@@ -6,7 +6,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import ConfigError
+from iet_core.config import ConfigError, EvalConfig
 from iet_core.evaluate import load_eval
 from pages import charts, common
 
@@ -102,7 +102,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 charts.overlay_lines(steps, "rounds", "kept_fraction", "Kept share of each batch", "kept"),
                 charts.overlay_histograms(ratios, "Loss ratio at the end of training", "loss / bank[t]", (0, 3), 0.05),
                 charts.overlay_histograms(copies, "Nearest / second-nearest distance of samples", "ratio", (0, 1),
-                                          0.025, line=1 / 3),
+                                          0.025, line=EvalConfig.memorization_threshold),
                 [(common.read_image(paths[-1]), names[r]) for r in run_ids if (paths := ctx.jobs.run(r).preview_paths())])
 
     picker.change(compare, picker, [table, loss_plot, kept_plot, ratio_plot, memo_plot, samples],
