@@ -165,9 +165,10 @@ def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState)
     a run may steer or delete it. Pages enable the buttons that apply to the run's state."""
     with gr.Row():
         buttons = {"pause": gr.Button("❚❚ Pause", size="md", interactive=False, elem_id="pause-run"),
-                   "resume": gr.Button("▶ Resume", size="md", interactive=False),
-                   "stop": gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop", interactive=False),
-                   "delete": gr.Button("🗑 Delete run", size="md", interactive=False)}
+                   "resume": gr.Button("▶ Resume", size="md", interactive=False, elem_id="resume-run"),
+                   "stop": gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop", interactive=False,
+                                   elem_id="stop-run"),
+                   "delete": gr.Button("🗑 Delete run", size="md", interactive=False, elem_id="delete-run")}
     message = gr.Markdown()
     done = {"pause": "Pausing after the current step.", "resume": "Resuming (a stopped run continues from its "
             "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time.",
@@ -295,6 +296,25 @@ def training_images(ctx: AppContext, run_id: str, sample_ids, captions) -> list[
     position = {int(i): p for p, i in enumerate(dataset.ids.tolist())}
     return [(image_file(display_image(dataset.images[position[int(i)]].numpy())), caption)
             for i, caption in zip(sample_ids, captions) if int(i) in position]
+
+
+TERMS = {
+    "proxy": "one of the K models of a round; each trains on its own shard, then all K are averaged into the global model",
+    "shard": "one of the K parts the training images are split into",
+    "bank[t]": "AGC's memory bank: the recent average loss at noise level t (each visit moves it a little)",
+    "loss ratio": "a visit's loss divided by bank[t]; far below 1 means suspiciously easy, the sign of a memorized image",
+    "λ": "AGC's skip threshold: a visit whose loss ratio is below λ gives no gradient",
+    "EMA": "a slowly moving average of the weights, often sampled instead of the raw weights; early in training it lags behind",
+    "copy": "a generated sample less than 1/3 as far from its nearest training image as from the second nearest",
+    "MQ": "the reference code's memorization measure: distance to the nearest training image over the mean distance to the 50 nearest",
+    "FID / feature FD": "how far the samples' image statistics are from real images' (lower is better); feature FD is the offline stand-in",
+}
+
+
+def glossary(*names: str) -> None:
+    """A folded list of the terms a page uses, one line each."""
+    with gr.Accordion("Terms used on this page", open=False):
+        gr.Markdown("\n".join(f"- **{name}**: {TERMS[name]}" for name in names))
 
 
 def page_header(title: str, text: str) -> None:

@@ -115,6 +115,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "data, and evaluate them the same way: the same checkpoint step, the same weights, the same "
                        "number of samples. A copy share means little without its quality: a model that has not "
                        "learned yet makes noise, and noise copies nothing.")
+    common.glossary("copy", "EMA", "FID / feature FD", "λ")
     with gr.Row(equal_height=False):
         picker = gr.Dropdown(choices=[], multiselect=True, label="Runs to compare", scale=8, elem_id="compare-picker")
         refresh = gr.Button("↻ Refresh", scale=0, min_width=110, size="sm")

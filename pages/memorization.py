@@ -131,6 +131,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Is the model copying?", "Generate samples and find each one's nearest training image. A "
                        "sample much closer to its nearest training image than to the second nearest (ratio below "
                        "1/3) is counted as a **copy**. Pairs are sorted most-copied first.")
+    common.glossary("copy", "MQ", "EMA", "FID / feature FD")
     picker, refresh_list = common.run_picker()
     with gr.Row():
         num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",

@@ -206,9 +206,12 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "each training visit's loss divided by the recent loss at the same noise level. Visits far "
                        "below 1 are suspiciously easy, the sign of an image being memorized; AGC skips those left "
                        "of the red line λ.")
+    common.glossary("proxy", "shard", "bank[t]", "loss ratio", "λ", "EMA")
     picker, refresh_list = common.run_picker()
     status = gr.Markdown("Pick a run.", elem_id="monitor-status")
     controls = common.run_controls(ctx, picker, session)
+    gr.Markdown("<span class='explain'>Left: the training loss of every step, all proxies together (grey lines: "
+                "round ends; red dashes: λ changed). Right: the share of each batch AGC kept and skipped.</span>")
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", show_label=False)
         kept_plot = gr.Plot(label="Kept vs skipped", show_label=False)
@@ -241,8 +244,10 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                                                 show_label=False))
         clear_pins = gr.Button("Clear pins", size="sm", scale=0)
     config_text = gr.Markdown(visible=False, elem_id="config-with-lambda")
+    gr.Markdown("<span class='explain'>Left: how far each proxy is through the current round. Right: samples "
+                "drawn from the global model after each round. Below: the training images AGC skipped most.</span>")
     with gr.Row(equal_height=False):
-        shards_plot = gr.Plot(label="Shards", show_label=False)
+        shards_plot = gr.Plot(label="Shards", show_label=False, elem_id="shards-chart")
         previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
     skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10,
                                  height=250, allow_preview=False, elem_id="most-skipped")

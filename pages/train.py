@@ -76,8 +76,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "chosen mode are shown. The run trains on the server: you can close this tab and come back.")
     data_text = gr.Markdown()
     demo = PRESETS[DEMO_PRESET]  # the form opens on the demo preset
-    with gr.Row():
-        with gr.Column(scale=3):
+    with gr.Column():
+        with gr.Column(variant="panel"):
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value=DEMO_PRESET, label="Preset", scale=3,
                                      info="Fills the settings below; the data comes from the Data page.")
@@ -115,7 +115,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                     taa_strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="TAA strength at λ")
             start = gr.Button("▶ Start training", variant="primary", size="lg", elem_id="start-training")
             started = gr.Markdown(elem_id="train-started")
-        with gr.Column(scale=2):
+        with gr.Column():
             gr.Markdown("### Runs\nSteer the run you picked (only from the browser that started it).")
             picker, refresh_list = common.run_picker()
             status = gr.Markdown(elem_id="train-status")
