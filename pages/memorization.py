@@ -9,12 +9,13 @@ import gradio as gr
 import pandas as pd
 
 from iet_core.config import ConfigError, EvalConfig
-from iet_core.evaluate import evaluate_run, load_eval
+from iet_core.evaluate import evaluate_run, list_evals, load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 
 TITLE, PATH = "4 · Memorization", "memorization"
 PAIRS_SHOWN = 48
+POLL_SECONDS = 3.0
 COPIED_COLUMNS = ("training_id", "times_nearest", "times_memorized", "shard", "visits", "skips", "skip_rate")
 PRESENTED = 6  # pairs in the presentation view: big enough to read from the back of a room
 
@@ -116,6 +117,15 @@ def result_view(ctx: common.AppContext, run_id: str, result) -> tuple:
             common.training_images(ctx, run_id, most.head(12)["training_id"], captions), most)
 
 
+def newest_eval(ctx: common.AppContext, run_id: str) -> str:
+    """The name of the run's newest saved evaluation ("" when none, or the run is gone)."""
+    try:
+        names = list_evals(ctx.jobs.run(run_id))
+    except ConfigError:
+        return ""
+    return names[0] if names else ""
+
+
 def saved_view(ctx: common.AppContext, run_id: str) -> tuple:
     """The run's newest saved evaluation, or a note that there is none."""
     try:
@@ -166,11 +176,23 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         export_table = gr.Button("Download the evaluation table (.csv)", scale=0, min_width=300)
         download = gr.File(label="Download", interactive=False, visible=False)
 
+    shown = gr.State("")  # the evaluation on the page: a newer one (e.g. made when training ended) replaces it
+    timer = gr.Timer(POLL_SECONDS)
+
     def load_saved(run_id):
-        return saved_view(ctx, run_id) if run_id else [gr.skip()] * 7
+        if not run_id:
+            return [gr.skip()] * 8
+        return [*saved_view(ctx, run_id), newest_eval(ctx, run_id)]
+
+    def check_new(run_id, current):
+        if not run_id or newest_eval(ctx, run_id) == current:
+            return [gr.skip()] * 8
+        return load_saved(run_id)
 
     outputs = [summary, presentation, histogram, mq, pairs, copied_gallery, copied]
-    picker.change(load_saved, picker, outputs, api_visibility="private")
+    picker.change(load_saved, picker, [*outputs, shown], api_visibility="private")
+    timer.tick(check_new, [picker, shown], [*outputs, shown], concurrency_limit=None, show_progress="hidden",
+               api_visibility="private", trigger_mode="always_last")
 
     @common.user_errors
     def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, progress=gr.Progress()):
@@ -180,9 +202,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         config.fid, config.use_ema = bool(with_fid), bool(use_ema)
         result = evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id),
                               progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
-        return result_view(ctx, run_id, result)
+        return [*result_view(ctx, run_id, result), result.path.name]
 
-    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid], outputs, concurrency_limit=1,
+    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid], [*outputs, shown], concurrency_limit=1,
                    concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
 
     @common.user_errors
