@@ -6,7 +6,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import ConfigError
+from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
 from iet_core.evaluate import load_eval
 from pages import charts, common
 
@@ -30,14 +30,13 @@ def percent(value) -> str:
 def compare_row(ctx: common.AppContext, run_id: str) -> dict:
     """One run's numbers, formatted for the table ("–": not evaluated or not available)."""
     config = ctx.jobs.run(run_id).config
-    telemetry = ctx.jobs.telemetry(run_id)
+    telemetry = ctx.jobs.history(run_id)
     steps = telemetry.steps()
-    stats = telemetry.per_sample()
     row = {"run": config.name, "mode": config.method.mode, "state": ctx.jobs.status(run_id).get("state"),
            "data": f"{config.data.subset or 'all'} × {config.data.source.split('/')[-1]} {config.data.resolution}px",
            "steps": int(steps["global_step"].max() + 1) if len(steps) else 0,
            "final loss": f"{steps['loss'].tail(max(1, len(steps) // 20)).mean():.4f}" if len(steps) else "–",
-           "skipped": percent(stats["skips"].sum() / max(stats["visits"].sum(), 1) if len(stats) else None)}
+           "skipped": percent(telemetry.summary()["skipped_share"])}
     try:
         summary = load_eval(ctx.jobs.run(run_id)).summary
     except ConfigError:  # not evaluated yet
@@ -58,7 +57,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         refresh = gr.Button("↻ Refresh", scale=0, min_width=110, size="sm")
     table = gr.Dataframe(label="Memorization and quality", interactive=False, wrap=True, elem_id="compare-table")
     gr.Markdown("<span class='explain'>**copies**: share of generated samples whose nearest training image is less "
-                "than 1/3 as far as the second nearest (lower is better) · **MQ < 0.3**: the reference code's metric · "
+                "than a third as far as the second nearest (lower is better) · **MQ < 0.3**: the reference code's metric · "
                 "**FID**: image quality, lower is better (needs the Inception weights) · **skipped**: share of "
                 "training visits AGC skipped.</span>")
     with gr.Row():
@@ -88,11 +87,11 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             return None, empty, empty, empty, empty, []
         rows = pd.DataFrame([compare_row(ctx, r) for r in run_ids])
         names = {r: f"{row['run']} ({row['mode']}, {row['id']})" for r, row in zip(run_ids, rows.to_dict("records"))}
-        steps = {names[r]: round_axis(ctx.jobs.telemetry(r).steps(max_points=3000)) for r in run_ids}
+        steps = {names[r]: round_axis(ctx.jobs.history(r).steps(max_points=3000)) for r in run_ids}
         ratios, copies = {}, {}
         for r in run_ids:
-            snapshots = ctx.jobs.telemetry(r).snapshots()
-            ratios[names[r]] = charts.snapshot_values(charts.window(snapshots, len(snapshots) - 1, 2048))
+            latest = ctx.jobs.history(r).window(1.0, min_visits=2048)
+            ratios[names[r]] = latest.values() if latest is not None else np.zeros(0)
             try:
                 copies[names[r]] = load_eval(ctx.jobs.run(r)).table["memorization_ratio"].to_numpy()
             except ConfigError:
@@ -102,7 +101,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 charts.overlay_lines(steps, "rounds", "kept_fraction", "Kept share of each batch", "kept"),
                 charts.overlay_histograms(ratios, "Loss ratio at the end of training", "loss / bank[t]", (0, 3), 0.05),
                 charts.overlay_histograms(copies, "Nearest / second-nearest distance of samples", "ratio", (0, 1),
-                                          0.025, line=1 / 3),
+                                          0.025, line=MEMORIZATION_THRESHOLD),
                 [(common.read_image(paths[-1]), names[r]) for r in run_ids if (paths := ctx.jobs.run(r).preview_paths())])
 
     picker.change(compare, picker, [table, loss_plot, kept_plot, ratio_plot, memo_plot, samples],

@@ -8,7 +8,7 @@ import shutil
 import gradio as gr
 import pandas as pd
 
-from iet_core.config import ConfigError
+from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
 from iet_core.evaluate import evaluate_run, load_eval
 from pages import api, charts, common
 
@@ -63,7 +63,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     session = common.session_state(ctx)
     common.page_header("Is the model copying?", "Generate samples and find each one's nearest training image. A "
                        "sample much closer to its nearest training image than to the second nearest (ratio below "
-                       "1/3) is counted as a **copy**. Pairs are sorted most-copied first.")
+                       "a third) is counted as a **copy**. Pairs are sorted most-copied first.")
     picker, refresh_list = common.run_picker()
     with gr.Row():
         num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",
@@ -108,7 +108,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             return show(run_id, load_eval(ctx.jobs.run(run_id)))
         except ConfigError:
             return ("No evaluation of this run yet: press *Generate and measure*.",
-                    charts.memorization_histogram([], 1 / 3), "", [], [], None)
+                    charts.memorization_histogram([], MEMORIZATION_THRESHOLD), "", [], [], None)
 
     outputs = [summary, histogram, mq, pairs, copied_gallery, copied]
     picker.change(load_saved, picker, outputs, api_visibility="private")

@@ -5,26 +5,16 @@ from __future__ import annotations
 import shutil
 
 import gradio as gr
-import numpy as np
 
-from iet_core.jobs import JobError, RatioSnapshot
+from iet_core.jobs import JobError
 from pages import charts, common
 
 TITLE, PATH = "3 · Monitor", "monitor"
 POLL_SECONDS = 2.0
 
 
-def current_lambda(telemetry, config) -> float:
-    """The lambda in force: the latest step's, or the configured one before any step."""
-    last = telemetry.last()
-    return float(last["skip_lambda"]) if last else config.method.agc.skip_lambda
-
-
-def scrub_window(snapshots: list[RatioSnapshot], scrub: float) -> RatioSnapshot | None:
-    """The histogram window at a position on the 0..100 history slider (100 = latest)."""
-    if not snapshots:
-        return None
-    return charts.window(snapshots, int(round(scrub / 100 * (len(snapshots) - 1))))
+def current_lambda(history, config) -> float:
+    return history.skip_lambda(config.method.agc.skip_lambda)
 
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
@@ -72,35 +62,30 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def histogram_outputs(run_id, scrub_value, overlay_on, what_if_value, telemetry=None, config=None):
         """Histogram figure, what-if text, and the training images visited below the what-if
         lambda as (ids, captions)."""
-        telemetry = telemetry or ctx.jobs.telemetry(run_id)
+        telemetry = telemetry or ctx.jobs.history(run_id)
         config = config or ctx.jobs.run(run_id).config
-        snapshots = telemetry.snapshots()
-        current = scrub_window(snapshots, scrub_value)
+        current = telemetry.window(scrub_value / 100)
         skip_lambda = current_lambda(telemetry, config)
-        early = charts.early_window(snapshots) if overlay_on and len(snapshots) > 1 else None
+        early = telemetry.early_window() if overlay_on else None
         figure = charts.ratio_histogram(current, skip_lambda, early, what_if_value)
         if current is None or current.visits == current.unseen:
             return figure, "No ratios yet.", ((), ())
-        share_now = charts.skipped_share(current, skip_lambda)
-        share_new = charts.skipped_share(current, what_if_value)
+        share_now = current.share_below(skip_lambda)
+        share_new = current.share_below(what_if_value)
         label = "AGC skips" if config.method.agc.enabled else "AGC would skip (this run trains without AGC)"
         text = (f"<span class='big-number'>{100 * share_new:.1f}%</span> of visits below λ = {what_if_value:.2f}  \n"
                 f"{label} {100 * share_now:.1f}% at the current λ = {skip_lambda:.2f} "
                 f"(steps {current.first_step}–{current.last_step}).")
-        recent = telemetry.recent_visits_frame()
-        below = recent[recent["ratio"] < what_if_value]["sample_id"].value_counts().head(18)
-        seen = recent["sample_id"].value_counts()
-        return figure, text, (tuple(below.index), tuple(f"{n}/{seen[i]}" for i, n in below.items()))
+        below = telemetry.visits_below(what_if_value)
+        return figure, text, (tuple(below["sample_id"]), tuple(f"{r.below}/{r.visits}" for r in below.itertuples()))
 
     def most_skipped(telemetry, agc: bool) -> tuple[str, tuple, tuple]:
         """The gallery's label and the training images to show, as (label, ids, captions)."""
-        stats = telemetry.per_sample()
-        if agc and len(stats) and stats["skips"].sum() > 0:
-            top = stats[stats["skips"] > 0].sort_values(["skips", "skip_rate"], ascending=False).head(20)
+        skipped, top = telemetry.most_skipped()
+        if agc and skipped:
             return ("Most-skipped training images (skipped / visits)", tuple(top["sample_id"]),
                     tuple(f"{r.skips}/{r.visits}" for r in top.itertuples()))
         # Nothing skipped (yet, or no AGC): show what AGC would skip first.
-        top = stats[np.isfinite(stats["last_ratio"])].sort_values("last_ratio").head(20) if len(stats) else stats
         return ("Lowest loss ratios: what AGC would skip first (nothing skipped so far)", tuple(top["sample_id"]),
                 tuple(f"ratio {r.last_ratio:.2f}" for r in top.itertuples()))
 
@@ -116,7 +101,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             return [str(err), *nothing, {}, gr.update(choices=common.run_choices(ctx), value=None)]
         run = ctx.jobs.run(run_id)
         config = run.config
-        telemetry = ctx.jobs.telemetry(run_id)
+        telemetry = ctx.jobs.history(run_id)
         text = common.status_text(status_value, current_lambda(telemetry, config) if config.method.agc.enabled else None)
         # The key holds the histogram controls too: a tick that started before a control moved
         # may land after the control's own redraw, and the next tick then puts it right.
@@ -161,7 +146,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         list that keeps the same run changes nothing)."""
         if not run_id or view_state.get("key", (None,))[0] == run_id:
             return [gr.skip()] * 12
-        telemetry = ctx.jobs.telemetry(run_id)
+        telemetry = ctx.jobs.history(run_id)
         skip_lambda = current_lambda(telemetry, ctx.jobs.run(run_id).config)
         return [*refresh(run_id, 100, True, skip_lambda, {})[:-1], 100, skip_lambda]
 

@@ -8,7 +8,7 @@ from helpers import tiny_config
 from iet_core import ConfigError, Run, TrainControl, Trainer, train
 from iet_core.models import build_unet, training_scheduler
 from iet_core.telemetry import RoundEvent, RoundStartEvent, SampleEvent, StepEvent
-from iet_core.train import create_run, derive_seed
+from iet_core.train import create_run, data_order, derive_seed
 
 
 def make_trainer(tmp_path, config, **kwargs):
@@ -26,14 +26,14 @@ def test_k1_without_agc_is_the_plain_ddpm_step(tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     alphas = training_scheduler(config.model).alphas_cumprod.float()
     images = trainer.dataset.to_model_space()
-    order = trainer._data_order(0, len(images), 3 * 4)
+    order = data_order(config.train.seed, 0, 0, len(images), 3 * 4)
     trainer.fit()
     losses = []
     for step in range(3):
-        torch.manual_seed(derive_seed(config.train.seed, 0, 0, step))
+        generator = torch.Generator().manual_seed(derive_seed(config.train.seed, 0, 0, step))
         x0 = images[order[step * 4:(step + 1) * 4]]
-        t = torch.randint(0, 1000, (4,))
-        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (4,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
         x_t = alphas[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - alphas[t]).sqrt().view(-1, 1, 1, 1) * noise
         loss = F.mse_loss(model(x_t, t).sample, noise)
         losses.append(loss.item())
