@@ -30,13 +30,13 @@ def percent(value) -> str:
 def compare_row(ctx: common.AppContext, run_id: str) -> dict:
     """One run's numbers, formatted for the table ("–": not evaluated or not available)."""
     config = ctx.jobs.run(run_id).config
-    telemetry = ctx.jobs.history(run_id)
-    steps = telemetry.steps()
+    history = ctx.jobs.history(run_id)
+    steps = history.steps()
     row = {"run": config.name, "mode": config.method.mode, "state": ctx.jobs.status(run_id).get("state"),
            "data": f"{config.data.subset or 'all'} × {config.data.source.split('/')[-1]} {config.data.resolution}px",
            "steps": int(steps["global_step"].max() + 1) if len(steps) else 0,
            "final loss": f"{steps['loss'].tail(max(1, len(steps) // 20)).mean():.4f}" if len(steps) else "–",
-           "skipped": percent(telemetry.summary()["skipped_share"])}
+           "skipped": percent(history.summary()["skipped_share"])}
     try:
         summary = load_eval(ctx.jobs.run(run_id)).summary
     except ConfigError:  # not evaluated yet

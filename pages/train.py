@@ -117,7 +117,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             gr.Markdown("### Runs\nSteer the run you picked (only from the browser that started it).")
             picker, refresh_list = common.run_picker()
             status = gr.Markdown(elem_id="train-status")
-            common.run_controls(ctx, picker, session)
+            controls = common.run_controls(ctx, picker, session)
             gr.Markdown("[Open the Monitor page →](monitor)")
     timer = gr.Timer(POLL_SECONDS)
 
@@ -164,8 +164,13 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     page.load(describe_data, session, data_text, api_visibility="private")
 
     def poll(run_id):
-        return common.status_text(ctx.jobs.status(run_id)) if run_id else "No run picked."
+        if not run_id:
+            return ["No run picked.", *[gr.update(interactive=False)] * len(controls.buttons)]
+        status_value = ctx.jobs.status(run_id)
+        enabled = common.control_states(status_value)
+        return [common.status_text(status_value), *[gr.update(interactive=enabled[name]) for name in controls.buttons]]
 
-    timer.tick(poll, picker, status, concurrency_limit=None, show_progress="hidden", api_visibility="private")
-    picker.change(poll, picker, status, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    poll_outputs = [status, *controls.buttons.values()]
+    timer.tick(poll, picker, poll_outputs, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    picker.change(poll, picker, poll_outputs, concurrency_limit=None, show_progress="hidden", api_visibility="private")
     common.wire_run_picker(ctx, page, picker, refresh_list, session)

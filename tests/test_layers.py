@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "iet_core"
 # Lowest first. A module may import only modules of a lower layer.
 LAYERS = [
     {"config", "optim", "telemetry"},
-    {"metrics", "data", "shards", "agc", "distributed", "neighbours", "models"},
+    {"metrics", "data", "shards", "agc", "distributed", "neighbours", "models", "trackers"},
     {"runs"},
     {"sample", "fid"},
     {"quality", "train", "history", "owners"},
