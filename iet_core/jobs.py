@@ -242,8 +242,10 @@ class JobManager:
         round, global step, total steps, message, error; live jobs are read from memory."""
         job = self._jobs.get(run_id)
         if job is None or job.done:
-            status = dict(self.run(run_id).status())
-            status.update(run_id=run_id, queue_position=None, live=False)
+            run = self.run(run_id)
+            status = dict(run.status())
+            status.update(run_id=run_id, queue_position=None, live=False, rounds=run.config.train.rounds,
+                          seconds_left=None)
             if job is None and status.get("state") in ("running", "paused"):
                 # The folder says training, but no job of this app trains it: the app stopped
                 # without stopping the run (killed, crashed), or another process trains it.
@@ -252,11 +254,15 @@ class JobManager:
             if job is not None and job.error:
                 status.update(state="failed", error=job.error, message=status.get("message") or job.error)
             return status
-        live = job.history.status() if job.history is not None else {}
-        last = job.history.last_step if job.history is not None else -1
-        return {"run_id": run_id, "state": job.state, "queue_position": self.queue_position(run_id), "live": True,
-                "round": live.get("round", 0), "global_step": max(last + 1, live.get("global_step", 0)),
-                "total_steps": live.get("total_steps"), "message": live.get("message", ""), "error": job.error}
+        history = job.history
+        live = history.status() if history is not None else {}
+        last = history.last_step if history is not None else -1
+        state = job.state
+        return {"run_id": run_id, "state": state, "queue_position": self.queue_position(run_id), "live": True,
+                "round": live.get("round", 0), "rounds": job.run.config.train.rounds,
+                "global_step": max(last + 1, live.get("global_step", 0)), "total_steps": live.get("total_steps"),
+                "seconds_left": history.seconds_left() if history is not None and state == "running" else None,
+                "message": live.get("message", ""), "error": job.error}
 
     def history(self, run_id: str) -> RunHistory:
         """The run's history: the live store while training, else its folder (cached)."""
@@ -304,7 +310,7 @@ class JobManager:
             rows.append({"run_id": run.id, "name": config.name, "mode": config.method.mode, "state": status.get("state"),
                          "queue_position": status.get("queue_position"), "round": status.get("round", 0),
                          "rounds": config.train.rounds, "global_step": status.get("global_step", 0),
-                         "total_steps": status.get("total_steps")})
+                         "total_steps": status.get("total_steps"), "seconds_left": status.get("seconds_left")})
         return rows
 
     def wait(self, run_id: str, timeout: float | None = None) -> str:

@@ -6,6 +6,7 @@ import collections
 import functools
 import hashlib
 import io
+import math
 import os
 import secrets
 import tempfile
@@ -95,13 +96,32 @@ def run_label(row: dict) -> str:
     """"▶ demo-ddpm (ddpm) · running, round 3/30 · 11-22 14:59 a1b2c3": the run id's date and
     suffix tell apart runs of the same name."""
     state = row["state"] or "?"
-    where = f"#{row['queue_position']} in queue" if row.get("queue_position") else f"round {row['round']}/{row['rounds']}"
+    where = f"#{row['queue_position']} in queue" if row.get("queue_position") else progress_text(row)
     run_id = row["run_id"]
     try:  # ids made by the engine start with the creation time
         when = f"{time.strftime('%m-%d %H:%M', time.strptime(run_id[:15], '%Y%m%d-%H%M%S'))} {run_id[-6:]}"
     except ValueError:
         when = run_id
     return f"{STATE_ICONS.get(state, '')} {row['name']} ({row['mode']}) · {state}, {where} · {when}"
+
+
+def round_shown(status: dict) -> int:
+    """The round a run is in, counted from 1, as every page shows it (the engine counts from 0;
+    a finished run has gone past its last round)."""
+    return min(int(status.get("round") or 0) + 1, int(status.get("rounds") or 1))
+
+
+def time_left(seconds: float | None) -> str:
+    """'about 7 min left' from the engine's measured pace ('' before it is measured)."""
+    if seconds is None:
+        return ""
+    return "under a minute left" if seconds < 60 else f"about {math.ceil(seconds / 60)} min left"
+
+
+def progress_text(status: dict) -> str:
+    """'round 3/20 · about 7 min left' for the run lists."""
+    left = time_left(status.get("seconds_left"))
+    return f"round {round_shown(status)}/{status.get('rounds')}" + (f" · {left}" if left else "")
 
 
 def run_choices(ctx: AppContext) -> list[tuple[str, str]]:
@@ -208,7 +228,10 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
     if status.get("queue_position"):
         parts.append(f"**#{status['queue_position']} in the queue**: starts when the run before it ends")
     total, step = status.get("total_steps"), status.get("global_step") or 0
-    parts.append(f"round {status.get('round', 0)} · step {step}" + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
+    parts.append(f"round {round_shown(status)} of {status.get('rounds', '?')} · step {step}"
+                 + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
+    if status.get("seconds_left") is not None:
+        parts.append(f"**{time_left(status['seconds_left'])}**")
     if skip_lambda is not None:
         parts.append(f"skip threshold λ = **{skip_lambda:.2f}**")
     message = status.get("error") or status.get("message") or ""

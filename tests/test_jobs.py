@@ -306,3 +306,19 @@ def test_two_jobs_at_once_end_bit_identical_to_solo_runs(tmp_path):
             for name, tensor in solo[group].items():  # exactly equal (NaN: images not seen yet)
                 torch.testing.assert_close(shared[group][name], tensor, rtol=0, atol=0, equal_nan=True,
                                            msg=f"{run_id} {group}.{name}")
+
+
+def test_a_running_job_reports_its_round_and_the_time_left(tmp_path):
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(tiny_config("iet-agc", rounds=200, local_steps=3), ME)
+    wait_until(lambda: jobs.status(run_id)["round"] >= 2 and jobs.status(run_id)["seconds_left"] is not None,
+               what="a measured pace in round 3")
+    status = jobs.status(run_id)
+    assert status["rounds"] == 200 and 0 < status["seconds_left"] < 24 * 3600
+    jobs.pause(run_id, ME)
+    wait_until(lambda: jobs.status(run_id)["state"] == "paused", what="the pause")
+    status = jobs.status(run_id)
+    assert status["seconds_left"] is None  # no pace while paused
+    assert status["round"] == jobs.history(run_id).round_plan()["round"] >= 2  # one round everywhere
+    jobs.stop(run_id, ME)
+    assert jobs.wait(run_id, 120) == "stopped"
