@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, RunConfig
+from .evaluate import evaluate_run
 from .history import RunHistory
 from .owners import JobError, Quota, check_recorded_owner, owner_digest, same_owner, set_aside_stale
 from .runs import Run, is_run_folder, list_runs, remove_folders
@@ -28,6 +29,7 @@ from .telemetry import Event
 from .train import TrainControl, train
 
 log = logging.getLogger(__name__)
+EVALUATING = "training finished; generating samples and measuring copies (see the Memorization page)"
 
 
 @dataclass
@@ -40,11 +42,14 @@ class Job:
     thread: threading.Thread | None = None  # None while queued
     done: bool = False
     error: str | None = None
+    evaluating: bool = False  # measuring the finished run (eval.after_training)
 
     @property
     def state(self) -> str:
         if self.thread is None:
             return "queued"
+        if self.evaluating:
+            return "evaluating"
         if self.done:
             # A trainer that fails before its first step (e.g. the data is gone) leaves the
             # run's own status untouched, so the job's error decides.
@@ -134,6 +139,8 @@ class JobManager:
     def _work(self, job: Job) -> None:
         try:
             train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)])
+            if job.run.config.eval.after_training and job.run.status().get("state") == "finished":
+                self._evaluate(job)
         except Exception as err:  # the trainer has marked the run failed; keep the reason for the UI
             job.error = f"{type(err).__name__}: {err}"
             log.exception("training run %s failed", job.run.id)
@@ -143,6 +150,20 @@ class JobManager:
                 if job.history is not None:
                     self._remember(job.run, job.history)
                 self._start_queued()
+
+    @staticmethod
+    def _evaluate(job: Job) -> None:
+        """Measure a finished run with its own evaluation settings, so its copies are on the
+        Memorization page when training ends; a failure leaves the trained run as it is."""
+        job.evaluating = True
+        try:
+            evaluate_run(job.run)
+        except Exception as err:
+            log.exception("evaluating run %s after training failed", job.run.id)
+            job.run.write_status("finished", message=f"training finished; evaluating it failed ({err}): evaluate it "
+                                                      "on the Memorization page")
+        finally:
+            job.evaluating = False
 
     # -- steering --------------------------------------------------------------------------
     def pause(self, run_id: str, owner: str) -> None:
@@ -262,7 +283,7 @@ class JobManager:
                 "round": live.get("round", 0), "rounds": job.run.config.train.rounds,
                 "global_step": max(last + 1, live.get("global_step", 0)), "total_steps": live.get("total_steps"),
                 "seconds_left": history.seconds_left() if history is not None and state == "running" else None,
-                "message": live.get("message", ""), "error": job.error}
+                "message": EVALUATING if state == "evaluating" else live.get("message", ""), "error": job.error}
 
     def history(self, run_id: str) -> RunHistory:
         """The run's history: the live store while training, else its folder (cached)."""

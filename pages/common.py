@@ -28,7 +28,7 @@ SESSION_KEY = "iet-agc-app-session"
 SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}
 # Plain symbols that every system font has (emoji need a colour-emoji font).
 STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping": "■", "stopped": "■",
-               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!"}
+               "finished": "✓", "evaluating": "…", "failed": "✗", "created": "○", "interrupted": "!"}
 
 
 @dataclass
@@ -189,7 +189,7 @@ def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState)
                    "resume": gr.Button("▶ Resume", size="md", interactive=False, elem_id="resume-run"),
                    "stop": gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop", interactive=False,
                                    elem_id="stop-run"),
-                   "delete": gr.Button("🗑 Delete run", size="md", interactive=False, elem_id="delete-run")}
+                   "delete": gr.Button("Delete run", size="md", interactive=False, elem_id="delete-run")}
     message = gr.Markdown()
     done = {"pause": "Pausing after the current step.", "resume": "Resuming (a stopped run continues from its "
             "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time.",
@@ -215,7 +215,7 @@ def control_states(status: dict, agc: bool = False) -> dict[str, bool]:
     """Which controls apply to a run in this state (the others are shown disabled); `apply`
     is the Monitor's "apply this λ", for runs with AGC."""
     state = status.get("state")
-    live = state in ("running", "paused", "queued", "stopping")
+    live = state in ("running", "paused", "queued", "stopping", "evaluating")
     return {"pause": state == "running", "resume": state in ("paused", "stopped", "interrupted"),
             "stop": state in ("running", "paused", "queued"), "delete": not live,
             "apply": agc and state in ("running", "paused")}

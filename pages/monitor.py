@@ -220,7 +220,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             with gr.Row():
                 apply = gr.Button("Apply this λ to the running run", variant="primary", interactive=False,
                                   elem_id="apply-lambda")
-                pin = gr.Button("📌 Pin this λ", size="md")
+                pin = gr.Button("Pin this λ", size="md")
                 copy_config = gr.Button("Copy config with this λ", size="md")
             what_if_gallery = gr.Gallery(fit_columns=False, label="Training images below the what-if λ (recent visits)",
                                          columns=4, height=280, allow_preview=False)

@@ -322,3 +322,17 @@ def test_a_running_job_reports_its_round_and_the_time_left(tmp_path):
     assert status["round"] == jobs.history(run_id).round_plan()["round"] >= 2  # one round everywhere
     jobs.stop(run_id, ME)
     assert jobs.wait(run_id, 120) == "stopped"
+
+
+def test_a_run_can_be_evaluated_as_soon_as_it_finishes(tmp_path):
+    from iet_core.evaluate import load_eval
+
+    config = tiny_config("ddpm", rounds=1)
+    config.eval.after_training, config.eval.num_samples, config.eval.steps = True, 4, 2
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(config, ME)
+    assert jobs.wait(run_id, 120) == "finished"
+    summary = load_eval(jobs.run(run_id)).summary
+    assert summary["num_samples"] == 4 and summary["checkpoint_step"] == jobs.status(run_id)["global_step"]
+    other = jobs.submit(tiny_config("ddpm", rounds=1), ME)  # off by default
+    assert jobs.wait(other, 120) == "finished" and not (jobs.run(other).path / "eval").exists()
