@@ -136,13 +136,15 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",
                                 info="64 takes seconds on a CPU for the tiny model; papers use 10,000.")
         steps = gr.Slider(10, 250, value=50, step=10, label="DDIM sampling steps")
+        weights = gr.Radio([("raw (averaged)", False), ("EMA", True)], value=False, label="Weights",
+                           info="EMA lags behind the raw weights early in training.")
         fid = gr.Checkbox(False, label="Compute FID (needs the Inception weights file in the torch cache)")
         evaluate = gr.Button("Generate and measure", variant="primary", elem_id="evaluate")
     summary = gr.Markdown("Pick a run and press *Generate and measure*. Saved results open automatically.",
                           elem_id="memorization-summary")
     gr.Markdown("### The top copies\nEach generated sample (left) next to the training image nearest to it "
                 "(right), the closest copies first. The ratio is the distance to the nearest training image over the "
-                "distance to the second nearest: below 1/3, the sample is counted as a copy.")
+                "distance to the second nearest: below a third, the sample is counted as a copy.")
     presentation = gr.HTML(elem_id="presentation-view")
     with gr.Row():
         histogram = gr.Plot(show_label=False, scale=1)
@@ -170,16 +172,16 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     picker.change(load_saved, picker, outputs, api_visibility="private")
 
     @common.user_errors
-    def run_evaluation(run_id, count, sampling_steps, with_fid, progress=gr.Progress()):
+    def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, progress=gr.Progress()):
         if not run_id:
             raise gr.Error("Pick a run first.", print_exception=False)
         config = api.evaluation_config(ctx, run_id, count, sampling_steps)
-        config.fid = bool(with_fid)
+        config.fid, config.use_ema = bool(with_fid), bool(use_ema)
         result = evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id),
                               progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
         return result_view(ctx, run_id, result)
 
-    evaluate.click(run_evaluation, [picker, num_samples, steps, fid], outputs, concurrency_limit=1,
+    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid], outputs, concurrency_limit=1,
                    concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
 
     @common.user_errors

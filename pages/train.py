@@ -6,6 +6,7 @@ import gradio as gr
 
 from iet_core.config import MODEL_PRESETS, MSR_POLICIES, DataConfig, RunConfig, demo_config, method_for_mode
 from pages import common
+from pages.data import source_label
 
 TITLE, PATH = "2 · Train", "train"
 POLL_SECONDS = 2.0
@@ -158,7 +159,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def describe_data(session):
         data = data_config(session)
         subset = f"{data.subset} images" if data.subset else "all images"
-        return (f"**Data:** `{data.source}` · {subset} · {data.resolution}×{data.resolution} · "
+        return (f"**Data:** {source_label(data)} · {subset} · {data.resolution}×{data.resolution} · "
                 f"{'greyscale' if data.channels == 1 else 'colour'} · [change on the Data page](data)")
 
     page.load(describe_data, session, data_text, api_visibility="private")

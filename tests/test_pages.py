@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 
 import numpy as np
@@ -105,7 +106,32 @@ def test_the_presentation_view_shows_whole_pairs_with_labels(ctx, agc_run):
 def test_image_files_are_written_once_and_never_replaced(tmp_path):
     image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
     path = common.image_file(image)
-    stamp = (Image.open(path).size, __import__("os").stat(path).st_mtime_ns)
+    stamp = (Image.open(path).size, os.stat(path).st_mtime_ns)
     assert common.image_file(image.copy()) == path
-    assert (Image.open(path).size, __import__("os").stat(path).st_mtime_ns) == stamp
+    assert (Image.open(path).size, os.stat(path).st_mtime_ns) == stamp
     assert common.image_file(image[::-1].copy()) != path
+
+
+def test_an_upload_is_named_after_its_files_and_shown_without_server_paths(tmp_path):
+    from iet_core.config import DataConfig
+    from pages import data
+
+    for i in range(10):
+        Image.new("L", (12, 12), 20 * i).save(tmp_path / f"cat {i}.png")
+    path, rejected = data.persist_upload([str(tmp_path / f"cat {i}.png") for i in range(10)], tmp_path / "runs", 16, 1)
+    assert not rejected and re.fullmatch(r"cat-0-and-9-more-16px-1ch-[0-9a-f]{8}\.npz", os.path.basename(path))
+    label = data.source_label(DataConfig(source=path, resolution=16, channels=1))
+    assert label == f"uploaded: {os.path.basename(path)}" and str(tmp_path) not in label
+
+
+def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations(ctx, baseline, agc_run):
+    evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=8, steps=5, use_ema=True))
+    evaluate_run(ctx.jobs.run(agc_run), EvalConfig(num_samples=16, steps=5, use_ema=False))
+    table, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
+    rows = table.to_dict("records")
+    assert [r["samples"] for r in rows] == [8, 16] and [r["weights"] for r in rows] == ["EMA", "raw"]
+    assert all(re.fullmatch(r"\d+–\d+%", r["95% interval"]) for r in rows)
+    assert "different weights" in notes and "different sample counts" in notes and "training steps" in notes
+    evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
+    _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
+    assert "weights" not in notes and "sample counts" not in notes
