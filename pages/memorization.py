@@ -155,7 +155,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                           elem_id="memorization-summary")
     gr.Markdown("### The top copies\nEach generated sample (left) next to the training image nearest to it "
                 "(right), the closest copies first. The ratio is the distance to the nearest training image over the "
-                "distance to the second nearest: below 1/3, the sample is counted as a copy.")
+                "distance to the second nearest: below a third, the sample is counted as a copy.")
     presentation = gr.HTML(elem_id="presentation-view")
     with gr.Row():
         histogram = gr.Plot(show_label=False, scale=1)
