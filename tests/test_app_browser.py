@@ -126,7 +126,7 @@ def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page
     page.goto(url + "monitor")
     histogram = page.locator("#ratio-histogram")
     histogram.get_by_text(re.compile("Loss ratio")).wait_for(timeout=120_000)
-    page.locator("#monitor-status").get_by_text("finished").wait_for(timeout=120_000)
+    page.locator("#monitor-status").get_by_text("✓ finished").wait_for(timeout=120_000)
     assert ctx.jobs.status(runs[0]["run_id"])["state"] == "finished"
     page.locator("#most-skipped img").first.wait_for()  # the gallery of training images under AGC's eye
     what_if = page.get_by_role("spinbutton", name="number input for What-if λ")
@@ -192,7 +192,7 @@ def test_a_finished_baseline_offers_neither_pause_nor_apply(app_server, page):
     page.goto(url + "monitor")
     page.get_by_role("combobox", name="Run").first.click()
     page.get_by_role("option", name=re.compile(run_id[-6:])).click()
-    page.locator("#monitor-status").get_by_text("finished").wait_for()
+    page.locator("#monitor-status").get_by_text("✓ finished").wait_for()
     # Delete applies to a finished run: once the page has enabled it, it has set every control.
     page.wait_for_function("() => !document.querySelector('#delete-run').disabled")
     assert page.locator("#pause-run").is_disabled() and page.locator("#apply-lambda").is_disabled()
