@@ -16,7 +16,9 @@
       eval/<name>/         an evaluation: table.csv, summary.json, most_copied.csv, images.npz,
                            gallery.png (iet_core.evaluate says what they hold)
       export/              a diffusers DDPMPipeline
+      tensorboard/         event files of the trackers that keep local files (train.trackers)
     <root>/.deleted/       run folders set aside for removal (never listed: no config.json at the top)
+    <root>/datasets/       datasets uploaded to the app, kept so that runs trained on them can resume
 
 One writer per run (the trainer, through `RunLogger`), enforced by an advisory lock on
 `.writer.lock` that the trainer holds for its lifetime; everything else only reads. Every file
@@ -27,6 +29,7 @@ reads the logs back as the events that wrote them.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -70,6 +73,7 @@ class RunBusy(ConfigError):
 CSV_LOGS = ("metrics.csv", "rounds.csv", "samples.csv", "msr_moves.csv", "settings.csv")
 OWNER_FILE = "owner.json"
 UNET_CONFIG = "unet_config.json"
+DATASETS_DIR = "datasets"
 DELETED_DIR = ".deleted"
 WRITER_LOCK = ".writer.lock"
 
@@ -262,6 +266,15 @@ class Run:
             if len(frame) and "global_step" in frame:
                 kept = frame[frame["global_step"] < global_step] if name != "rounds.csv" else frame[frame["global_step"] <= global_step]
                 atomic_write(path, kept.to_csv(index=False))
+
+    @property
+    def metrics_path(self) -> Path:
+        """The per-step log (metrics.csv), for a download; it may not exist yet."""
+        return self.path / "metrics.csv"
+
+    @property
+    def tracker_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     def read_events(self, before_step: int | None = None) -> list[Event]:
         """The logs read back as the events that wrote them (steps and visits before
@@ -513,6 +526,13 @@ class Run:
             return None
         return json.loads((checkpoint / UNET_CONFIG).read_text())
 
+    def bundle_checkpoint(self, folder: Path) -> Path:
+        """The latest checkpoint and the run's config copied into `folder` (for a download)."""
+        checkpoint = self.checkpoint()
+        shutil.copytree(checkpoint, folder / checkpoint.name)
+        shutil.copy2(self.path / "config.json", folder / "config.json")
+        return folder
+
     def build_unet(self, seed: int = 0, checkpoint: Path | None = None):
         """The run's UNet architecture (weights from `seed`): as the checkpoint recorded it,
         else from the run's config (older checkpoints; runs without one yet)."""
@@ -608,6 +628,22 @@ class RunLogger:
             fields = {"total_steps": event.total_steps} if event.total_steps else {}
             self.run.write_status(event.state, round=event.round, global_step=event.global_step,
                                   message=event.message, **fields)
+
+
+def save_upload(root: str | Path, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """An uploaded dataset as <root>/datasets/<name>.npz (kept if already there: the name holds
+    a hash of its content)."""
+    target = Path(root) / DATASETS_DIR / f"{name}.npz"
+    if not target.exists():
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(target, buffer.getvalue())
+    return target
+
+
+def is_upload(source: str) -> bool:
+    """Whether a data source is a dataset uploaded to the app (see `save_upload`)."""
+    return source.endswith(".npz") and Path(source).parent.name == DATASETS_DIR
 
 
 def check_eval_name(name: str) -> None:
