@@ -1,5 +1,5 @@
-"""CUDA-only paths: vmapped proxies in bf16, exact resume, the out-of-memory message, the
-compiled step and evaluation on the GPU. Deselected where no CUDA GPU is available (conftest.py);
+"""CUDA-only paths: vmapped proxies in bf16, exact resume, the out-of-memory message,
+evaluation on the GPU and the compiled step (last: compiling takes longest). Deselected where no CUDA GPU is available (conftest.py);
 `python bench/gpu_check.py` runs them on one, and its dry run on the CPU as a stand-in."""
 import numpy as np
 import pytest
@@ -93,16 +93,6 @@ def test_out_of_memory_stops_with_what_to_lower(cuda_device, tmp_path):
         torch.cuda.empty_cache()
 
 
-def test_compiled_step_on_cuda_trains_the_same_model(cuda_device, tmp_path):
-    if cuda_device.type != "cuda":
-        pytest.skip("compiling for the CPU is tested in test_train.py; this is the CUDA (Triton) path")
-    config = on(cuda_device, rounds=2, local_steps=3, execution="sequential")
-    eager = train(config, runs_root=tmp_path / "eager")
-    config.train.compile = True
-    compiled = train(config, runs_root=tmp_path / "compiled")
-    assert update_error(compiled, eager, config) < 1e-2
-
-
 def test_evaluation_on_cuda_finds_the_cpu_neighbours(cuda_device, tmp_path):
     """Samples drawn on the device, then measured there and on the CPU: the same nearest
     training images (the search ends in exact integer distances) and the same ratios."""
@@ -121,3 +111,13 @@ def test_evaluation_on_cuda_finds_the_cpu_neighbours(cuda_device, tmp_path):
         cpu[["nearest_id", "second_id", "nearest_flipped", "memorized"]])
     np.testing.assert_allclose(gpu["memorization_ratio"], cpu["memorization_ratio"], rtol=1e-12)
     assert gpu["memorized"].tail(8).all()
+
+
+def test_compiled_step_on_cuda_trains_the_same_model(cuda_device, tmp_path):
+    if cuda_device.type != "cuda":
+        pytest.skip("compiling for the CPU is tested in test_train.py; this is the CUDA (Triton) path")
+    config = on(cuda_device, rounds=2, local_steps=3, execution="sequential")
+    eager = train(config, runs_root=tmp_path / "eager")
+    config.train.compile = True
+    compiled = train(config, runs_root=tmp_path / "compiled")
+    assert update_error(compiled, eager, config) < 1e-2
