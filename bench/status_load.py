@@ -4,7 +4,8 @@
 
 Starts the app in-process on a fresh runs folder and a long tiny run, waits until it trains,
 then measures /run_status one call at a time (the baseline), then `callers` calls at once,
-each from its own thread through gradio_client, as many users' pages poll; then `queued`
+each from its own thread through gradio_client, as many users' pages poll (again with the
+run paused, to tell the training's share from the server's); then `queued`
 runs submitted at once behind the training one: their /start_run latency and whether the
 queue positions come back 1..queued. A benchmark, not a test: it prints figures, asserts none.
 """
@@ -74,6 +75,12 @@ def main() -> None:
             baseline = [timed(status) for _ in range(args.baseline)]
             with ThreadPoolExecutor(args.callers) as pool:
                 parallel = list(pool.map(lambda _: timed(status), range(args.callers)))
+            client.predict(run_id, owner, api_name="/pause_run")  # the same calls without training alongside
+            while ctx.jobs.status(run_id)["state"] != "paused":
+                time.sleep(0.1)
+            with ThreadPoolExecutor(args.callers) as pool:
+                idle = list(pool.map(lambda _: timed(status), range(args.callers)))
+            client.predict(run_id, owner, api_name="/resume_run")
             configs = [small_config("ddpm", rounds=2).to_json() for _ in range(args.queued)]
 
             def submit(config: str) -> tuple[float, int | None]:
@@ -90,6 +97,7 @@ def main() -> None:
         "machine": platform.machine(), "callers": args.callers,
         "run_status_one_at_a_time": percentiles(baseline),
         "run_status_parallel": percentiles(parallel),
+        "run_status_parallel_training_paused": percentiles(idle),
         "start_run_parallel": percentiles([s for s, _ in submitted]),
         "queue_positions": sorted(p for _, p in submitted),
     }
