@@ -17,7 +17,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from helpers import tiny_config
-from iet_core import ConfigError, train
+from iet_core import ConfigError, Run, train
 from iet_core.evaluate import list_evals
 from iet_core.jobs import JobManager
 from iet_core.owners import JobError
@@ -187,3 +187,33 @@ def test_download_folders_expire(monkeypatch):
     os.utime(first, (stale, stale))
     second = common.download_dir("new")
     assert second.exists() and not first.exists()
+
+
+def test_sigterm_during_an_evaluation_cancels_it_and_exits_cleanly(tmp_path):
+    import socket
+
+    from gradio_client.utils import Status
+
+    runs = tmp_path / "runs"
+    run = train(tiny_config("ddpm", rounds=1), runs_root=runs)  # made outside the app: claimable by the flag
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    app = subprocess.Popen([sys.executable, "app.py", "--runs-dir", str(runs), "--port", str(port), "--claim-cli-runs",
+                            "--max-eval-work", "100000000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for line in app.stdout:  # the server says where it listens once it is up
+            if f":{port}" in line:
+                break
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit(run.id, 50_000, 1000, OWNER, api_name="/evaluate_run")
+        wait_until(lambda: job.status().code == Status.PROCESSING, what="the evaluation to start")
+        app.send_signal(signal.SIGTERM)
+        _, errors = app.communicate(timeout=120)
+    finally:
+        app.kill()
+    assert app.returncode == 0, errors[-2000:]
+    assert "terminate called" not in errors
+    assert not list_evals(Run(run.path))  # cancelled: nothing saved
