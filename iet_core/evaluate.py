@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, EvalConfig, SAMPLERS
+from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig
 from .data import ImageDataset
 from .fid import FIDUnavailable, fid_score
 from .metrics import MQ_THRESHOLDS, copy_counts, memorization_ratio, mq_ratio, shares_below
@@ -409,7 +409,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int, help="samples per generation batch")
     parser.add_argument("--weights", choices=("ema", "model"), help="EMA (default) or raw weights")
-    parser.add_argument("--threshold", type=float, help="memorized when L2 nearest / second nearest is below this (1/3)")
+    parser.add_argument("--threshold", type=float, help=f"memorized when L2 nearest / second nearest is below this ({MEMORIZATION_THRESHOLD:.4g})")
     parser.add_argument("--flip-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="also compare with mirrored training images (default: when training flipped)")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")

@@ -18,7 +18,7 @@ from gradio.context import LocalContext
 
 from iet_core.config import ConfigError, EvalConfig, RunConfig
 from iet_core.evaluate import evaluate_run, load_eval
-from iet_core.jobs import owner_digest
+from iet_core.owners import owner_digest
 from pages.common import AppContext, user_errors
 from pages.train import demo_run_config
 

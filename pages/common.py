@@ -23,7 +23,8 @@ from iet_core.config import ConfigError
 from iet_core.evaluate import EvaluationGate
 from iet_core.sample import Cancelled
 from iet_core.data import ImageDataset
-from iet_core.jobs import JobManager, new_owner_token
+from iet_core.jobs import JobManager
+from iet_core.owners import new_owner_token
 
 # Samples x sampling steps one evaluation may ask of the server (64 samples of 1,000 DDPM
 # steps); admins change it with --max-eval-work.
