@@ -33,7 +33,7 @@ SESSION_KEY = "iet-agc-app-session"
 SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}
 # Plain symbols that every system font has (emoji need a colour-emoji font).
 STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping": "■", "stopped": "■",
-               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!"}
+               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!", "damaged": "✗"}
 
 
 @dataclass
