@@ -25,6 +25,7 @@ import gradio as gr
 
 from iet_core.data import SourcePolicy
 from iet_core.jobs import JobManager
+from iet_core.runs import DATASETS_DIR
 from pages import common, compare, data, learn, memorization, monitor, start, train
 
 DEFAULT_RUNS_DIR = "runs"
@@ -51,7 +52,7 @@ def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int |
     """The Gradio app and its context (job manager, runs folder) for a runs folder. Users may
     train on built-in data, Hub datasets, their uploads and the admin's `data_dirs`."""
     max_bytes = None if max_disk_per_user_mb is None else int(max_disk_per_user_mb * 2**20)
-    sources = SourcePolicy.allowing(Path(runs_root) / "datasets", *data_dirs)
+    sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs)
     jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes,
                       sources=sources, claim_unowned=claim_cli_runs, max_live_jobs=max_live_jobs,
                       max_steps_per_run=max_steps_per_run)

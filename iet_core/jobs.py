@@ -25,7 +25,7 @@ from .data import SourcePolicy
 from .history import RunHistory
 from .owners import JobError, Quota, check_recorded_owner, owner_digest, same_owner, set_aside_stale
 from .neighbours import resolve_device
-from .runs import Run, is_run_folder, list_runs, remove_folders
+from .runs import DATASETS_DIR, Run, is_run_folder, list_runs, remove_folders
 from .telemetry import Event
 from .train import TrainControl, train
 
@@ -88,7 +88,7 @@ class JobManager:
         self.quota = Quota(max_runs_per_owner, max_bytes_per_owner)
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
-        self.sources = sources or SourcePolicy.allowing(self.runs_root / "datasets")
+        self.sources = sources or SourcePolicy.allowing(self.runs_root / DATASETS_DIR)
         self.claim_unowned = claim_unowned
         self.max_live_jobs, self.max_steps_per_run = max_live_jobs, max_steps_per_run
         self.max_running = max_running

@@ -15,6 +15,7 @@ import pandas as pd
 
 from iet_core.config import MAX_IMAGES, ConfigError, DataConfig, RunConfig
 from iet_core.data import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, DataError, load_dataset
+from iet_core.runs import is_upload, save_upload
 from pages import common
 
 TITLE, PATH = "1 · Data", "data"
@@ -51,7 +52,6 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
     first = min(paths, key=lambda p: p.name)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", first.stem).strip("-")[:32] or "upload"
     more = f"-and-{len(paths) - 1}-more" if len(paths) > 1 else ""
-    target = runs_root / "datasets" / f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}.npz"
     with tempfile.TemporaryDirectory() as tmp:
         if archives:
             source = archives[0]
@@ -61,26 +61,18 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
             for path in paths:
                 shutil.copy2(path, source / path.name)
         dataset = load_dataset(DataConfig(source=str(source), resolution=resolution, channels=channels, subset=None))
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"images": dataset.images.numpy()}
-        if dataset.labels is not None:
-            arrays["labels"] = dataset.labels.numpy()
-        partial = target.with_suffix(".tmp.npz")
-        np.savez_compressed(partial, **arrays)
-        partial.replace(target)
-    return str(target), dataset.rejected
-
-
-def is_upload(config: DataConfig) -> bool:
-    return config.source.endswith(".npz") and Path(config.source).parent.name == "datasets"
+    arrays = {"images": dataset.images.numpy()}
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels.numpy()
+    name = f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}"
+    return str(save_upload(runs_root, name, arrays)), dataset.rejected
 
 
 def source_label(config: DataConfig) -> str:
     """Where the images come from, in words (an upload by its file name: never a server path)."""
     if config.source.startswith("hf:"):
         return f"Hugging Face dataset {config.source[3:]} ({config.hf_split})"
-    if is_upload(config):
+    if is_upload(config.source):
         return f"uploaded: {Path(config.source).name}"
     return "built-in handwritten digits" if config.source == "digits" else Path(config.source).name
 
@@ -163,7 +155,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             chosen = RunConfig.from_dict({"data": (session or {}).get("data") or {}}).data
         except ConfigError:
             chosen = DataConfig()
-        choice = UPLOAD if is_upload(chosen) else HUB if chosen.source.startswith("hf:") else BUILTIN
+        choice = UPLOAD if is_upload(chosen.source) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
             dataset = load_dataset(chosen, ctx.jobs.sources)
         except DataError as err:

@@ -3,7 +3,6 @@ image; the share of copies, MQ, FID when available, and the most-copied training
 their skip history from training."""
 from __future__ import annotations
 
-import shutil
 
 import gradio as gr
 import pandas as pd
@@ -191,7 +190,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             raise gr.Error("Pick a run first.", print_exception=False)
         result = load_eval(ctx.jobs.run(run_id))
         target = common.download_dir(run_id) / f"{run_id}-{result.path.name}-table.csv"
-        shutil.copy2(result.path / "table.csv", target)
+        result.table.to_csv(target, index=False)
         return gr.update(value=str(target), visible=True)
 
     export_table.click(table_csv, picker, download, api_visibility="private")
