@@ -62,7 +62,8 @@ def test_resume_on_cuda_gives_the_same_weights(cuda_device, tmp_path):
     again = train(config, runs_root=tmp_path / "b")
     difference = float((model_vector(straight) - model_vector(again)).abs().max())
     assert difference == 0, (f"two identical runs differ by up to {difference:.2e}: training on {cuda_device} is "
-                             "not deterministic, so no resume can be exact")
+                             "not deterministic (cuDNN's convolution backward and index_add_ add with atomics), so "
+                             "no resume can be exact without torch.use_deterministic_algorithms")
     control = TrainControl()
     run, dataset = create_run(config, tmp_path / "c")
     stop = lambda event: isinstance(event, StepEvent) and event.global_step[-1] >= 7 and control.stop()
