@@ -42,6 +42,9 @@ class DataConfig:
     hf_split: str = "train"
     hf_image_column: str | None = None  # None: the first image column
     hf_label_column: str | None = None  # None: "label" or "labels" when present
+    # Captions for text-to-image: the metadata.jsonl field or dataset column ("text" by the
+    # imagefolder convention; same-name .txt files also count). None: images only.
+    caption_column: str | None = None
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source is empty: give a built-in name ('digits'), a folder, a .zip, an .npz or 'hf:<id>'.")
@@ -254,6 +257,31 @@ class EvalConfig:
 
 
 @dataclass
+class TextToImageConfig:
+    """Fine-tuning a Stable Diffusion pipeline (model.pretrained: a local diffusers folder or a
+    Hub id) on captioned images. Only the UNet trains; the VAE's latents and the text encoder's
+    embeddings are computed once, so the noise schedule is the pipeline's own, not model.beta_*."""
+
+    enabled: bool = False
+    lora_rank: int | None = 4  # LoRA adapters of this rank on the UNet's attention; None: full UNet fine-tune
+    lora_alpha: float | None = None  # None: the rank (scale 1), as diffusers' LoRA example
+    lora_targets: str = "to_k,to_q,to_v,to_out.0"  # comma-separated module names, as diffusers' example
+    guidance_scale: float = 7.5  # classifier-free guidance when generating from the training captions
+    images_per_caption: int = 1  # generations per caption in evaluation
+    # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder; None: a pixel-space stand-in
+    feature_extractor: str | None = None
+    copy_threshold: float = 0.5  # cosine similarity to the nearest training image above which a generation is a copy
+
+    def validate(self) -> None:
+        _check(self.lora_rank is None or 1 <= self.lora_rank <= 1024, f"text2image.lora_rank={self.lora_rank}: use 1..1024, or none for a full UNet fine-tune.")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "text2image.lora_alpha must be positive (or none for the rank).")
+        _check(all(t.strip() for t in self.lora_targets.split(",")), "text2image.lora_targets: list module names separated by commas, e.g. to_k,to_q,to_v,to_out.0.")
+        _check(0 <= self.guidance_scale <= 50, f"text2image.guidance_scale={self.guidance_scale}: use 0..50 (1 turns guidance off; 7.5 is usual).")
+        _check(1 <= self.images_per_caption <= 64, f"text2image.images_per_caption={self.images_per_caption}: use 1..64.")
+        _check(-1 < self.copy_threshold < 1, f"text2image.copy_threshold={self.copy_threshold}: use a cosine similarity in (-1, 1); 0.5 is the SSCD convention.")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -261,6 +289,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    text2image: TextToImageConfig = field(default_factory=TextToImageConfig)
 
     def validate(self, num_images: int | None = None) -> "RunConfig":
         """Check every setting; with the dataset size, also the settings that depend on it."""
@@ -271,7 +300,16 @@ class RunConfig:
         self.method.validate()
         self.train.validate()
         self.eval.validate()
-        if self.model.pretrained is None:
+        self.text2image.validate()
+        if self.text2image.enabled:
+            _check(bool(self.model.pretrained), "text2image needs model.pretrained: a Stable Diffusion pipeline folder or Hub id.")
+            _check(bool(self.data.caption_column), "text2image needs captions: set data.caption_column (\"text\" for metadata.jsonl or .txt captions).")
+            _check(self.data.channels == 3, "text2image trains on RGB images: set data.channels=3.")
+            # Latents are cached once: pixel-space flips and TAA's pixel augmentations cannot act on them.
+            _check(not self.train.hflip, "text2image caches latents, so train.hflip cannot flip images: set it false.")
+            _check(not self.method.taa.enabled, "text2image caches latents, so TAA's pixel augmentations cannot act: "
+                   "turn method.taa off (MSR still works).")
+        elif self.model.pretrained is None:
             from .models import check_resolution
 
             check_resolution(self.model.preset, self.data.resolution)
@@ -352,6 +390,25 @@ def _coerce(value: Any, annotation: str, where: str):
         kind = {"int": "a whole number", "float": "a number"}.get(base, base)
         raise ConfigError(f"{where}={value!r}: use {kind}.") from None
     return value
+
+
+def text_to_image_config(pretrained: str, source: str, mode: str = "iet-agc", lora_rank: int | None = 4,
+                         resolution: int = 256) -> RunConfig:
+    """Fine-tuning recipe for a Stable Diffusion pipeline on captioned images: K = 4 proxies and
+    lambda = 0.8 (the reference's mem_ratio 1.25); LoRA at diffusers' example lr 1e-4, or the
+    reference's full fine-tune at 2.5e-6."""
+    method = method_for_mode(mode, num_shards=4)
+    method.agc.skip_lambda = 0.8
+    method.taa.enabled = False
+    full = lora_rank is None
+    train = TrainConfig(rounds=25 if full else 10, local_steps=2000 if full else 250, batch_size=8,
+                        lr=2.5e-6 if full else 1e-4, optimizer="adamw", weight_decay=1e-2, warmup_steps=0,
+                        hflip=False, preview_samples=4, preview_steps=25)
+    return RunConfig(name=f"sd-{'full' if full else 'lora'}-{mode}",
+                     data=DataConfig(source=source, resolution=resolution, channels=3, subset=None, caption_column="text"),
+                     model=ModelConfig(pretrained=pretrained), method=method, train=train,
+                     eval=EvalConfig(num_samples=64, steps=50, use_ema=False),
+                     text2image=TextToImageConfig(enabled=True, lora_rank=lora_rank))
 
 
 def demo_config(mode: str = "ddpm", **train_overrides: Any) -> RunConfig:

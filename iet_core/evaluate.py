@@ -179,6 +179,10 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     training data, and save the result under RUN/eval/<name>/ (name: from the settings).
     config: None uses the run's own eval settings."""
     run = run if isinstance(run, Run) else Run.open(run)
+    if run.config.text2image.enabled:
+        from .text2image.evaluate import evaluate_text_to_image
+
+        return evaluate_text_to_image(run, config, device=device, name=name, save=save, dataset=dataset)
     config = config or run.config.eval
     config.validate()
     if name is not None:
@@ -286,7 +290,11 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
         raise ConfigError(f"run {run.id} has no evaluation {name!r}; saved: {', '.join(names) or 'none'}.")
     with np.load(folder / "images.npz", allow_pickle=False) as images:
         generated, nearest = images["generated"], images["nearest"]
-    return EvalResult(pd.read_csv(folder / "table.csv"), json.loads((folder / "summary.json").read_text()),
+    summary = json.loads((folder / "summary.json").read_text())
+    result_class = EvalResult
+    if summary.get("kind") == "text2image":
+        from .text2image.evaluate import CopyResult as result_class
+    return result_class(pd.read_csv(folder / "table.csv"), summary,
                       pd.read_csv(folder / "most_copied.csv"), generated, nearest, folder)
 
 
@@ -294,6 +302,10 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
 
 def format_summary(summary: dict) -> str:
     """The summary as aligned text lines for a terminal."""
+    if summary.get("kind") == "text2image":
+        from .text2image.evaluate import format_copy_summary
+
+        return format_copy_summary(summary)
     lines = []
     if "run_id" in summary:
         lines.append(f"run {summary['run_id']}  {summary['checkpoint']} ({summary['weights']} weights), "
