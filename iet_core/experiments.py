@@ -28,6 +28,7 @@ from .cli import add_config_arguments, apply_settings, config_from_args
 from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
 from .evaluate import evaluate_images
+from .neighbours import resolve_device
 from .quality import QualityMeter
 from .runs import Run, atomic_write, list_runs
 from .sample import generate_from_run
@@ -176,7 +177,7 @@ def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, ex
     config = run.config
     _, meta = run.load_checkpoint(checkpoint)
     samples = generate_from_run(run, experiment.num_samples, checkpoint=checkpoint, steps=experiment.sample_steps,
-                                seed=1000 + seed, use_ema=config.eval.use_ema)
+                                seed=1000 + seed, use_ema=config.eval.use_ema, device=resolve_device(config.train.device))
     flips = config.train.hflip or (config.method.taa.enabled and config.method.taa.flip)
     result = evaluate_images(samples, dataset, config.eval, flip_aware=flips, per_sample=run.per_sample())
     summary = result.summary
