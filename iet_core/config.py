@@ -395,8 +395,8 @@ def _coerce(value: Any, annotation: str, where: str):
     return value
 
 
-def text_to_image_config(pretrained: str, source: str, mode: str = "iet-agc", lora_rank: int | None = 4,
-                         resolution: int = 256) -> RunConfig:
+def text_to_image_config(pretrained: str | None = None, source: str = "", mode: str = "iet-agc",
+                         lora_rank: int | None = 4, resolution: int = 256) -> RunConfig:
     """Fine-tuning recipe for a Stable Diffusion pipeline on captioned images: K = 4 proxies and
     lambda = 0.8 (the reference's mem_ratio 1.25); LoRA at diffusers' example lr 1e-4, or the
     reference's full fine-tune at 2.5e-6."""
@@ -404,9 +404,10 @@ def text_to_image_config(pretrained: str, source: str, mode: str = "iet-agc", lo
     method.agc.skip_lambda = 0.8
     method.taa.enabled = False
     full = lora_rank is None
+    # No EMA (decay 0: the EMA equals the weights), as diffusers' fine-tuning examples by default.
     train = TrainConfig(rounds=25 if full else 10, local_steps=2000 if full else 250, batch_size=8,
                         lr=2.5e-6 if full else 1e-4, optimizer="adamw", weight_decay=1e-2, warmup_steps=0,
-                        hflip=False, preview_samples=4, preview_steps=25)
+                        ema_decay=0.0, hflip=False, preview_samples=4, preview_steps=25)
     return RunConfig(name=f"sd-{'full' if full else 'lora'}-{mode}",
                      data=DataConfig(source=source, resolution=resolution, channels=3, subset=None, caption_column="text"),
                      model=ModelConfig(pretrained=pretrained), method=method, train=train,

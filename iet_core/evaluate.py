@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, EvalConfig, SAMPLERS
+from .config import SAMPLERS, ConfigError, EvalConfig, TextToImageConfig
 from .data import ImageDataset
 from .fid import FIDUnavailable, fid_score
 from .metrics import MQ_THRESHOLDS, copy_counts, memorization_ratio, mq_ratio, shares_below
@@ -174,15 +174,17 @@ def flips_in_training(run: Run) -> bool:
 
 def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
                  progress: Progress | None = None, name: str | None = None, save: bool = True,
-                 dataset: ImageDataset | None = None) -> EvalResult:
+                 dataset: ImageDataset | None = None, text2image: TextToImageConfig | None = None) -> EvalResult:
     """Sample the run's latest checkpoint (EMA or raw weights), measure the samples against its
     training data, and save the result under RUN/eval/<name>/ (name: from the settings).
-    config: None uses the run's own eval settings."""
+    config: None uses the run's own eval settings; text2image (for text-to-image runs): None
+    uses the run's own copy-detection settings."""
     run = run if isinstance(run, Run) else Run.open(run)
     if run.config.text2image.enabled:
         from .text2image.evaluate import evaluate_text_to_image
 
-        return evaluate_text_to_image(run, config, device=device, name=name, save=save, dataset=dataset)
+        return evaluate_text_to_image(run, config, device=device, name=name, save=save, dataset=dataset,
+                                      settings=text2image)
     config = config or run.config.eval
     config.validate()
     if name is not None:
@@ -344,6 +346,10 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="also compare with mirrored training images (default: when training flipped)")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")
     parser.add_argument("--fid-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--feature-extractor", help="text-to-image runs: SSCD TorchScript file or DINOv2 / CLIP "
+                                                    "transformers folder for copy detection")
+    parser.add_argument("--guidance-scale", type=float, help="text-to-image runs: classifier-free guidance")
+    parser.add_argument("--images-per-caption", type=int, help="text-to-image runs: generations per training caption")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--name", help="folder name under RUN/eval (default: from the settings)")
     parser.add_argument("--no-save", action="store_true", help="print only; save nothing in the run folder")
@@ -358,8 +364,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  "flip_aware": args.flip_aware, "fid_weights": args.fid_weights,
                  "use_ema": None if args.weights is None else args.weights == "ema", "fid": args.fid or None}
     config = replace(run.config.eval, **{k: v for k, v in overrides.items() if v is not None})
+    copy_settings = {"feature_extractor": args.feature_extractor, "guidance_scale": args.guidance_scale,
+                     "images_per_caption": args.images_per_caption}
+    text2image = replace(run.config.text2image, **{k: v for k, v in copy_settings.items() if v is not None})
     result = evaluate_run(run, config, device=args.device, name=args.name, save=not args.no_save,
-                          progress=_print_progress)
+                          progress=_print_progress, text2image=text2image)
     print(format_summary(result.summary))
     if result.path is not None:
         print(f"saved: {result.path}")

@@ -243,3 +243,20 @@ def test_text_to_image_settings_are_checked_before_a_run_exists(tmp_path, pipeli
     with pytest.raises(ConfigError, match="multiple of 4"):
         train(config, runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists() or all(Run(p).status()["state"] == "failed" for p in (tmp_path / "runs").iterdir())
+
+
+def test_cli_fine_tunes_evaluates_and_exports(tmp_path, pipeline_folder, capsys):
+    from iet_core.cli import main
+
+    data = captioned_folder(tmp_path / "data", count=4)
+    assert main(["train", "--recipe", "text2image", "--pretrained", str(pipeline_folder), "--data", str(data),
+                 "--resolution", "16", "--rounds", "1", "--local-steps", "2", "--batch-size", "2", "--device", "cpu",
+                 "--set", "train.preview_samples=0", "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    assert Run.open(run).status()["state"] == "finished"
+    assert main(["evaluate", str(run), "--num-samples", "4", "--steps", "2", "--images-per-caption", "2",
+                 "--guidance-scale", "1"]) == 0
+    assert "measure: pixel correlation" in capsys.readouterr().out
+    assert load_eval(run).summary["num_captions"] == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import ConfigError, EvalConfig, RunConfig
+from ..config import ConfigError, EvalConfig, TextToImageConfig
 from ..data import ImageDataset
 from ..evaluate import EvalResult, _check_name, _check_trained_on, _side_by_side, save_eval
 from ..features import FeatureExtractor, cosine_neighbours, load_feature_extractor, similarity_ratio
@@ -49,19 +49,18 @@ class CopyResult(EvalResult):
 
 
 @torch.no_grad()
-def generate(components: Components, prompts: list[str], config: RunConfig, *, steps: int, device: torch.device,
-             seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+def generate(components: Components, prompts: list[str], *, resolution: int, guidance_scale: float, steps: int,
+             sampler: str = "ddim", device: torch.device, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
     """uint8 (N, 3, H, W) at the training resolution, prompt i from its own seed (seed, i), so
     an image does not depend on the batch it was drawn in."""
-    pipeline = components.pipeline(config.eval.sampler).to(device)
+    pipeline = components.pipeline(sampler).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    size = config.data.resolution
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         generators = [torch.Generator(device).manual_seed(derive_seed(seed, start + j)) for j in range(len(batch))]
-        images = pipeline(prompt=batch, height=size, width=size, num_inference_steps=steps,
-                          guidance_scale=config.text2image.guidance_scale, generator=generators, output_type="np").images
+        images = pipeline(prompt=batch, height=resolution, width=resolution, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=generators, output_type="np").images
         out.append(torch.from_numpy(np.rint(images * 255.0).astype(np.uint8)).permute(0, 3, 1, 2))
     return torch.cat(out)
 
@@ -107,10 +106,11 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
 
 def evaluate_text_to_image(run: Run | str | Path, config: EvalConfig | None = None, *,
                            device: str | torch.device | None = None, name: str | None = None, save: bool = True,
-                           dataset: ImageDataset | None = None) -> CopyResult:
+                           dataset: ImageDataset | None = None, settings: TextToImageConfig | None = None) -> CopyResult:
     """Generate text2image.images_per_caption images for each of eval.num_samples /
     images_per_caption training captions (a seeded choice), detect copies with
-    text2image.feature_extractor, and save under RUN/eval/<name>/."""
+    text2image.feature_extractor, and save under RUN/eval/<name>/. settings: None uses the
+    run's own text2image settings (the model settings always are the run's)."""
     run = run if isinstance(run, Run) else Run.open(run)
     run_config = run.config
     config = config or run_config.eval
@@ -123,15 +123,16 @@ def evaluate_text_to_image(run: Run | str | Path, config: EvalConfig | None = No
     dataset = dataset or run.dataset()
     _check_trained_on(checkpoint, dataset)
     device = resolve_device(device)
-    t2i = run_config.text2image
+    t2i = settings or run_config.text2image
+    t2i.validate()
     count = max(1, min(len(dataset), config.num_samples // t2i.images_per_caption))
     chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset), count, replace=False))
     positions = np.repeat(chosen, t2i.images_per_caption)
     components = trained_components(run, config.use_ema, checkpoint)
-    run_config.eval = config
     started = time.perf_counter()
-    generated = generate(components, [dataset.captions[p] for p in positions], run_config, steps=config.steps,
-                         device=device, seed=config.seed, batch_size=config.batch_size)
+    generated = generate(components, [dataset.captions[p] for p in positions], resolution=run_config.data.resolution,
+                         guidance_scale=t2i.guidance_scale, steps=config.steps, sampler=config.sampler, device=device,
+                         seed=config.seed, batch_size=config.batch_size)
     sampling_seconds = time.perf_counter() - started
     result = detect_copies(generated, positions, dataset, load_feature_extractor(t2i.feature_extractor, device),
                            t2i.copy_threshold, config.memorization_threshold)

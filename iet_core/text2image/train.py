@@ -60,5 +60,6 @@ class TextToImageTrainer(Trainer):
         from .evaluate import generate
 
         captions = [self.dataset.captions[i % len(self.dataset)] for i in range(count)]
-        return generate(self.components, captions, self.config, steps=self.config.train.preview_steps,
-                        device=self.device)
+        return generate(self.components, captions, resolution=self.config.data.resolution,
+                        guidance_scale=self.config.text2image.guidance_scale, steps=self.config.train.preview_steps,
+                        device=self.device, seed=self.config.train.seed)
