@@ -7,6 +7,7 @@ the source before any subset is taken), plus the files that were rejected and wh
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -17,18 +18,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, DataConfig
+from .config import MAX_IMAGES, ConfigError, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BUILTIN = ("digits",)
 
 # Limits on what a user may hand us (uploads reach the app from anyone).
-MAX_IMAGES = 200_000
 MAX_FILES = 2 * MAX_IMAGES  # an image and its caption file each
 MAX_FILE_BYTES = 50 * 2**20
-MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries
 MAX_CAPTION_CHARS = 4_000
+MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries (and of an upload)
 MAX_PIXELS = 40_000_000  # one decoded image; larger is treated as a decompression bomb
+MAX_DATASET_PIXELS = 250_000_000  # all decoded images of one folder or archive together (seconds of CPU, not minutes)
+# A Hugging Face Hub id: owner/name, nothing else (no absolute, relative or home paths).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # What zipfile raises for damaged, encrypted or exotic archives and entries (found by fuzzing;
 # UnicodeDecodeError from garbled names is a ValueError).
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
@@ -36,6 +39,50 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedE
 
 class DataError(ConfigError):
     """The data cannot be used; the message says what to do."""
+
+
+def is_hub_id(spec: str) -> bool:
+    return HUB_ID.fullmatch(spec) is not None and ".." not in spec
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """The data sources a server may read: built-in datasets, Hub ids (`hf:owner/name`), and
+    files or `save_to_disk` folders inside the folders its admin named (uploads are kept in
+    one). Every refusal reads the same, so no answer tells whether a server path exists."""
+
+    folders: tuple[Path, ...] = ()
+
+    @classmethod
+    def allowing(cls, *folders: str | Path) -> "SourcePolicy":
+        return cls(tuple(Path(f).expanduser().resolve() for f in folders))
+
+    def check(self, source: str) -> None:
+        if source in BUILTIN or (source.startswith("hf:") and is_hub_id(source[3:])):
+            return
+        local = source[3:] if source.startswith("hf:") else source
+        try:
+            path = Path(local).expanduser().resolve()  # links resolved: a link out of a folder is outside it
+        except (OSError, RuntimeError, ValueError):
+            path = None
+        if local and path is not None and any(path.is_relative_to(folder) for folder in self.folders):
+            return
+        raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
+                        f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
+
+
+class _PixelBudget:
+    """Decoded pixels left for one folder or archive, taken from each image's header before
+    it is decoded (many large images in a small archive cost minutes of CPU otherwise)."""
+
+    def __init__(self, limit: int = MAX_DATASET_PIXELS):
+        self.left = limit
+
+    def take(self, width: int, height: int) -> None:
+        if width * height > self.left:
+            raise DataError(f"the images add up to over {MAX_DATASET_PIXELS:,} pixels (the limit per dataset): "
+                            "use fewer or smaller images")
+        self.left -= width * height
 
 
 @dataclass
@@ -105,7 +152,7 @@ def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarr
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudget | None = None) -> np.ndarray:
     """Bytes of an image file to uint8 (C, res, res); raises DataError with the reason."""
     if len(data) > MAX_FILE_BYTES:
         raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
@@ -113,6 +160,8 @@ def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(f"image has {image.width}x{image.height} pixels, over the {MAX_PIXELS:,} pixel limit")
+            if budget is not None:
+                budget.take(image.width, image.height)
             image.load()
             return pil_to_array(image, resolution, channels)
     except DataError:
@@ -136,11 +185,21 @@ def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.nda
         arr = arr.transpose(0, 3, 1, 2)
     if arr.shape[1] not in (1, 3, 4):
         raise DataError(f"cannot tell the channel axis of images with shape {arr.shape}: use 1, 3 or 4 channels.")
+    if len(arr) == 0:
+        raise DataError("the images array is empty: it needs at least one image.")
+    if arr.dtype == np.uint16:  # 16-bit images, as PIL reads them too
+        arr = arr / 257.0
     if arr.dtype != np.uint8:
-        arr = arr.astype(np.float64)
-        if arr.max(initial=0) <= 1.0 and arr.min(initial=0) >= 0.0:
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise DataError(f"images must hold real numbers, got {arr.dtype}.")
+        arr = np.nan_to_num(arr.astype(np.float64), nan=-1.0)
+        low, high = arr.min(), arr.max()
+        if low >= 0.0 and high <= 1.0:
             arr = arr * 255.0
-        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        elif low < 0.0 or high > 255.0:
+            raise DataError(f"image values run from {low:g} to {high:g} (or are not finite): give values in "
+                            "0..255 or 0..1 (e.g. map [-1, 1] to [0, 1] first).")
+        arr = np.rint(arr).astype(np.uint8)
     if arr.shape[1] == 4:
         arr = arr[:, :3]
     src_channels = arr.shape[1]
@@ -179,9 +238,10 @@ def _labels_from_names(names: list[str]) -> np.ndarray | None:
 def _decode_many(entries, resolution: int, channels: int, where: str):
     """(name, bytes-reader) pairs to images, the names decoded and rejects (name, reason)."""
     images, names, rejected = [], [], []
+    budget = _PixelBudget()
     for name, read in entries:
         try:
-            images.append(decode_image(read(), resolution, channels))
+            images.append(decode_image(read(), resolution, channels, budget))
             names.append(name)
         except DataError as err:
             rejected.append((name, str(err)))
@@ -192,6 +252,13 @@ def _decode_many(entries, resolution: int, channels: int, where: str):
     return np.stack(images), names, rejected
 
 
+def _read_file(path: Path) -> bytes:
+    """A file's bytes, its size checked before anything is read."""
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    return path.read_bytes()
+
+
 def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
@@ -199,14 +266,24 @@ def is_image_name(name: str) -> bool:
 @contextmanager
 def source_files(path: Path):
     """The files of a folder or a .zip as {relative name: reader of its bytes}, plus (name,
-    reason) for entries refused on sight. A zip is read straight from the archive, never
-    extracted to disk (no zip-slip possible); sizes and counts are checked from the central
-    directory before anything is decompressed."""
+    reason) for entries refused on sight (links out of the folder, unsafe archive paths,
+    oversized entries). A zip is read straight from the archive, never extracted to disk (no
+    zip-slip possible); sizes and counts are checked from the central directory before
+    anything is decompressed. Messages name the source by its last part only: a server never
+    shows its own paths."""
     if path.is_dir():
+        root = path.resolve()
         found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if len(found) > MAX_FILES:
-            raise DataError(f"{path} holds {len(found):,} files, over the {MAX_FILES:,} limit: use a smaller folder.")
-        yield {p.relative_to(path).as_posix(): p.read_bytes for p in found}, []
+            raise DataError(f"{path.name} holds {len(found):,} files, over the {MAX_FILES:,} limit: use a smaller folder.")
+        files, rejected = {}, []
+        for file in found:
+            name = file.relative_to(path).as_posix()
+            if not file.resolve().is_relative_to(root):
+                rejected.append((name, "a link to a file outside the folder"))
+            else:
+                files[name] = lambda file=file: _read_file(file)
+        yield files, rejected
         return
     try:
         archive = zipfile.ZipFile(path)
@@ -234,6 +311,10 @@ def source_files(path: Path):
         yield files, rejected
 
 
+def source_name(path: Path) -> str:
+    return f"the folder {path.name}" if path.is_dir() else f"the archive {path.name}"
+
+
 def image_entries(files: dict, where: str) -> tuple[list, list[tuple[str, str]]]:
     """The image files among `files` (name, reader), and the others as rejected."""
     entries = [(name, read) for name, read in files.items() if is_image_name(name)]
@@ -244,7 +325,7 @@ def image_entries(files: dict, where: str) -> tuple[list, list[tuple[str, str]]]
 
 def load_files(path: Path, resolution: int, channels: int):
     """Images of a folder or a .zip, class labels from their folders."""
-    where = f"the folder {path}" if path.is_dir() else f"the archive {path.name}"
+    where = source_name(path)
     with source_files(path) as (files, rejected):
         entries, others = image_entries(files, where)
         images, names, bad = _decode_many(entries, resolution, channels, where)
@@ -271,8 +352,9 @@ def load_npz(path: Path, resolution: int, channels: int):
                 raise DataError(f"{path.name} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}).")
             images = npz["images"]
             labels = npz["labels"].astype(np.int64).reshape(-1) if "labels" in npz else None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path.name} is not a readable .npz file ({err}).") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = err if isinstance(err, ValueError) else "damaged, or not an .npz archive"  # OSErrors name the path
+        raise DataError(f"{path.name} is not a readable .npz file ({reason}).") from None
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
     return array_to_images(images, resolution, channels), labels, []
@@ -280,19 +362,21 @@ def load_npz(path: Path, resolution: int, channels: int):
 
 def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, caption_column: str | None,
             resolution: int, channels: int):
-    """A Hugging Face dataset: a Hub id, or a local folder written by `save_to_disk`. Returns
-    images, labels, captions (when caption_column is given) and rejected rows."""
+    """A Hugging Face dataset: a Hub id (`owner/name`, always read from the Hub), or a local
+    folder written by `save_to_disk`. Returns images, labels, captions (when caption_column is
+    given) and rejected rows."""
     import datasets
 
-    local = Path(spec)
     try:
-        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(local))
-        else:
+        if is_hub_id(spec):
+            if Path(spec).exists():  # the loader would read a local folder of that name instead
+                raise FileNotFoundError("a local path has the same name")
             ds = datasets.load_dataset(spec, split=split)
+        else:
+            ds = datasets.load_from_disk(str(Path(spec).expanduser()))
     except Exception as err:  # the hub client raises many types; all mean "cannot load this"
-        raise DataError(f"cannot load Hugging Face dataset {spec!r} ({type(err).__name__}: {err}). "
-                        "Check the id and your network, or download it and give the local folder.") from None
+        raise DataError(f"cannot load Hugging Face dataset {spec[:200]!r} ({type(err).__name__}). Give a Hub id "
+                        "(owner/name) and check the network, or a folder written by `save_to_disk`.") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"dataset {spec!r} has no split {split!r}: choose one of {', '.join(ds)}.")
@@ -337,15 +421,18 @@ def check_caption(text) -> str:
     return text.strip()
 
 
-def load_dataset(config: DataConfig) -> ImageDataset:
-    """The dataset a DataConfig describes, subset and all. Raises DataError with what to do."""
+def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> ImageDataset:
+    """The dataset a DataConfig describes, subset and all. Raises DataError with what to do.
+    A server passes its `policy`: then only the sources it allows are read."""
     config.validate()
+    if policy is not None:
+        policy.check(config.source)
     source, res, ch = config.source, config.resolution, config.channels
     rejected: list[tuple[str, str]] = []
     labels = captions = None
     path = Path(source).expanduser()
     if config.caption_column and (source in BUILTIN or path.suffix.lower() == ".npz"):
-        raise DataError(f"data.caption_column is set but {source!r} has no captions: give a captioned folder or .zip "
+        raise DataError(f"data.caption_column is set but {path.name!r} has no captions: give a captioned folder or .zip "
                         "(metadata.jsonl or same-name .txt files) or 'hf:<id>' with a text column, or unset it.")
     if source in BUILTIN:
         images, labels = load_builtin(source, res, ch)

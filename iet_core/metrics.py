@@ -1,7 +1,7 @@
 """Memorization metrics from nearest-neighbour distances: pure functions of arrays.
 
 - Memorization ratio (Yoon et al., Gu et al.): L2 to the nearest / L2 to the second nearest
-  training image; a sample is memorized when it is below a threshold (1/3 by convention).
+  training image; a sample is memorized when it is below a threshold (config.MEMORIZATION_THRESHOLD by convention).
 - Reference MQ (the IET-AGC authors' evaluation): squared L2 to the nearest / mean squared L2
   to the 50 nearest (the nearest included); the share of samples below each of MQ_THRESHOLDS.
 Exact copies (distance 0) count as memorized by both (the reference script dropped them).

@@ -15,12 +15,14 @@
 The K proxies of a round run one after another or side by side as one vmapped computation
 (train.execution), or spread over several processes (iet_core.distributed); the round's
 result is the same either way. K = 1 with AGC off is plain
-DDPM. Every random draw of a step comes from a seed derived from
-(seed, round, proxy, step), so a run stopped anywhere and resumed from its checkpoint ends
-with the same weights as one never interrupted.
+DDPM. Every random draw of a step comes from the trainer's own torch.Generator, seeded from
+(seed, round, proxy, step), never from torch's global generator: a run stopped anywhere and
+resumed from its checkpoint ends with the same weights as one never interrupted, and runs
+training side by side in one process do not disturb each other.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -35,13 +37,13 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from . import agc
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TAAConfig, check_skip_lambda
 from .data import ImageDataset, load_dataset
 from .distributed import ProcessGroup
-from .models import build_unet, training_scheduler
+from .models import forward_noise, has_dropout, seeded_global_rng, training_scheduler, unet_config_json
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
-from .runs import Run, append_csv, atomic_write
+from .runs import Run, RunLogger, WriterLock
 from .shards import redistribute, split_shards
 from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
@@ -49,6 +51,7 @@ from .trackers import TRACKER_FOLDER, TrackerSink
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
+_DROPOUT_TAG = 2**31 - 2  # seed tag of a step's dropout masks
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,6 +60,33 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingOutOfMemory(RuntimeError):
     """The device ran out of memory; the message says which settings to lower."""
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint32)[0])
+
+
+def data_order(seed: int, round_: int, proxy: int, shard_size: int, count: int) -> torch.Tensor:
+    """A proxy's sample order in a round (`count` positions in its shard): permutations of the
+    shard, back to back, seeded from (seed, round, proxy)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, round_, proxy, _STREAM_TAG))
+    repeats = math.ceil(count / shard_size)
+    return torch.cat([torch.randperm(shard_size, generator=generator) for _ in range(repeats)])[:count]
+
+
+def draw_inputs(x0: torch.Tensor, num_timesteps: int, generator: torch.Generator, hflip: bool,
+                taa_strength: torch.Tensor | None = None, taa: TAAConfig | None = None):
+    """One step's random inputs for a batch of clean images, in a fixed order from `generator`:
+    random flips, TAA (when given its per-sample strength), timesteps and noise. Returns
+    (x0, t, noise, strength)."""
+    n, device = len(x0), x0.device
+    if hflip:
+        x0 = torch.where(torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5, x0.flip(-1), x0)
+    strength = torch.zeros(n, device=device) if taa_strength is None else taa_strength
+    if taa_strength is not None:
+        x0 = agc.augment(x0, taa_strength, taa, generator)
+    t = torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
+    return x0, t, torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator), strength
 
 
 class TrainControl:
@@ -91,48 +121,14 @@ class TrainControl:
         self._running.wait()
 
     def set_skip_lambda(self, value: float) -> None:
-        if not 0.0 < float(value) <= 1.0:
-            raise ConfigError(f"skip_lambda={value}: use a value in (0, 1].")
+        value = check_skip_lambda(value, "skip_lambda")
         with self._lock:
-            self._pending["skip_lambda"] = float(value)
+            self._pending["skip_lambda"] = value
 
     def take_pending(self) -> dict[str, float]:
         with self._lock:
             pending, self._pending = self._pending, {}
         return pending
-
-
-def derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint32)[0])
-
-
-class RunLogger:
-    """The sink that writes events into the run folder's logs and status."""
-
-    def __init__(self, run: Run):
-        self.run = run
-
-    def __call__(self, event: Event) -> None:
-        path = self.run.path
-        if isinstance(event, StepEvent):
-            append_csv(path / "metrics.csv", pd.DataFrame(event.columns()))
-        elif isinstance(event, SampleEvent):
-            append_csv(path / "samples.csv", pd.DataFrame(event.columns()))
-        elif isinstance(event, RoundEvent):
-            append_csv(path / "rounds.csv", pd.DataFrame([{
-                "round": event.round, "global_step": event.global_step, "shard_sizes": " ".join(map(str, event.shard_sizes)),
-                "skip_rate": event.skip_rate, "moves": len(event.moves), "seconds": event.seconds}]))
-            if event.moves:
-                append_csv(path / "msr_moves.csv", pd.DataFrame(
-                    [(event.round, event.global_step, *m) for m in event.moves],
-                    columns=["round", "global_step", "sample_id", "from_shard", "to_shard"]))
-        elif isinstance(event, SettingEvent):
-            append_csv(path / "settings.csv", pd.DataFrame([{
-                "global_step": event.global_step, "name": event.name, "value": event.value}]))
-        elif isinstance(event, StatusEvent):
-            fields = {"total_steps": event.total_steps} if event.total_steps else {}
-            self.run.write_status(event.state, round=event.round, global_step=event.global_step,
-                                  message=event.message, **fields)
 
 
 class Trainer:
@@ -159,17 +155,17 @@ class Trainer:
         self.mine = group.block(config.method.num_shards) if group else range(config.method.num_shards)
         self.stopping = False  # all processes agreed to stop at this round's end
         self.control = control or TrainControl()
+        self.writer_lock: WriterLock | None = None  # set by prepare_trainer
         self.device = device = resolve_device(config.train.device)
 
-        torch.manual_seed(config.train.seed)  # the same seed starts from the same weights
         self.unet = self.build_model().to(device).train()
+        self.generator = torch.Generator(device)  # every draw of a step; seeded per step
+        self.dropout = has_dropout(self.unet)
         self.flat = FlatParams(self.unet, channels_last=config.train.channels_last)
         # Compiled for one proxy at a time; side-by-side proxies run the eager module under vmap.
         self.forward = torch.compile(self.unet) if config.train.compile else self.unet
-        alphas_cumprod = self.noise_scheduler().alphas_cumprod.to(device=device, dtype=torch.float32)
-        self.sqrt_ab = alphas_cumprod.sqrt()
-        self.sqrt_one_minus_ab = (1 - alphas_cumprod).sqrt()
-        self.num_timesteps = len(alphas_cumprod)
+        self.alphas_cumprod = self.noise_scheduler().alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.num_timesteps = len(self.alphas_cumprod)
         self.images = self.training_inputs()
         self.ids = self.dataset.ids.to(device)
 
@@ -203,7 +199,7 @@ class Trainer:
     # -- what a model family changes (see iet_core.text2image for text-to-image) ------------
     def build_model(self) -> torch.nn.Module:
         """The network; its parameters that require grad are what the proxies train."""
-        return build_unet(self.config.model, self.config.data.resolution, self.config.data.channels)
+        return self.run.build_unet(seed=self.config.train.seed)  # the same seed, the same weights
 
     def noise_scheduler(self):
         return training_scheduler(self.config.model)
@@ -236,7 +232,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train until done or stopped; returns the final state ("finished" or "stopped")."""
+        """Train until done or stopped; returns the final state ("finished" or "stopped").
+        The writer lock is released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            if self.writer_lock is not None:
+                self.writer_lock.release()
+
+    def _fit(self) -> str:
         rounds = self.config.train.rounds
         self._emit(StatusEvent("running", self.round, self.global_step, total_steps=self.total_steps))
         if self.proxy or self.local_step:  # resumed mid-round: no round start will announce it
@@ -310,8 +314,8 @@ class Trainer:
         tc = self.config.train
         positions = torch.from_numpy(np.flatnonzero(self.shard_of == k)).to(self.device)
         steps = tc.steps_for_shard(len(positions))
-        order = self._data_order(k, len(positions), steps * tc.batch_size)
-        return positions[order].view(steps, tc.batch_size), steps
+        order = data_order(tc.seed, self.round, k, len(positions), steps * tc.batch_size)
+        return positions[order.to(self.device)].view(steps, tc.batch_size), steps
 
     def _run_sequential(self) -> bool:
         """Proxies one after another, from where the round stands; False if stopped."""
@@ -347,17 +351,13 @@ class Trainer:
     def _draw(self, k: int, batch: torch.Tensor):
         """Proxy k's inputs for this step, from the step's own seed: clean images (flipped and
         augmented), timesteps, noise and TAA strength."""
-        config, tc = self.config, self.config.train
-        torch.manual_seed(derive_seed(tc.seed, self.round, k, self.local_step))
-        x0 = self.images[batch]
-        if tc.hflip:
-            x0 = torch.where(torch.rand(len(batch), 1, 1, 1, device=self.device) < 0.5, x0.flip(-1), x0)
-        strength = torch.zeros(len(batch), device=self.device)
+        config = self.config
+        self.generator.manual_seed(derive_seed(config.train.seed, self.round, k, self.local_step))
+        strength = None
         if config.method.taa.enabled:
             strength = agc.taa_strength(self.running_ratio[batch], self.skip_lambda, config.method.taa)
-            x0 = agc.augment(x0, strength, config.method.taa)
-        t = torch.randint(0, self.num_timesteps, (len(batch),), device=self.device)
-        return x0, t, torch.randn_like(x0), strength
+        return draw_inputs(self.images[batch], self.num_timesteps, self.generator, config.train.hflip,
+                           strength, config.method.taa)
 
     def _masked_loss(self, prediction, target, bank, t):
         """Per-sample loss, AGC's keep mask (bank read before its update) and the mean loss
@@ -370,36 +370,45 @@ class Trainer:
             keep = torch.ones_like(seen, dtype=torch.bool)
         return (per_sample * keep).sum() / keep.sum().clamp(min=1), seen, keep
 
+    def _dropout_rng(self, proxy: int):
+        """Dropout draws from torch's global generator (it takes no other): seeded from the step
+        under a process-wide lock, so runs side by side stay independent. A no-op without dropout."""
+        if not self.dropout:
+            return contextlib.nullcontext()
+        tc = self.config.train
+        return seeded_global_rng(derive_seed(tc.seed, self.round, proxy, self.local_step, _DROPOUT_TAG), self.device)
+
     def _step(self, proxies: list[int], batches: torch.Tensor) -> None:
         """One optimizer step for each proxy in `proxies` (one, or all side by side) on the
         dataset positions in batches (J, B)."""
         config, tc = self.config, self.config.train
         x0, t, noise, strength = (torch.stack(v) for v in zip(*(self._draw(k, b) for k, b in zip(proxies, batches))))
-        x_t = self.sqrt_ab[t][..., None, None, None] * x0 + self.sqrt_one_minus_ab[t][..., None, None, None] * noise
+        x_t = forward_noise(x0, noise, self.alphas_cumprod[t])
         target = self.target(x0, noise, t)
         condition = self.conditioning(batches)
         rows = slice(proxies[0], proxies[-1] + 1)
         bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-        if len(proxies) == 1:
-            model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
-            with bf16:
-                prediction = self.forward(model_input, t[0], *(c[0] for c in condition)).sample
-            loss, seen, keep = self._masked_loss(prediction, target[0], self.banks[proxies[0]], t[0])
-            self.flat.zero_grad()
-            loss.backward()
-            loss, seen, keep = loss.detach()[None], seen[None], keep[None]
-        else:
-            def one_proxy(params, x_t, t, target, bank, condition):
+        with self._dropout_rng(proxies[0]):
+            if len(proxies) == 1:
+                model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
                 with bf16:
-                    prediction = functional_call(self.unet, params, (x_t, t, *condition)).sample
-                loss, seen, keep = self._masked_loss(prediction, target, bank, t)
-                return loss, (loss.detach(), seen, keep)
+                    prediction = self.forward(model_input, t[0], *(c[0] for c in condition)).sample
+                loss, seen, keep = self._masked_loss(prediction, target[0], self.banks[proxies[0]], t[0])
+                self.flat.zero_grad()
+                loss.backward()
+                loss, seen, keep = loss.detach()[None], seen[None], keep[None]
+            else:
+                def one_proxy(params, x_t, t, target, bank, condition):
+                    with bf16:
+                        prediction = functional_call(self.unet, params, (x_t, t, *condition)).sample
+                    loss, seen, keep = self._masked_loss(prediction, target, bank, t)
+                    return loss, (loss.detach(), seen, keep)
 
-            grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
-                self.flat.unflatten(self.weights[rows]), x_t, t, target, self.banks[rows], condition)
-            self.grads[rows] = self.flat.flatten(grads)
+                grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
+                    self.flat.unflatten(self.weights[rows]), x_t, t, target, self.banks[rows], condition)
+                self.grads[rows] = self.flat.flatten(grads)
 
-        ratio = seen / self.banks[rows].gather(1, t)  # loss / bank[t] before the update, inf while empty
+        ratio = agc.loss_ratio(seen, self.banks[rows], t)  # the bank before the update; inf while empty
         kept = keep.sum(dim=1)
         do_step = (kept > 0)[:, None] if config.method.agc.enabled else None
         clip_grad_norm_(self.grads[rows], tc.grad_clip)
@@ -528,12 +537,6 @@ class Trainer:
         for sink in self.sinks:
             sink(event)
 
-    def _data_order(self, k: int, shard_size: int, count: int) -> torch.Tensor:
-        """The proxy's sample order this round: seeded permutations of its shard, back to back."""
-        generator = torch.Generator().manual_seed(derive_seed(self.config.train.seed, self.round, k, _STREAM_TAG))
-        repeats = math.ceil(count / shard_size)
-        return torch.cat([torch.randperm(shard_size, generator=generator) for _ in range(repeats)])[:count].to(self.device)
-
     def _expected_total_steps(self) -> int:
         """The run's last step if the remaining rounds keep this round's shard sizes (MSR may
         change them)."""
@@ -552,7 +555,7 @@ class Trainer:
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(count))), padding=1, pad_value=255)
         buffer = io.BytesIO()
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-        atomic_write(self.run.path / "previews" / f"round-{self.round + 1:04d}.png", buffer.getvalue())
+        self.run.write_preview(self.round, buffer.getvalue())
 
     def preview_images(self, count: int) -> torch.Tensor:
         """uint8 (count, C, H, W) from the global weights (bound to the module)."""
@@ -588,7 +591,8 @@ class Trainer:
                 "iterations": self.iterations, "execution": self.execution, "saved": time.time()}
         path = self.run.save_checkpoint(self.global_step, {"model": self._state_dict(self.global_weights),
                                                            "ema": self._state_dict(self.global_ema), "state": tensors},
-                                        meta, keep=self.config.train.keep_checkpoints)
+                                        meta, keep=self.config.train.keep_checkpoints,
+                                        unet_config=unet_config_json(self.unet))
         self._write_per_sample()
         self.run.write_status(self.run.status().get("state", "running"), round=self.round, global_step=self.global_step,
                               total_steps=self.total_steps, checkpoint=path.name)
@@ -631,11 +635,13 @@ class Trainer:
                               "visits": visits.astype(np.int64), "skips": skips.astype(np.int64),
                               "skip_rate": np.where(visits > 0, skips / np.maximum(visits, 1), 0.0),
                               "running_ratio": self.running_ratio.cpu().numpy()})
-        atomic_write(self.run.path / "per_sample.csv", frame.to_csv(index=False))
+        self.run.write_per_sample(frame)
 
 
 def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset | None = None) -> tuple[Run, ImageDataset]:
-    """Load the data and check every setting against it before a run folder is made."""
+    """Check every setting, the device and the data before a run folder is made."""
+    config.validate()
+    resolve_device(config.train.device)
     dataset = dataset if dataset is not None else load_dataset(config.data)
     config.validate(num_images=len(dataset))
     return Run.create(runs_root, config), dataset
@@ -643,32 +649,38 @@ def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset |
 
 def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool = False,
                     sinks: Iterable[Sink] = (), control: TrainControl | None = None,
-                    group: ProcessGroup | None = None) -> Trainer:
-    """A Trainer for the run, restored from its last checkpoint when resuming. A failure here
-    (data gone, checkpoint unreadable) marks the run failed with the reason."""
+                    group: ProcessGroup | None = None, holder: str = "another trainer") -> Trainer:
+    """A Trainer for the run, restored from its last checkpoint when resuming. The writing
+    process takes the run's writer lock first (in the name of `holder`) and keeps it until
+    `fit` ends; a run another trainer holds is refused untouched. A failure after that (data
+    gone, checkpoint unreadable) marks the run failed with the reason."""
+    lock = run.writer_lock(holder).acquire() if group is None or group.is_writer else None
     try:
         trainer_class = Trainer
         if run.config.text2image.enabled:
             from .text2image.train import TextToImageTrainer as trainer_class
         trainer = trainer_class(run, dataset=dataset, sinks=sinks, control=control, group=group)
+        trainer.writer_lock = lock
         if resume and run.latest_checkpoint() is not None:
             trainer.load_checkpoint()
         elif trainer.writer:
             run.cut_logs(0)  # a run restarted from scratch logs afresh
         return trainer
     except Exception as err:
-        run.write_status("failed", message=f"{type(err).__name__}: {err}")
+        if lock is not None:
+            run.write_status("failed", message=f"{type(err).__name__}: {err}")
+            lock.release()
         raise
 
 
 def train(config: RunConfig | None = None, *, runs_root: str | Path | None = None, run: Run | None = None,
           resume: bool = False, sinks: Iterable[Sink] = (), control: TrainControl | None = None,
-          dataset: ImageDataset | None = None) -> Run:
+          dataset: ImageDataset | None = None, holder: str = "another trainer") -> Run:
     """Train a new run (config + runs_root) or continue an existing one (run, resume=True).
     Blocks until the run finishes or is stopped; returns the Run."""
     if run is None:
         if config is None or runs_root is None:
             raise ConfigError("give a config and a runs folder for a new run, or an existing run to resume.")
         run, dataset = create_run(config, runs_root, dataset)
-    prepare_trainer(run, dataset, resume, sinks, control).fit()
+    prepare_trainer(run, dataset, resume, sinks, control, holder=holder).fit()
     return run

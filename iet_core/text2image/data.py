@@ -12,7 +12,7 @@ import json
 import posixpath
 from pathlib import Path
 
-from ..data import MAX_FILE_BYTES, DataError, _decode_many, check_caption, image_entries, source_files
+from ..data import MAX_FILE_BYTES, DataError, _decode_many, check_caption, image_entries, source_files, source_name
 
 METADATA = "metadata.jsonl"
 
@@ -65,7 +65,7 @@ def _metadata_captions(files: dict, caption_column: str) -> tuple[dict[str, str]
 def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int):
     """Images of a folder or a .zip and their captions; images without one are rejected with
     the reason. Returns images, captions and rejected (name, reason)."""
-    where = f"the folder {path}" if path.is_dir() else f"the archive {path.name}"
+    where = source_name(path)
     with source_files(path) as (files, rejected):
         entries, others = image_entries(files, where)
         captions, bad_lines, used = _metadata_captions(files, caption_column)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..models import seeded_global_rng
 from ..train import Trainer
 from .model import Components, encode_captions, encode_images, load_components, trainable_unet
 
@@ -25,7 +26,8 @@ class TextToImageTrainer(Trainer):
         if self.dataset.captions is None:
             raise ConfigError("text-to-image fine-tuning needs captions: set data.caption_column and give a captioned set.")
         self.components = load_components(self.config.model.pretrained)
-        return trainable_unet(self.components, self.config.text2image)
+        with seeded_global_rng(self.config.train.seed):  # peft draws the adapters' first weights from it
+            return trainable_unet(self.components, self.config.text2image)
 
     def noise_scheduler(self):
         return self.components.scheduler
