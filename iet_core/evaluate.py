@@ -37,6 +37,7 @@ from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
 from .runs import Run
 from .sample import Cancelled, generate_from_run
 
+COPY_DETECTION = "text2image"  # summary["kind"] of text-to-image copy detection (iet_core.text2image.evaluate)
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
 Progress = Callable[[str, int, int], None]
 
@@ -186,11 +187,6 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     if cancelled is not None:
         progress = _cancellable(progress, cancelled)
     run = run if isinstance(run, Run) else Run.open(run)
-    if run.config.text2image.enabled:
-        from .text2image.evaluate import evaluate_text_to_image
-
-        return evaluate_text_to_image(run, config, device=device, name=name, save=save, dataset=dataset,
-                                      settings=text2image)
     config = config or run.config.eval
     config.validate()
     if name is not None:
@@ -201,6 +197,16 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     dataset = dataset or run.dataset()
     _check_trained_on(checkpoint, dataset)
     device = resolve_device(device)
+    weights = "ema" if config.use_ema else "model"
+    default_name = f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
+    if run.config.text2image.enabled:
+        from .text2image.evaluate import copies_of_run
+
+        text2image = text2image or run.config.text2image
+        result = copies_of_run(run, checkpoint, dataset, config, text2image, device)
+        if save:
+            result.path = save_eval(run, result, name or f"{default_name}-cfg{text2image.guidance_scale:g}", config.gallery_pairs)
+        return result
     started = time.perf_counter()
     images = generate_from_run(run, config.num_samples, use_ema=config.use_ema, checkpoint=checkpoint, device=device,
                                sampler=config.sampler, steps=config.steps, eta=config.eta, seed=config.seed,
@@ -210,7 +216,6 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     flip_aware = flips_in_training(run) if config.flip_aware is None else config.flip_aware
     result = evaluate_images(images, dataset, config, flip_aware=flip_aware, per_sample=run.per_sample(),
                              device=device, progress=progress)
-    weights = "ema" if config.use_ema else "model"
     result.summary.update({
         "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": int(checkpoint.name.split("-")[-1]),
         "weights": weights, "sampler": config.sampler, "steps": config.steps, "eta": config.eta, "seed": config.seed,
@@ -220,8 +225,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     if cancelled is not None and cancelled():
         raise Cancelled("the evaluation was cancelled")
     if save:
-        name = name or f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
-        result.path = save_eval(run, result, name, config.gallery_pairs)
+        result.path = save_eval(run, result, name or default_name, config.gallery_pairs)
     return result
 
 
@@ -377,7 +381,7 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
         generated, nearest = images["generated"], images["nearest"]
     summary = json.loads((folder / "summary.json").read_text())
     result_class = EvalResult
-    if summary.get("kind") == "text2image":
+    if summary.get("kind") == COPY_DETECTION:
         from .text2image.evaluate import CopyResult as result_class
     return result_class(pd.read_csv(folder / "table.csv"), summary,
                       pd.read_csv(folder / "most_copied.csv"), generated, nearest, folder)
@@ -387,7 +391,7 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
 
 def format_summary(summary: dict) -> str:
     """The summary as aligned text lines for a terminal."""
-    if summary.get("kind") == "text2image":
+    if summary.get("kind") == COPY_DETECTION:
         from .text2image.evaluate import format_copy_summary
 
         return format_copy_summary(summary)

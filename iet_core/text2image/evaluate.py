@@ -14,17 +14,13 @@ import torch
 
 from ..config import ConfigError, EvalConfig, TextToImageConfig
 from ..data import ImageDataset
-from ..evaluate import EvalResult, _check_name, _check_trained_on, _side_by_side, save_eval
+from ..evaluate import COPY_DETECTION, EvalResult, _side_by_side
 from ..features import FeatureExtractor, cosine_neighbours, load_feature_extractor, similarity_ratio
 from ..metrics import copy_counts, proportion_interval
-from ..neighbours import resolve_device
 from ..runs import Run
 from ..train import derive_seed
 from .export import trained_components
 from .model import Components
-
-KIND = "text2image"  # summary["kind"] of these results
-
 
 @dataclass
 class CopyResult(EvalResult):
@@ -91,7 +87,7 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
     most_copied = pd.DataFrame({"sample_id": ids, "caption": dataset.captions, "times_nearest": times_nearest,
                                 "times_copied": times_copied}).sort_values(["times_copied", "times_nearest"], ascending=False)
     summary = {
-        "kind": KIND, "measure": extractor.name, "num_samples": total, "num_training": len(dataset),
+        "kind": COPY_DETECTION, "measure": extractor.name, "num_samples": total, "num_training": len(dataset),
         "num_captions": int(len(np.unique(caption_positions))),
         "copy_threshold": copy_threshold, "copy_count": copies, "copy_fraction": copies / total,
         "copy_interval": list(proportion_interval(copies, total)),
@@ -104,46 +100,29 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
     return CopyResult(table, summary, most_copied.reset_index(drop=True), generated.numpy(), nearest)
 
 
-def evaluate_text_to_image(run: Run | str | Path, config: EvalConfig | None = None, *,
-                           device: str | torch.device | None = None, name: str | None = None, save: bool = True,
-                           dataset: ImageDataset | None = None, settings: TextToImageConfig | None = None) -> CopyResult:
-    """Generate text2image.images_per_caption images for each of eval.num_samples /
-    images_per_caption training captions (a seeded choice), detect copies with
-    text2image.feature_extractor, and save under RUN/eval/<name>/. settings: None uses the
-    run's own text2image settings (the model settings always are the run's)."""
-    run = run if isinstance(run, Run) else Run.open(run)
-    run_config = run.config
-    config = config or run_config.eval
-    config.validate()
-    if name is not None:
-        _check_name(name)
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
-        raise ConfigError(f"run {run.id} has no checkpoint yet: train it (at least one round) before evaluating.")
-    dataset = dataset or run.dataset()
-    _check_trained_on(checkpoint, dataset)
-    device = resolve_device(device)
-    t2i = settings or run_config.text2image
-    t2i.validate()
-    count = max(1, min(len(dataset), config.num_samples // t2i.images_per_caption))
+def copies_of_run(run: Run, checkpoint: Path, dataset: ImageDataset, config: EvalConfig,
+                  settings: TextToImageConfig, device: torch.device) -> CopyResult:
+    """Generate settings.images_per_caption images for each of config.num_samples /
+    images_per_caption training captions (a seeded choice) from the checkpoint, and detect
+    copies with settings.feature_extractor. `iet_core.evaluate.evaluate_run` checks the
+    inputs, calls this for text-to-image runs and saves the result."""
+    settings.validate()
+    count = max(1, min(len(dataset), config.num_samples // settings.images_per_caption))
     chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset), count, replace=False))
-    positions = np.repeat(chosen, t2i.images_per_caption)
+    positions = np.repeat(chosen, settings.images_per_caption)
     components = trained_components(run, config.use_ema, checkpoint)
     started = time.perf_counter()
-    generated = generate(components, [dataset.captions[p] for p in positions], resolution=run_config.data.resolution,
-                         guidance_scale=t2i.guidance_scale, steps=config.steps, sampler=config.sampler, device=device,
+    generated = generate(components, [dataset.captions[p] for p in positions], resolution=run.config.data.resolution,
+                         guidance_scale=settings.guidance_scale, steps=config.steps, sampler=config.sampler, device=device,
                          seed=config.seed, batch_size=config.batch_size)
     sampling_seconds = time.perf_counter() - started
-    result = detect_copies(generated, positions, dataset, load_feature_extractor(t2i.feature_extractor, device),
-                           t2i.copy_threshold, config.memorization_threshold)
-    weights = "ema" if config.use_ema else "model"
-    result.summary.update({"run_id": run.id, "checkpoint": checkpoint.name, "weights": weights, "sampler": config.sampler,
-                           "steps": config.steps, "seed": config.seed, "guidance_scale": t2i.guidance_scale,
-                           "images_per_caption": t2i.images_per_caption, "device": str(device)})
+    result = detect_copies(generated, positions, dataset, load_feature_extractor(settings.feature_extractor, device),
+                           settings.copy_threshold, config.memorization_threshold)
+    result.summary.update({"run_id": run.id, "checkpoint": checkpoint.name, "weights": "ema" if config.use_ema else "model",
+                           "sampler": config.sampler, "steps": config.steps, "seed": config.seed,
+                           "guidance_scale": settings.guidance_scale, "images_per_caption": settings.images_per_caption,
+                           "device": str(device)})
     result.summary["seconds"]["sampling"] = sampling_seconds
-    if save:
-        name = name or f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-cfg{t2i.guidance_scale:g}-n{len(positions)}-seed{config.seed}"
-        result.path = save_eval(run, result, name, config.gallery_pairs)
     return result
 
 
