@@ -96,6 +96,9 @@ class Check:
         self.sizes, self.out, self.work, self.data, self.env = sizes, out, work, data, env
         self.started = time.monotonic()
         self.log = out / "log.txt"
+        # Children stop at their budget on SIGINT, but inherit it ignored when this runs as a
+        # background job; a handler here is reset to the default in each child instead.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "dry_run": sizes is DRY_RUN, "parts": {}}
 

@@ -13,8 +13,12 @@
       previews/round-NNNN.png   samples after each round
       checkpoints/ckpt-NNNNNNNN/{model,ema,state}.safetensors + state.json + unet_config.json
                            (the UNet's own config, as diffusers' save_pretrained keeps it), and LATEST
-      eval/                evaluation results;  export/  a diffusers DDPMPipeline
+      eval/<name>/         an evaluation: table.csv, summary.json, most_copied.csv, images.npz,
+                           gallery.png (iet_core.evaluate says what they hold)
+      export/              a diffusers DDPMPipeline
+      tensorboard/         event files of the trackers that keep local files (train.trackers)
     <root>/.deleted/       run folders set aside for removal (never listed: no config.json at the top)
+    <root>/datasets/       datasets uploaded to the app, kept so that runs trained on them can resume
 
 One writer per run (the trainer, through `RunLogger`), enforced by an advisory lock on
 `.writer.lock` that the trainer holds for its lifetime; everything else only reads. Every file
@@ -25,6 +29,7 @@ reads the logs back as the events that wrote them.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -39,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
@@ -68,6 +73,7 @@ class RunBusy(ConfigError):
 CSV_LOGS = ("metrics.csv", "rounds.csv", "samples.csv", "msr_moves.csv", "settings.csv")
 OWNER_FILE = "owner.json"
 UNET_CONFIG = "unet_config.json"
+DATASETS_DIR = "datasets"
 DELETED_DIR = ".deleted"
 WRITER_LOCK = ".writer.lock"
 
@@ -192,7 +198,9 @@ class Run:
 
     @property
     def config(self) -> RunConfig:
-        return RunConfig.load(self.path / "config.json")
+        """The run's settings, checked as when it was made: a folder whose config no longer
+        validates (edited by hand, or out of today's bounds) is damaged, not trusted."""
+        return RunConfig.load(self.path / "config.json").validate()
 
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:
@@ -260,6 +268,15 @@ class Run:
             if len(frame) and "global_step" in frame:
                 kept = frame[frame["global_step"] < global_step] if name != "rounds.csv" else frame[frame["global_step"] <= global_step]
                 atomic_write(path, kept.to_csv(index=False))
+
+    @property
+    def metrics_path(self) -> Path:
+        """The per-step log (metrics.csv), for a download; it may not exist yet."""
+        return self.path / "metrics.csv"
+
+    @property
+    def tracker_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     def read_events(self, before_step: int | None = None) -> list[Event]:
         """The logs read back as the events that wrote them (steps and visits before
@@ -434,6 +451,56 @@ class Run:
         tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
         return tensors, json.loads((path / "state.json").read_text())
 
+    def trained_ids(self, checkpoint: Path) -> torch.Tensor | None:
+        """The ids of the images a checkpoint was trained on (None if it does not say). Reads
+        that one tensor, not the whole state."""
+        state = checkpoint / "state.safetensors"
+        if not state.exists():
+            return None
+        with safe_open(str(state), "pt") as stored:
+            return stored.get_tensor("dataset_ids") if "dataset_ids" in stored.keys() else None
+
+    # -- evaluations -------------------------------------------------------------------------
+    def write_eval(self, name: str, table: pd.DataFrame, most_copied: pd.DataFrame, summary: dict,
+                   images: dict[str, np.ndarray], gallery_png: bytes | None = None) -> Path:
+        """Write an evaluation into eval/<name>/ (replacing an older one of that name) all at
+        once: it is assembled in a hidden folder and renamed into place."""
+        check_eval_name(name)
+        root = self.path / "eval"
+        final = root / name
+        tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            table.to_csv(tmp / "table.csv", index=False)
+            most_copied.to_csv(tmp / "most_copied.csv", index=False)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            np.savez_compressed(tmp / "images.npz", **images)
+            if gallery_png is not None:
+                (tmp / "gallery.png").write_bytes(gallery_png)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def eval_names(self) -> list[str]:
+        """Names of the run's saved evaluations, newest first."""
+        found = [p for p in (self.path / "eval").glob("*") if (p / "summary.json").exists() and not p.name.startswith(".")]
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def read_eval(self, name: str) -> tuple[pd.DataFrame, dict, pd.DataFrame, dict[str, np.ndarray], Path]:
+        """A saved evaluation: table, summary, most_copied, images and its folder."""
+        check_eval_name(name)
+        folder = self.path / "eval" / name
+        if not (folder / "summary.json").exists():
+            raise ConfigError(f"run {self.id} has no evaluation {name!r}; saved: {', '.join(self.eval_names()) or 'none'}.")
+        with np.load(folder / "images.npz", allow_pickle=False) as stored:
+            images = {key: stored[key] for key in stored.files}
+        return (pd.read_csv(folder / "table.csv"), json.loads((folder / "summary.json").read_text()),
+                pd.read_csv(folder / "most_copied.csv"), images, folder)
+
     # -- models --------------------------------------------------------------------------
     def scheduler(self):
         from .models import training_scheduler
@@ -460,6 +527,13 @@ class Run:
         if checkpoint is None or not (checkpoint / UNET_CONFIG).exists():
             return None
         return json.loads((checkpoint / UNET_CONFIG).read_text())
+
+    def bundle_checkpoint(self, folder: Path) -> Path:
+        """The latest checkpoint and the run's config copied into `folder` (for a download)."""
+        checkpoint = self.checkpoint()
+        shutil.copytree(checkpoint, folder / checkpoint.name)
+        shutil.copy2(self.path / "config.json", folder / "config.json")
+        return folder
 
     def build_unet(self, seed: int = 0, checkpoint: Path | None = None):
         """The run's UNet architecture (weights from `seed`): as the checkpoint recorded it,
@@ -561,6 +635,27 @@ class RunLogger:
             fields = {"total_steps": event.total_steps} if event.total_steps else {}
             self.run.write_status(event.state, round=event.round, global_step=event.global_step,
                                   message=event.message, **fields)
+
+
+def save_upload(root: str | Path, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """An uploaded dataset as <root>/datasets/<name>.npz (kept if already there: the name holds
+    a hash of its content)."""
+    target = Path(root) / DATASETS_DIR / f"{name}.npz"
+    if not target.exists():
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(target, buffer.getvalue())
+    return target
+
+
+def is_upload(source: str) -> bool:
+    """Whether a data source is a dataset uploaded to the app (see `save_upload`)."""
+    return source.endswith(".npz") and Path(source).parent.name == DATASETS_DIR
+
+
+def check_eval_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"evaluation name {name!r}: use a plain name without slashes or a leading dot.")
 
 
 def is_run_folder(path: Path) -> bool:

@@ -47,7 +47,7 @@ from .runs import Run, RunLogger, WriterLock
 from .shards import redistribute, split_shards
 from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
-from .trackers import TRACKER_FOLDER, TrackerSink
+from .trackers import TrackerSink
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
@@ -148,7 +148,7 @@ class Trainer:
         config.validate(num_images=len(self.dataset))
         self.group = group
         self.writer = group is None or group.is_writer  # the one process that writes the run folder
-        trackers = ([TrackerSink(config.train.trackers, run.id, run.path / TRACKER_FOLDER, config.to_dict())]
+        trackers = ([TrackerSink(config.train.trackers, run.id, run.tracker_dir, config.to_dict())]
                     if self.writer and config.train.trackers else [])
         self.sinks: list[Sink] = [RunLogger(run), *trackers, *sinks] if self.writer else []
         self.outbox: list[Event] = []  # a non-writer's step records, sent to the writer each round

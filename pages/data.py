@@ -13,8 +13,9 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import DataConfig
-from iet_core.data import DataError, load_dataset
+from iet_core.config import MAX_IMAGES, ConfigError, DataConfig, RunConfig
+from iet_core.data import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, DataError, load_dataset
+from iet_core.runs import is_upload, save_upload
 from pages import common
 
 TITLE, PATH = "1 · Data", "data"
@@ -35,14 +36,22 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
     archives = [p for p in paths if p.suffix.lower() in (".zip", ".npz")]
     if archives and len(paths) > 1:
         raise DataError("upload either one .zip or .npz archive, or image files, not both.")
+    if len(paths) > MAX_IMAGES:
+        raise DataError(f"{len(paths):,} files: upload at most {MAX_IMAGES:,} images (or one archive).")
+    # Sizes are checked before anything is read: a huge file never reaches memory.
+    sizes = [path.stat().st_size for path in paths]
+    limit = MAX_ARCHIVE_BYTES if archives else MAX_FILE_BYTES
+    if max(sizes) > limit or sum(sizes) > MAX_ARCHIVE_BYTES:
+        raise DataError(f"the upload is too large: at most {MAX_FILE_BYTES // 2**20} MiB per image and "
+                        f"{MAX_ARCHIVE_BYTES // 2**30} GiB in all.")
     digest = hashlib.sha256(f"{resolution}x{channels}".encode())
     for path in sorted(paths, key=lambda p: p.name):
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        with path.open("rb") as handle:
+            hashlib.file_digest(handle, lambda: digest)
     first = min(paths, key=lambda p: p.name)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", first.stem).strip("-")[:32] or "upload"
     more = f"-and-{len(paths) - 1}-more" if len(paths) > 1 else ""
-    target = runs_root / "datasets" / f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}.npz"
     with tempfile.TemporaryDirectory() as tmp:
         if archives:
             source = archives[0]
@@ -52,26 +61,18 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
             for path in paths:
                 shutil.copy2(path, source / path.name)
         dataset = load_dataset(DataConfig(source=str(source), resolution=resolution, channels=channels, subset=None))
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"images": dataset.images.numpy()}
-        if dataset.labels is not None:
-            arrays["labels"] = dataset.labels.numpy()
-        partial = target.with_suffix(".tmp.npz")
-        np.savez_compressed(partial, **arrays)
-        partial.replace(target)
-    return str(target), dataset.rejected
-
-
-def is_upload(config: DataConfig) -> bool:
-    return config.source.endswith(".npz") and Path(config.source).parent.name == "datasets"
+    arrays = {"images": dataset.images.numpy()}
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels.numpy()
+    name = f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}"
+    return str(save_upload(runs_root, name, arrays)), dataset.rejected
 
 
 def source_label(config: DataConfig) -> str:
     """Where the images come from, in words (an upload by its file name: never a server path)."""
     if config.source.startswith("hf:"):
         return f"Hugging Face dataset {config.source[3:]} ({config.hf_split})"
-    if is_upload(config):
+    if is_upload(config.source):
         return f"uploaded: {Path(config.source).name}"
     return "built-in handwritten digits" if config.source == "digits" else Path(config.source).name
 
@@ -97,7 +98,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                              label="Images (PNG, JPEG, ...), or one .zip of images (class folders become labels), "
                                    "or an .npz with an `images` array")
             with gr.Row(visible=False) as hub_row:
-                hub_id = gr.Textbox(label="Dataset id or local `save_to_disk` folder", placeholder="e.g. uoft-cs/cifar10",
+                hub_id = gr.Textbox(label="Dataset id (owner/name)", placeholder="e.g. uoft-cs/cifar10",
                                     scale=3)
                 hub_split = gr.Textbox("train", label="Split", scale=1)
             resolution = gr.Dropdown(RESOLUTIONS, value=16, label="Resolution (pixels)",
@@ -121,19 +122,21 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     @common.user_errors
     def load_data(choice, files, hub, split, res, ch, count, session):
         session = common.ensure_owner(session)
-        res, ch = int(res), int(ch)
+        # Every value is checked as a config is: events reach the server from any client.
+        chosen = RunConfig.from_dict({"data": {"resolution": res, "channels": ch, "subset": count or None}}).data
+        res, ch = chosen.resolution, chosen.channels
         rejected_before: list = []
         if choice == UPLOAD:
             path, rejected_before = persist_upload(files or [], ctx.runs_root, res, ch)
             config = DataConfig(source=path, resolution=res, channels=ch)
         elif choice == HUB:
             if not (hub or "").strip():
-                raise DataError("give a Hugging Face dataset id (e.g. uoft-cs/cifar10) or a local dataset folder.")
+                raise DataError("give a Hugging Face dataset id as owner/name (e.g. uoft-cs/cifar10).")
             config = DataConfig(source=f"hf:{hub.strip()}", resolution=res, channels=ch, hf_split=(split or "train").strip())
         else:
             config = DataConfig(source="digits", resolution=res, channels=ch)
-        config.subset = int(count) if count else None
-        dataset = load_dataset(config)
+        config.subset = chosen.subset
+        dataset = load_dataset(config, ctx.jobs.sources)
         if config.subset and config.subset >= len(dataset):  # fewer images than asked for: all of them
             config.subset = None
         dataset.rejected = rejected_before + dataset.rejected
@@ -148,10 +151,13 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
 
     def restore(session):
         """Show the session's data choice (or the default digits) when the page opens."""
-        chosen = DataConfig(**(session or {}).get("data") or {})
-        choice = UPLOAD if is_upload(chosen) else HUB if chosen.source.startswith("hf:") else BUILTIN
+        try:  # the session comes from the browser: read it like any other input
+            chosen = RunConfig.from_dict({"data": (session or {}).get("data") or {}}).data
+        except ConfigError:
+            chosen = DataConfig()
+        choice = UPLOAD if is_upload(chosen.source) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
-            dataset = load_dataset(chosen)
+            dataset = load_dataset(chosen, ctx.jobs.sources)
         except DataError as err:
             return [gr.skip()] * 7 + [f"The data chosen earlier cannot be loaded: {err}", None]
         hub = chosen.source[3:] if choice == HUB else ""

@@ -3,13 +3,12 @@ image; the share of copies, MQ, FID when available, and the most-copied training
 their skip history from training."""
 from __future__ import annotations
 
-import shutil
 
 import gradio as gr
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
-from iet_core.evaluate import evaluate_run, load_eval
+from iet_core.evaluate import load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 
@@ -172,17 +171,18 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     picker.change(load_saved, picker, outputs, api_visibility="private")
 
     @common.user_errors
-    def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, progress=gr.Progress()):
+    def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, session, progress=gr.Progress()):
         if not run_id:
             raise gr.Error("Pick a run first.", print_exception=False)
         config = api.evaluation_config(ctx, run_id, count, sampling_steps)
         config.fid, config.use_ema = bool(with_fid), bool(use_ema)
-        result = evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id),
-                              progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
+        result = api.run_evaluation(ctx, run_id, config, common.ensure_owner(session)["owner"],
+                                    progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
         return result_view(ctx, run_id, result)
 
-    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid], outputs, concurrency_limit=1,
-                   concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
+    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid, session], outputs,
+                   concurrency_limit=ctx.evaluations.capacity, concurrency_id=api.EVAL_CONCURRENCY,
+                   api_visibility="private")
 
     @common.user_errors
     def table_csv(run_id):
@@ -190,7 +190,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             raise gr.Error("Pick a run first.", print_exception=False)
         result = load_eval(ctx.jobs.run(run_id))
         target = common.download_dir(run_id) / f"{run_id}-{result.path.name}-table.csv"
-        shutil.copy2(result.path / "table.csv", target)
+        result.table.to_csv(target, index=False)
         return gr.update(value=str(target), visible=True)
 
     export_table.click(table_csv, picker, download, api_visibility="private")

@@ -160,10 +160,7 @@ def checkpoint_zip(run) -> str:
     checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         raise gr.Error("This run has no checkpoint yet: it saves one after every round and when stopped.")
-    folder = common.download_dir(run.id)
-    staging = folder / f"{run.id}-{checkpoint.name}"
-    shutil.copytree(checkpoint, staging / checkpoint.name)
-    shutil.copy2(run.path / "config.json", staging / "config.json")
+    staging = run.bundle_checkpoint(common.download_dir(run.id) / f"{run.id}-{checkpoint.name}")
     return shutil.make_archive(str(staging), "zip", staging)
 
 
@@ -176,7 +173,7 @@ def pipeline_zip(run) -> str:
 
 
 def metrics_csv(run) -> str:
-    source = run.path / "metrics.csv"
+    source = run.metrics_path
     if not source.exists():
         raise gr.Error("This run has not logged any steps yet.")
     target = common.download_dir(run.id) / f"{run.id}-metrics.csv"
