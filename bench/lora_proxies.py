@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iet_core.config import text_to_image_config  # noqa: E402
+from iet_core.config import recipe_config  # noqa: E402
 from iet_core.text2image.tiny import build_tiny_pipeline  # noqa: E402
 from iet_core.train import create_run, prepare_trainer  # noqa: E402
 
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         data = write_captioned_set(tmp / "data", args.images, args.resolution)
 
         def trainer_for(execution: str):
-            config = text_to_image_config(pretrained, str(data), mode="iet-agc", lora_rank=args.rank,
-                                          resolution=args.resolution)
+            config = recipe_config("sd-lora", "iet-agc")
+            config.model.pretrained, config.data.source, config.data.resolution = pretrained, str(data), args.resolution
+            config.text2image.lora_rank = args.rank
             config.method.num_shards = args.shards
             for key, value in dict(local_steps=args.local_steps, batch_size=args.batch_size, device=args.device,
                                    precision=args.precision, execution=execution, rounds=MAX_ROUNDS, preview_samples=0,

@@ -7,7 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
-from .config import MODES, TRACKERS, ConfigError, RunConfig, demo_config, method_for_mode, text_to_image_config
+from .config import MODES, RECIPES, TRACKERS, ConfigError, RunConfig, method_for_mode, recipe_config
 
 # Shortcut flags for the settings people change most; `--set section.name=value` reaches all.
 SHORTCUTS = {
@@ -63,12 +63,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"config file {path} does not exist: write one with `python -m iet_core config > {path.name}`.")
         config = RunConfig.load(path)
     else:
-        recipes = {"demo": lambda: demo_config(args.mode or "ddpm"),
-                   "reference": lambda: RunConfig(method=method_for_mode(args.mode or "ddpm")),
-                   # --lora-rank none picks the full fine-tune's recipe (learning rate, rounds), not only the switch
-                   "text2image": lambda: text_to_image_config(
-                       mode=args.mode or "iet-agc", lora_rank=None if (args.lora_rank or "").lower() == "none" else 4)}
-        config = recipes[args.recipe]()
+        config = recipe_config(args.recipe, args.mode or "ddpm")
     tree = config.to_dict()
     if args.mode and args.config:  # the mode's switches over the file's method, keeping its K if it has one
         shards = config.method.num_shards if config.method.num_shards > 1 else 4
@@ -91,10 +86,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a JSON config file (see `python -m iet_core config`)")
-    parser.add_argument("--recipe", choices=("demo", "reference", "text2image"), default="demo",
-                        help="starting settings when no --config: 'demo' trains on CPU in minutes; "
-                             "'reference' uses the paper code's defaults; 'text2image' fine-tunes a Stable "
-                             "Diffusion pipeline (--pretrained) on captioned images (--data)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="demo",
+                        help="starting settings when no --config (iet_core.config.RECIPES): 'demo' trains on CPU "
+                             "in minutes; 'reference' uses the paper code's defaults; 'sd-lora' / 'sd-full' fine-tune "
+                             "a Stable Diffusion pipeline (--pretrained) on captioned images (--data)")
     parser.add_argument("--mode", choices=MODES, help="ddpm (baseline), iet, iet-agc or iet-agc+")
     parser.add_argument("--name", help="run name")
     for flag, (_, help_text) in SHORTCUTS.items():

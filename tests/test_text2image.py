@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from iet_core import Run, TrainControl, train
-from iet_core.config import ConfigError, DataConfig, text_to_image_config
+from iet_core.config import ConfigError, DataConfig, recipe_config
 from iet_core.data import load_dataset
 from iet_core.evaluate import evaluate_run, load_eval
 from iet_core.features import PIXEL_MEASURE, load_feature_extractor
@@ -50,7 +50,8 @@ def pipeline_folder(tmp_path_factory):
 
 
 def t2i_config(pipeline_folder, data, lora_rank=4, **train):
-    config = text_to_image_config(str(pipeline_folder), str(data), mode="iet-agc", lora_rank=lora_rank, resolution=16)
+    config = recipe_config("sd-lora" if lora_rank else "sd-full", "iet-agc")
+    config.model.pretrained, config.data.source, config.data.resolution = str(pipeline_folder), str(data), 16
     config.method.num_shards = 2
     config.method.agc.skip_lambda, config.method.agc.bank_decay = 0.9, 0.0  # skips take part within a few steps
     settings = dict(rounds=2, local_steps=3, batch_size=2, lr=1e-2, log_every=1, preview_samples=0,
@@ -249,7 +250,7 @@ def test_cli_fine_tunes_evaluates_and_exports(tmp_path, pipeline_folder, capsys)
     from iet_core.cli import main
 
     data = captioned_folder(tmp_path / "data", count=4)
-    assert main(["train", "--recipe", "text2image", "--pretrained", str(pipeline_folder), "--data", str(data),
+    assert main(["train", "--recipe", "sd-lora", "--mode", "iet-agc", "--pretrained", str(pipeline_folder), "--data", str(data),
                  "--resolution", "16", "--rounds", "1", "--local-steps", "2", "--batch-size", "2", "--device", "cpu",
                  "--set", "train.preview_samples=0", "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 0
     run = next((tmp_path / "runs").iterdir())
