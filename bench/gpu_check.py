@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib
 import json
 import os
 import re
@@ -76,7 +77,7 @@ class Sizes:
 
 
 # A part may overrun its budget by GRACE_SECONDS, so the total leaves that much of the 9 minutes.
-GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=510,
+GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=500,
             bench=["--gpu"],
             model=["model.preset=small", "data.resolution=32", "data.channels=3", "train.batch_size=128",
                    "train.lr=5e-4", "train.precision=bf16", "train.device=cuda"],
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             filter(None, [str(site), str(REPO), os.environ.get("PYTHONPATH")]))}
         check = Check(sizes, out, Path(work), data, env)
         check.results["setup"] = install_wheels(Path(args.wheels), site, out / "log.txt")
-        sys.path[:0] = [str(site), str(REPO)]  # the engine too (the pilot's shares get its interval)
+        sys.path[:0] = [str(site), str(REPO)]  # the engine too (the pilot's shares get its interval) ...
+        importlib.import_module("iet_core.metrics")  # ... imported now, so that its start-up counts before any budget
         for name in args.parts:
             check.part(name, getattr(check, name))
     print((out / "gpu_check.md").read_text())
