@@ -75,7 +75,7 @@ def test_a_tick_redraws_only_what_changed(ctx, agc_run):
     first = monitor.tick(ctx, agc_run, 100, True, 0.5, {})
     assert {"status", "loss", "histogram", "what_if_text", "shards", "skipped"} <= set(first)
     again = monitor.tick(ctx, agc_run, 100, True, 0.5, first["view"])
-    assert set(again) == {"status", "controls", "view"}  # the same store: nothing is drawn again
+    assert set(again) == {"status", "controls", "shorter", "view"}  # the same store: nothing is drawn again
     moved = monitor.tick(ctx, agc_run, 100, True, 0.6, first["view"])
     assert "histogram" in moved and "skipped" not in moved  # a gallery is resent only when it changes
 
