@@ -69,6 +69,13 @@ def test_a_server_path_as_data_source_is_refused_alike_whether_it_exists_or_not(
             client.predict(config.to_json(), OWNER, api_name="/start_run")
         messages.add(str(refused.value).replace(repr(source), "SOURCE"))
     assert len(messages) == 1 and "not available on this server" in messages.pop()
+    for section, setting, value, refusal in (("model", "pretrained", "/etc", "not available on this server"),
+                                             ("eval", "fid_cache", "/tmp/anywhere", "admin's to set"),
+                                             ("eval", "fid_weights", "/etc/passwd", "admin's to set")):
+        tree = tiny_config("ddpm").to_dict()
+        tree[section][setting] = value
+        with pytest.raises(AppError, match=refusal):
+            client.predict(json.dumps(tree), OWNER, api_name="/start_run")
     assert sorted(p.name for p in ctx.runs_root.iterdir()) == before  # no run folder made
 
 
