@@ -224,6 +224,9 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
 
 
 DOWNLOAD_ROOT = Path(tempfile.gettempdir()) / "iet-app-downloads"
+# Downloads (zipped checkpoints, exported pipelines, CSVs) share one concurrency group: copying
+# and zipping are heavy on disk, so a few at a time however many clients ask.
+DOWNLOADS = {"concurrency_id": "downloads", "concurrency_limit": 2}
 DOWNLOAD_TTL_SECONDS = 600  # gradio has copied a download into its own cache long before this
 
 
