@@ -224,3 +224,11 @@ def test_sigterm_during_an_evaluation_cancels_it_and_exits_cleanly(tmp_path):
     assert app.returncode == 0, errors[-2000:]
     assert "terminate called" not in errors
     assert not list_evals(Run(run.path))  # cancelled: nothing saved
+
+
+def test_a_session_sent_by_a_client_is_read_like_any_other_input():
+    from pages import common
+
+    assert common.session_data({"data": {"source": "digits", "resolution": 8}}).resolution == 8
+    for forged in ({"data": {"source": "digits", "smuggled": 1}}, {"data": {"resolution": 1e30}}, {"data": "x"}):
+        assert common.session_data(forged) is None
