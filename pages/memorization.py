@@ -224,5 +224,5 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         result.table.to_csv(target, index=False)
         return gr.update(value=str(target), visible=True)
 
-    export_table.click(table_csv, picker, download, api_visibility="private")
+    export_table.click(table_csv, picker, download, api_visibility="private", **common.DOWNLOADS)
     common.wire_run_picker(ctx, page, picker, refresh_list, session)
