@@ -53,8 +53,7 @@ def preset_note(recipe: str, data: DataConfig, device: str) -> str:
 
 def data_config(session: dict | None) -> DataConfig:
     """The data chosen on the Data page, or the demo's digits."""
-    chosen = (session or {}).get("data")
-    return DataConfig(**chosen) if chosen else recipe_config(DEMO_PRESET).data
+    return common.session_data(session) or recipe_config(DEMO_PRESET).data
 
 
 def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: str, shards: int, rounds: int,
