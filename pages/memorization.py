@@ -71,10 +71,10 @@ def mq_markdown(summary: dict) -> str:
     shares = summary.get("mq_shares", {})
     if not shares:
         return ""
+    rows = "\n".join(f"| {threshold} | {100 * share:.0f}% |" for threshold, share in shares.items())
     return ("**MQ**, the reference code's metric: share of samples whose squared distance to the nearest training "
             "image, over the mean of the 50 nearest, is below each threshold.\n\n"
-            "| MQ below | " + " | ".join(shares) + " |\n|" + "---|" * (len(shares) + 1) + "\n"
-            "| samples | " + " | ".join(f"{100 * v:.0f}%" for v in shares.values()) + " |")
+            f"| MQ below | samples |\n|---|---|\n{rows}")
 
 
 def pair_gallery(result, limit: int) -> list[tuple]:

@@ -57,6 +57,18 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
+def start_on_train_page(page, url: str, data_text: str, rounds: int, batch_size: int) -> None:
+    """Start a run of 10 local steps per round from the Train page's form, on the chosen data."""
+    page.goto(url + "train")
+    page.get_by_text(data_text).wait_for()  # loaded: the page's own events have run
+    page.get_by_text("steps", exact=True).click()
+    for label, value in (("Rounds", str(rounds)), ("Local epochs (or steps) per proxy", "10"),
+                         ("Batch size", str(batch_size)), ("Samples shown per round", "0")):
+        page.get_by_label(label, exact=True).fill(value)
+    page.get_by_role("button", name="▶ Start training").click()
+    page.locator("#train-started").get_by_text("Started").wait_for()
+
+
 def test_every_page_loads(app_server, page, shots):
     url, _ = app_server
     for path, heading in PAGES:
@@ -110,14 +122,7 @@ def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page
     page.get_by_role("button", name="Load and preview").click()
     page.get_by_text(re.compile(r"^16 images · 16×16")).wait_for()
 
-    page.goto(url + "train")
-    page.get_by_text("16 images · 16×16").wait_for()  # the data chosen on the Data page
-    page.get_by_text("steps", exact=True).click()
-    for label, value in (("Rounds", "1"), ("Local epochs (or steps) per proxy", "10"), ("Batch size", "16"),
-                         ("Samples shown per round", "0")):
-        page.get_by_label(label, exact=True).fill(value)
-    page.get_by_role("button", name="▶ Start training").click()
-    page.locator("#train-started").get_by_text("Started").wait_for()
+    start_on_train_page(page, url, "16 images · 16×16", rounds=1, batch_size=16)  # the data chosen on the Data page
     page.screenshot(path=shots / "train-started.png", full_page=True)
     runs = ctx.jobs.list_runs()
     config = ctx.jobs.run(runs[0]["run_id"]).config
@@ -200,14 +205,7 @@ def test_a_finished_baseline_offers_neither_pause_nor_apply(app_server, page):
 
 def test_while_a_run_trains_time_left_rounds_and_lambda_agree_everywhere(app_server, page, shots):
     url, ctx = app_server
-    page.goto(url + "train")
-    page.get_by_text("64 images · 16×16").wait_for()
-    page.get_by_text("steps", exact=True).click()
-    for label, value in (("Rounds", "40"), ("Local epochs (or steps) per proxy", "10"), ("Batch size", "8"),
-                         ("Samples shown per round", "0")):
-        page.get_by_label(label, exact=True).fill(value)
-    page.get_by_role("button", name="▶ Start training").click()
-    page.locator("#train-started").get_by_text("Started").wait_for()
+    start_on_train_page(page, url, "64 images · 16×16", rounds=40, batch_size=8)
 
     page.goto(url + "monitor")
     status = page.locator("#monitor-status")
