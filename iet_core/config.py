@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("ddpm", "iet", "iet-agc", "iet-agc+")
-SHARD_SPLITS = ("random", "class")
+SHARD_SPLITS = ("auto", "class", "random")  # auto: class-balanced when the data has labels
+RESIZE_FILTERS = ("auto", "lanczos", "bicubic", "bilinear", "box", "nearest")  # auto: lanczos down, bicubic up
 MSR_POLICIES = ("least-skipped", "round-robin")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
@@ -42,12 +43,15 @@ class DataConfig:
     hf_split: str = "train"
     hf_image_column: str | None = None  # None: the first image column
     hf_label_column: str | None = None  # None: "label" or "labels" when present
+    # How images are resized to `resolution`; it changes pixel distances, so every result records it.
+    resize_filter: str = "auto"
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source is empty: give a built-in name ('digits'), a folder, a .zip, an .npz or 'hf:<id>'.")
         _check(4 <= self.resolution <= 512, f"data.resolution={self.resolution}: use a size between 4 and 512 pixels.")
         _check(self.channels in (1, 3), f"data.channels={self.channels}: use 1 (greyscale) or 3 (RGB).")
         _check(self.subset is None or self.subset >= 1, f"data.subset={self.subset}: use a positive number of images, or none for all.")
+        _check(self.resize_filter in RESIZE_FILTERS, f"data.resize_filter={self.resize_filter!r}: choose one of {', '.join(RESIZE_FILTERS)}.")
 
 
 @dataclass
@@ -124,7 +128,8 @@ class TAAConfig:
 @dataclass
 class MethodConfig:
     num_shards: int = 1  # K; 1 with everything off is plain DDPM
-    shard_split: str = "random"  # or "class" (class-balanced, needs labels)
+    # "auto": class-balanced when the data has labels (as the reference), else random; "class" needs labels
+    shard_split: str = "auto"
     agc: AGCConfig = field(default_factory=AGCConfig)
     msr: MSRConfig = field(default_factory=MSRConfig)
     taa: TAAConfig = field(default_factory=TAAConfig)
@@ -171,7 +176,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    warmup_steps: int = 5000  # linear warmup, counted per proxy over the whole run
+    # Linear warmup from lr 0, counted per proxy over the whole run. None: as the reference, each
+    # proxy warms up over warmup_share of its first round's local steps (15 of 100 local epochs).
+    warmup_steps: int | None = None
+    warmup_share: float = 0.15
     hflip: bool = True  # random horizontal flip, as in the reference
     reset_optimizer_each_round: bool = False  # the reference keeps each proxy's Adam state
     seed: int = 0
@@ -183,6 +191,7 @@ class TrainConfig:
     # (vmapped) computation; "auto" batches on a GPU when the proxies fit in memory.
     execution: str = "auto"
     log_every: int = 10  # steps between telemetry flushes (one host sync each)
+    drift_probe: int = 16  # images per shard in the drift telemetry's fixed probe batch (0: no drift telemetry)
     checkpoint_every_rounds: int = 1
     keep_checkpoints: int = 2
     record_samples: bool = True  # per-sample records (id, shard, t, loss, ratio, skipped)
@@ -193,6 +202,12 @@ class TrainConfig:
         if self.local_steps is not None:
             return self.local_steps
         return max(1, -(-int(self.local_epochs * shard_size) // self.batch_size))
+
+    def warmup_for_shard(self, first_shard_size: int) -> int:
+        """A proxy's warmup steps, given its shard's size in the first round."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round(self.warmup_share * self.steps_for_shard(first_shard_size))
 
     def validate(self) -> None:
         _check(self.rounds >= 1, f"train.rounds={self.rounds}: use at least 1 round.")
@@ -205,10 +220,12 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0.")
         _check(self.grad_clip > 0, "train.grad_clip must be positive (the reference uses 1.0).")
         _check(0 <= self.ema_decay < 1, f"train.ema_decay={self.ema_decay}: use a value in [0, 1).")
-        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0.")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps must be >= 0, or none for the reference's warmup_share of the first round.")
+        _check(0.0 <= self.warmup_share <= 1.0, f"train.warmup_share={self.warmup_share}: use a share of the first round's local steps in [0, 1].")
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}.")
         _check(self.execution in EXECUTIONS, f"train.execution={self.execution!r}: choose one of {', '.join(EXECUTIONS)}.")
         _check(self.log_every >= 1, "train.log_every must be at least 1.")
+        _check(0 <= self.drift_probe <= 256, "train.drift_probe: use between 0 and 256 images per shard (0 turns the drift telemetry off).")
         _check(self.checkpoint_every_rounds >= 1, "train.checkpoint_every_rounds must be at least 1.")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1.")
         _check(0 <= self.preview_samples <= 256, "train.preview_samples: use between 0 and 256.")
@@ -221,10 +238,15 @@ class EvalConfig:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
-    use_ema: bool = True
+    use_ema: bool = False  # the reference evaluated the raw averaged weights (use_ema=False)
     batch_size: int = 256
     seed: int = 0
-    memorization_threshold: float = 1 / 3  # nearest / second-nearest L2 below this is a copy
+    # Copy criteria, each named in results: "ratio" (L2 nearest / second nearest below this),
+    # "distance" (L2 nearest below delta = this quantile of the training images' distances to
+    # their nearest other training image, Carlini et al.'s (l2, delta) style) and "mq".
+    memorization_threshold: float = 1 / 3
+    distance_quantile: float = 0.05
+    mq_threshold: float = 1 / 3
     mq_neighbours: int = 50
     flip_aware: bool | None = None  # None: on when training flipped images (train.hflip or TAA flips)
     nn_margin: int = 16  # extra float32-shortlisted candidates per sample before the exact recompute
@@ -244,6 +266,8 @@ class EvalConfig:
         _check(0 <= self.eta <= 1, "eval.eta: use a value in [0, 1].")
         _check(self.batch_size >= 1, "eval.batch_size must be at least 1.")
         _check(0 < self.memorization_threshold < 1, "eval.memorization_threshold: use a value in (0, 1); the convention is 1/3.")
+        _check(0 < self.distance_quantile < 1, "eval.distance_quantile: use a quantile in (0, 1); 0.05 is the default.")
+        _check(0 < self.mq_threshold < 1, "eval.mq_threshold: use a value in (0, 1).")
         _check(self.mq_neighbours >= 1, "eval.mq_neighbours must be at least 1.")
         _check(self.nn_margin >= 0, "eval.nn_margin must be >= 0 (16 is a good default).")
         _check(self.nn_query_chunk is None or self.nn_query_chunk >= 1, "eval.nn_query_chunk: use at least 1 image, or none for automatic.")
@@ -358,8 +382,10 @@ def demo_config(mode: str = "ddpm", **train_overrides: Any) -> RunConfig:
     """A recipe that memorizes on 2 CPU cores within minutes: 64 digits at 16x16, tiny UNet,
     3,000 steps of batch 64 in every mode (K proxies share each round's 100 steps)."""
     method = method_for_mode(mode, num_shards=4)
+    # Warmup as the reference: each proxy over 15% of its first round (not a fixed step count,
+    # which would warm IET's short-round proxies over several rounds and the baseline over one).
     train = TrainConfig(rounds=30, local_steps=100 // method.num_shards, batch_size=64, lr=1e-3, optimizer="adamw",
-                        warmup_steps=100, ema_decay=0.995, hflip=False)
+                        ema_decay=0.995, hflip=False)
     for key, value in train_overrides.items():
         setattr(train, key, value)
     return RunConfig(name=f"demo-{mode}", data=DataConfig(), model=ModelConfig(preset="tiny"),

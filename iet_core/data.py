@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, DataConfig
+from .config import RESIZE_FILTERS, ConfigError, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BUILTIN = ("digits",)
@@ -42,6 +42,7 @@ class ImageDataset:
     ids: torch.Tensor  # int64 (N,), stable global ids
     name: str = "dataset"
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    resize_filter: str = "auto"  # how the images were resized (it changes distances: recorded with results)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -63,7 +64,7 @@ class ImageDataset:
     def select(self, positions: torch.Tensor | np.ndarray | list[int]) -> "ImageDataset":
         positions = torch.as_tensor(positions, dtype=torch.long)
         labels = None if self.labels is None else self.labels[positions]
-        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected))
+        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected), self.resize_filter)
 
     def to_model_space(self) -> torch.Tensor:
         """float32 in [-1, 1], the model's input space."""
@@ -72,9 +73,13 @@ class ImageDataset:
 
 # -- conversion ---------------------------------------------------------------------------
 
-def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
+RESAMPLING = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS if name != "auto"}
+
+
+def pil_to_array(image: Image.Image, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """Any PIL image (L, LA, RGBA, P, I;16, CMYK, ...) to uint8 (C, res, res): centre-crop to a
-    square, resize, convert. Transparent pixels are composited on white."""
+    square, resize (filter "auto": lanczos down, bicubic up), convert. Transparent pixels are
+    composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -94,12 +99,14 @@ def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarr
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != resolution:
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC if side < resolution else Image.Resampling.LANCZOS)
+        if resize_filter == "auto":
+            resize_filter = "bicubic" if side < resolution else "lanczos"
+        image = image.resize((resolution, resolution), RESAMPLING[resize_filter])
     arr = np.asarray(image, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """Bytes of an image file to uint8 (C, res, res); raises DataError with the reason."""
     if len(data) > MAX_FILE_BYTES:
         raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
@@ -108,7 +115,7 @@ def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(f"image has {image.width}x{image.height} pixels, over the {MAX_PIXELS:,} pixel limit")
             image.load()
-            return pil_to_array(image, resolution, channels)
+            return pil_to_array(image, resolution, channels, resize_filter)
     except DataError:
         raise
     except Image.DecompressionBombError:
@@ -117,7 +124,7 @@ def decode_image(data: bytes, resolution: int, channels: int) -> np.ndarray:
         raise DataError(f"not a readable image ({err})") from None
 
 
-def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+def array_to_images(array: np.ndarray, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """An image array (N,H,W), (N,H,W,C) or (N,C,H,W) of any numeric type to uint8 (N,C,res,res)."""
     arr = np.asarray(array)
     if arr.ndim == 3:
@@ -142,20 +149,20 @@ def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.nda
     out = np.empty((len(arr), channels, resolution, resolution), np.uint8)
     for i, img in enumerate(arr):
         pixels = img[0] if src_channels == 1 else img.transpose(1, 2, 0)
-        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels)
+        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels, resize_filter)
     return out
 
 
 # -- loaders ------------------------------------------------------------------------------
 
-def load_builtin(name: str, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_builtin(name: str, resolution: int, channels: int, resize_filter: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         # scikit-learn ships these 1,797 8x8 digits (values 0..16) inside the package: no network.
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = (digits.images * (255.0 / 16.0)).astype(np.float64)
-        return array_to_images(images[:, None].astype(np.uint8), resolution, channels), digits.target.astype(np.int64)
+        return array_to_images(images[:, None].astype(np.uint8), resolution, channels, resize_filter), digits.target.astype(np.int64)
     raise DataError(f"unknown built-in dataset {name!r}: choose one of {', '.join(BUILTIN)}.")
 
 
@@ -168,12 +175,12 @@ def _labels_from_names(names: list[str]) -> np.ndarray | None:
     return np.array([classes[p] for p in parents], dtype=np.int64)
 
 
-def _decode_many(entries, resolution: int, channels: int, where: str):
+def _decode_many(entries, resolution: int, channels: int, resize_filter: str, where: str):
     """(name, bytes-reader) pairs to images, labels and rejects; names sorted for stable ids."""
     images, names, rejected = [], [], []
     for name, read in entries:
         try:
-            images.append(decode_image(read(), resolution, channels))
+            images.append(decode_image(read(), resolution, channels, resize_filter))
             names.append(name)
         except DataError as err:
             rejected.append((name, str(err)))
@@ -184,7 +191,7 @@ def _decode_many(entries, resolution: int, channels: int, where: str):
     return np.stack(images), _labels_from_names(names), rejected
 
 
-def load_folder(path: Path, resolution: int, channels: int):
+def load_folder(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
     if not path.is_dir():
         raise DataError(f"{path} is not a folder.")
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -193,11 +200,11 @@ def load_folder(path: Path, resolution: int, channels: int):
     if len(candidates) > MAX_IMAGES:
         raise DataError(f"{path} holds {len(candidates):,} images, over the {MAX_IMAGES:,} limit: use a smaller folder.")
     entries = [(p.relative_to(path).as_posix(), p.read_bytes) for p in candidates]
-    images, labels, bad = _decode_many(entries, resolution, channels, f"the folder {path}")
+    images, labels, bad = _decode_many(entries, resolution, channels, resize_filter, f"the folder {path}")
     return images, labels, rejected + bad
 
 
-def load_zip(path: Path, resolution: int, channels: int):
+def load_zip(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
     """Read images straight from the archive, never extracting to disk (no zip-slip possible);
     sizes and counts are checked from the central directory before anything is decompressed."""
     try:
@@ -225,7 +232,7 @@ def load_zip(path: Path, resolution: int, channels: int):
                 rejected.append((name, f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"))
             else:
                 entries.append((name, lambda info=info: _read_member(archive, info)))
-        images, labels, bad = _decode_many(entries, resolution, channels, f"the archive {path.name}")
+        images, labels, bad = _decode_many(entries, resolution, channels, resize_filter, f"the archive {path.name}")
     return images, labels, rejected + bad
 
 
@@ -242,7 +249,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def load_npz(path: Path, resolution: int, channels: int):
+def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz:
@@ -253,10 +260,11 @@ def load_npz(path: Path, resolution: int, channels: int):
         raise DataError(f"{path.name} is not a readable .npz file ({err}).") from None
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
-    return array_to_images(images, resolution, channels), labels, []
+    return array_to_images(images, resolution, channels, resize_filter), labels, []
 
 
-def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, resolution: int, channels: int):
+def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, resolution: int, channels: int,
+            resize_filter: str = "auto"):
     """A Hugging Face dataset: a Hub id, or a local folder written by `save_to_disk`."""
     import datasets
 
@@ -287,7 +295,7 @@ def load_hf(spec: str, split: str, image_column: str | None, label_column: str |
     images, rejected = [], []
     for i, image in enumerate(ds[image_column]):
         try:
-            images.append(pil_to_array(image, resolution, channels))
+            images.append(pil_to_array(image, resolution, channels, resize_filter))
         except (OSError, ValueError) as err:
             rejected.append((f"row {i}", f"not a readable image ({err})"))
     if not images:
@@ -301,14 +309,14 @@ def load_hf(spec: str, split: str, image_column: str | None, label_column: str |
 def load_dataset(config: DataConfig) -> ImageDataset:
     """The dataset a DataConfig describes, subset and all. Raises DataError with what to do."""
     config.validate()
-    source, res, ch = config.source, config.resolution, config.channels
+    source, res, ch, resize = config.source, config.resolution, config.channels, config.resize_filter
     rejected: list[tuple[str, str]] = []
     if source in BUILTIN:
-        images, labels = load_builtin(source, res, ch)
+        images, labels = load_builtin(source, res, ch, resize)
         name = source
     elif source.startswith("hf:"):
         images, labels, rejected = load_hf(source[3:], config.hf_split, config.hf_image_column,
-                                           config.hf_label_column, res, ch)
+                                           config.hf_label_column, res, ch, resize)
         name = source[3:]
     else:
         path = Path(source).expanduser()
@@ -317,11 +325,11 @@ def load_dataset(config: DataConfig) -> ImageDataset:
             raise DataError(f"data source {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
                             "existing path: give a folder, a .zip or an .npz file, or 'hf:<dataset id>'.")
         if path.is_dir():
-            images, labels, rejected = load_folder(path, res, ch)
+            images, labels, rejected = load_folder(path, res, ch, resize)
         elif path.suffix.lower() == ".zip":
-            images, labels, rejected = load_zip(path, res, ch)
+            images, labels, rejected = load_zip(path, res, ch, resize)
         elif path.suffix.lower() == ".npz":
-            images, labels, rejected = load_npz(path, res, ch)
+            images, labels, rejected = load_npz(path, res, ch, resize)
         else:
             raise DataError(f"{path.name}: unsupported file type; give a folder of images, a .zip or an .npz.")
     ids = np.arange(len(images), dtype=np.int64)
@@ -330,5 +338,6 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         images, ids = images[keep], ids[keep]
         labels = None if labels is None else labels[keep]
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images)),
-                        None if labels is None else torch.from_numpy(labels), torch.from_numpy(ids), name, rejected)
+                        None if labels is None else torch.from_numpy(labels), torch.from_numpy(ids), name, rejected,
+                        resize)
 

@@ -7,7 +7,8 @@ samples a run's checkpoint first and saves the result under `RUN/eval/<name>/`:
     summary.json     aggregate numbers (memorized share, MQ shares, FID or why not, settings)
     most_copied.csv  per training image: times it is the nearest, with its training skip stats
     images.npz       generated images and their nearest training images (for galleries)
-    gallery.png      (generated | nearest) pairs, most memorized first
+    gallery.png      (generated | nearest) pairs, most memorized first (ratio criterion);
+                     gallery-distance.png and gallery-mq.png sort by the other criteria
 """
 from __future__ import annotations
 
@@ -27,16 +28,22 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, EvalConfig, SAMPLERS
+from .config import ConfigError, EvalConfig, RunConfig, SAMPLERS
 from .data import ImageDataset
 from .fid import FIDUnavailable, fid_score
-from .metrics import MQ_THRESHOLDS, copy_counts, memorization_ratio, mq_ratio, shares_below
+from .metrics import (MQ_THRESHOLDS, copy_counts, distance_threshold, memorization_ratio, mq_ratio, share_summary,
+                      shares_below)
 from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
 from .runs import Run
 from .sample import generate_from_run
 
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
 Progress = Callable[[str, int, int], None]
+
+# Copy criteria by name: (the table's score column, lower = more copied; its flag column).
+COPY_CRITERIA = {"ratio": ("memorization_ratio", "memorized"), "distance": ("l2_nearest", "copy_distance"),
+                 "mq": ("mq_ratio", "copy_mq")}
+CALIBRATION_IMAGES = 2048  # training images whose nearest other image calibrates delta (a seeded subset beyond)
 
 
 @dataclass
@@ -48,15 +55,18 @@ class EvalResult:
     nearest: np.ndarray  # uint8 (G, C, H, W): each sample's nearest training image, as matched (mirrored if flipped)
     path: Path | None = None  # the folder it was saved in
 
-    def pairs(self, limit: int | None = None) -> list[tuple[np.ndarray, str]]:
-        """(generated | nearest side by side as HxW or HxWx3 uint8, caption), most memorized
-        first: ready for an image gallery."""
-        order = self.table.sort_values(["memorization_ratio", "sample_id"]).index[:limit]
+    def pairs(self, limit: int | None = None, criterion: str = "ratio") -> list[tuple[np.ndarray, str]]:
+        """(generated | nearest side by side as HxW or HxWx3 uint8, caption), most copied by
+        the named criterion (see COPY_CRITERIA) first: ready for an image gallery."""
+        if criterion not in COPY_CRITERIA:
+            raise ConfigError(f"copy criterion {criterion!r} is unknown: choose one of {', '.join(COPY_CRITERIA)}.")
+        order = self.table.sort_values([COPY_CRITERIA[criterion][0], "sample_id"]).index[:limit]
         out = []
         for i in order:
             row = self.table.loc[i]
             image = _side_by_side(self.generated[i], self.nearest[i])
-            flag = "memorized, " if row["memorized"] else ""
+            copied = [name for name, (_, flag) in COPY_CRITERIA.items() if row.get(flag, False)]
+            flag = f"memorized by {'+'.join(copied)}, " if copied else ""
             mirror = " (mirrored)" if row["nearest_flipped"] else ""
             out.append((image, f"sample {row['sample_id']} | train {row['nearest_id']}{mirror}: "
                                f"{flag}ratio {row['memorization_ratio']:.3f}, L2 {row['l2_nearest']:.3f}"))
@@ -96,6 +106,9 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     ratio = memorization_ratio(found.sq_dist)
     memorized = ratio < config.memorization_threshold
     mq = mq_ratio(found.sq_dist, config.mq_neighbours)
+    started = time.perf_counter()
+    delta = calibrated_distance(dataset, config.distance_quantile, flip_aware, device)
+    seconds["calibration"] = time.perf_counter() - started
     table = pd.DataFrame({
         "sample_id": np.arange(len(generated)),
         "nearest_id": ids[found.index[:, 0]],
@@ -107,6 +120,8 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
         "memorized": memorized,
         "sq_l2_nearest": found.sq_dist[:, 0],
         "mq_ratio": mq,
+        "copy_distance": found.l2[:, 0] < delta,
+        "copy_mq": mq < config.mq_threshold,
     })
     times_nearest, times_memorized = copy_counts(found.index[:, 0], len(dataset), memorized)
     most_copied = pd.DataFrame({"training_id": ids, "times_nearest": times_nearest,
@@ -125,14 +140,26 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     if config.fid:
         seconds["fid"] = fid_seconds
 
+    ratio_share = share_summary(memorized)
     summary = {
         "num_samples": len(generated),
         "num_training": len(dataset),
         "dataset": dataset.name,
+        "resize_filter": dataset.resize_filter,
         "flip_aware": flip_aware,
         "memorization_threshold": config.memorization_threshold,
-        "memorized_count": int(memorized.sum()),
-        "memorized_fraction": float(memorized.mean()),
+        "memorized_count": ratio_share["count"],
+        "memorized_fraction": ratio_share["share"],
+        "memorized_interval": [ratio_share["low"], ratio_share["high"]],
+        # Each criterion's share with its sample count and 95% Wilson interval.
+        "criteria": {
+            "ratio": {"rule": f"L2 nearest / L2 second nearest < {config.memorization_threshold:.3g}", **ratio_share},
+            "distance": {"rule": f"L2 nearest < delta = {delta:.4f}, the {config.distance_quantile:g} quantile of "
+                                 "training images' L2 to their nearest other training image",
+                         "delta": delta, **share_summary(table["copy_distance"])},
+            "mq": {"rule": f"MQ (squared L2 nearest / mean of {min(config.mq_neighbours, len(dataset))} nearest) "
+                           f"< {config.mq_threshold:.3g}", **share_summary(table["copy_mq"])},
+        },
         "mq_neighbours": min(config.mq_neighbours, len(dataset)),
         "mq_shares": {f"{t:g}": share for t, share in shares_below(mq, MQ_THRESHOLDS).items()},
         "mean_l2_nearest": float(table["l2_nearest"].mean()),
@@ -145,6 +172,17 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
         "seconds": seconds,
     }
     return EvalResult(table, summary, most_copied, generated.numpy(), nearest.numpy())
+
+
+def calibrated_distance(dataset: ImageDataset, quantile: float, flip_aware: bool, device: torch.device) -> float:
+    """delta of the "distance" criterion on this dataset, with the evaluation's flip setting
+    (an image's own mirror image is the image itself, not another one)."""
+    positions = np.arange(len(dataset))
+    if len(dataset) > CALIBRATION_IMAGES:
+        positions = np.sort(np.random.default_rng(0).choice(len(dataset), CALIBRATION_IMAGES, replace=False))
+    found = nearest_neighbours(dataset.images[torch.from_numpy(positions)], dataset.images, k=2, flip_aware=flip_aware,
+                               device=device)
+    return distance_threshold(found.l2[:, 1], quantile)  # column 0 is the image itself
 
 
 def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
@@ -166,9 +204,8 @@ def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, dev
     return fid, note, time.perf_counter() - started
 
 
-def flips_in_training(run: Run) -> bool:
+def flips_in_training(config: RunConfig) -> bool:
     """Whether training showed mirrored images (random flips or TAA flips)."""
-    config = run.config
     return config.train.hflip or (config.method.taa.enabled and config.method.taa.flip)
 
 
@@ -195,7 +232,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
                                batch_size=config.batch_size,
                                progress=(lambda d, t: progress("sampling", d, t)) if progress else None)
     sampling_seconds = time.perf_counter() - started
-    flip_aware = flips_in_training(run) if config.flip_aware is None else config.flip_aware
+    flip_aware = flips_in_training(run.config) if config.flip_aware is None else config.flip_aware
     result = evaluate_images(images, dataset, config, flip_aware=flip_aware, per_sample=run.per_sample(),
                              device=device, progress=progress)
     weights = "ema" if config.use_ema else "model"
@@ -244,7 +281,8 @@ def save_eval(run: Run, result: EvalResult, name: str, gallery_pairs: int = 32) 
         (tmp / "summary.json").write_text(json.dumps(result.summary, indent=2))
         np.savez_compressed(tmp / "images.npz", generated=result.generated, nearest=result.nearest)
         if gallery_pairs:
-            _write_gallery(result, tmp / "gallery.png", gallery_pairs)
+            for criterion in COPY_CRITERIA:
+                _write_gallery(result, tmp / gallery_name(criterion), gallery_pairs, criterion)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -254,11 +292,15 @@ def save_eval(run: Run, result: EvalResult, name: str, gallery_pairs: int = 32) 
     return final
 
 
-def _write_gallery(result: EvalResult, path: Path, limit: int) -> None:
+def gallery_name(criterion: str) -> str:
+    return "gallery.png" if criterion == "ratio" else f"gallery-{criterion}.png"
+
+
+def _write_gallery(result: EvalResult, path: Path, limit: int, criterion: str) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    pairs = [np.atleast_3d(image) for image, _ in result.pairs(limit)]
+    pairs = [np.atleast_3d(image) for image, _ in result.pairs(limit, criterion)]
     scale = max(1, 64 // pairs[0].shape[0])  # small images get big enough pixels to see
     tiles = torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     grid = make_grid(tiles, nrow=max(1, int(np.ceil(np.sqrt(len(pairs) / 2)))), padding=2, pad_value=255)
@@ -298,11 +340,13 @@ def format_summary(summary: dict) -> str:
     if "run_id" in summary:
         lines.append(f"run {summary['run_id']}  {summary['checkpoint']} ({summary['weights']} weights), "
                      f"{summary['sampler']} {summary['steps']} steps, seed {summary['seed']}")
+    lines.append(f"samples {summary['num_samples']} vs {summary['num_training']} training images"
+                 f"{' (and their mirror images)' if summary['flip_aware'] else ''}"
+                 f", resized with {summary.get('resize_filter', 'auto')}")
+    for name, criterion in summary.get("criteria", {}).items():
+        lines.append(f"copies by {name} ({criterion['rule']}): {criterion['count']}/{criterion['total']} = "
+                     f"{100 * criterion['share']:.1f}% (95% CI {100 * criterion['low']:.1f}-{100 * criterion['high']:.1f}%)")
     lines += [
-        f"samples {summary['num_samples']} vs {summary['num_training']} training images"
-        f"{' (and their mirror images)' if summary['flip_aware'] else ''}",
-        f"memorized (L2 nearest / second < {summary['memorization_threshold']:.3g}): "
-        f"{summary['memorized_count']} = {100 * summary['memorized_fraction']:.1f}%",
         "MQ share below   " + "  ".join(f"{t:>5}" for t in summary["mq_shares"]),
         "                 " + "  ".join(f"{100 * s:>4.0f}%" for s in summary["mq_shares"].values()),
         f"nearest L2: mean {summary['mean_l2_nearest']:.4f}, median {summary['median_l2_nearest']:.4f}; "
@@ -326,7 +370,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int, help="samples per generation batch")
-    parser.add_argument("--weights", choices=("ema", "model"), help="EMA (default) or raw weights")
+    parser.add_argument("--weights", choices=("ema", "model"), help="raw averaged weights (the default, as the reference) or EMA")
     parser.add_argument("--threshold", type=float, help="memorized when L2 nearest / second nearest is below this (1/3)")
     parser.add_argument("--flip-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="also compare with mirrored training images (default: when training flipped)")

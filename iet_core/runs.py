@@ -5,6 +5,7 @@
       status.json          state, round, step, message (rewritten atomically)
       metrics.csv          one row per optimizer step of any proxy
       rounds.csv           one row per round (shard sizes, skip rate, MSR moves, seconds)
+      drift.csv            per round and proxy: weight drift, distances, probe losses (DriftEvent)
       samples.csv          per-sample records (id, shard, t, loss, ratio, skipped, ...)
       msr_moves.csv        every MSR move
       settings.csv         settings changed while running (e.g. skip_lambda)
@@ -38,7 +39,8 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota, permissions)."""
 
 
-CSV_LOGS = ("metrics.csv", "rounds.csv", "samples.csv", "msr_moves.csv", "settings.csv")
+CSV_LOGS = ("metrics.csv", "rounds.csv", "drift.csv", "samples.csv", "msr_moves.csv", "settings.csv")
+ROUND_END_LOGS = ("rounds.csv", "drift.csv")  # rows stamped with the round's last step, which a checkpoint there includes
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -122,6 +124,9 @@ class Run:
     def rounds(self) -> pd.DataFrame:
         return read_csv(self.path / "rounds.csv")
 
+    def drift(self) -> pd.DataFrame:
+        return read_csv(self.path / "drift.csv")
+
     def sample_records(self) -> pd.DataFrame:
         return read_csv(self.path / "samples.csv")
 
@@ -140,7 +145,7 @@ class Run:
             path = self.path / name
             frame = read_csv(path)
             if len(frame) and "global_step" in frame:
-                kept = frame[frame["global_step"] < global_step] if name != "rounds.csv" else frame[frame["global_step"] <= global_step]
+                kept = frame[frame["global_step"] <= global_step] if name in ROUND_END_LOGS else frame[frame["global_step"] < global_step]
                 atomic_write(path, kept.to_csv(index=False))
 
     def preview_paths(self) -> list[Path]:

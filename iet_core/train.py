@@ -42,12 +42,13 @@ from .models import build_unet, training_scheduler
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, append_csv, atomic_write
-from .shards import redistribute, split_shards
-from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
+from .shards import redistribute, resolve_split, split_shards
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
+_PROBE_TAG = 2**31 - 2  # seed tag of the drift telemetry's probe batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -125,6 +126,8 @@ class RunLogger:
                 append_csv(path / "msr_moves.csv", pd.DataFrame(
                     [(event.round, event.global_step, *m) for m in event.moves],
                     columns=["round", "global_step", "sample_id", "from_shard", "to_shard"]))
+        elif isinstance(event, DriftEvent):
+            append_csv(path / "drift.csv", pd.DataFrame(event.rows()))
         elif isinstance(event, SettingEvent):
             append_csv(path / "settings.csv", pd.DataFrame([{
                 "global_step": event.global_step, "name": event.name, "value": event.value}]))
@@ -172,7 +175,11 @@ class Trainer:
 
         n, k = len(self.dataset), config.method.num_shards
         labels = None if self.dataset.labels is None else self.dataset.labels.numpy()
-        self.shard_of = split_shards(n, k, config.method.shard_split, labels, config.train.seed)
+        self.shard_split = resolve_split(config.method.shard_split, labels)
+        self.shard_of = split_shards(n, k, self.shard_split, labels, config.train.seed)
+        # Each proxy's warmup follows its first-round shard (checkpoints restore later shards).
+        self.warmup = [config.train.warmup_for_shard(size) for size in np.bincount(self.shard_of, minlength=k)]
+        self.probes = self._probe_batches()
         self._check_memory(k)
         self.global_weights = self.flat.data.clone()
         self.global_ema = self.flat.data.clone()
@@ -196,6 +203,8 @@ class Trainer:
         self.round_started = time.time()
         self.total_steps = self._expected_total_steps()
         self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
+        if self.writer:  # what "auto" chose, for whoever reads the run
+            run.write_status(run.status().get("state", "created"), shard_split=self.shard_split)
 
     def _check_memory(self, k: int) -> None:
         """Refuse before allocating when the K proxies' weights, EMA, Adam moments and gradients
@@ -378,8 +387,10 @@ class Trainer:
         kept = keep.sum(dim=1)
         do_step = (kept > 0)[:, None] if config.method.agc.enabled else None
         clip_grad_norm_(self.grads[rows], tc.grad_clip)
-        iterations = self.iterations[proxies[0]]  # proxies side by side have taken the same steps
-        lr = tc.lr * (min(1.0, (iterations + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        # From lr 0, as the reference's LambdaLR; proxies side by side have taken the same steps
+        # (and their warmups, set by first-round shards, are over once their step counts agree).
+        iterations, warmup = self.iterations[proxies[0]], self.warmup[proxies[0]]
+        lr = tc.lr * (min(iterations, warmup) / warmup if warmup else 1.0)
         adam_step(self.weights[rows], self.grads[rows], self.adam.rows(rows), lr, do_step,
                   weight_decay=tc.weight_decay, decoupled=tc.optimizer == "adamw")
         ema_update_(self.ema[rows], self.weights[rows], tc.ema_decay, do_step)
@@ -420,6 +431,10 @@ class Trainer:
             for event in self.group.gather_to_writer(self.outbox):
                 self._emit(event)
             self.outbox = []
+            if self.probes:  # the drift compares every proxy's weights
+                self._share_rows([self.weights])
+        if self.probes and self.writer:
+            self._emit(self._drift(averages[0]))
         self.global_weights.copy_(averages[0])
         self.global_ema.copy_(averages[1])
         moves: list[tuple[int, int, int]] = []
@@ -442,6 +457,50 @@ class Trainer:
         self.stopping = self.group is not None and self.group.any(self.control.stop_requested)
         if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds or self.stopping:
             self.save_checkpoint()
+
+    def _probe_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per shard: up to train.drift_probe of its first-round images, noised at fixed
+        timesteps with fixed noise (x_t, t, noise), the same for every round of the run."""
+        count, k = self.config.train.drift_probe, self.config.method.num_shards
+        if not count:
+            return []
+        generator = torch.Generator().manual_seed(derive_seed(self.config.train.seed, _PROBE_TAG))
+        probes = []
+        for shard in range(k):
+            members = torch.from_numpy(np.flatnonzero(self.shard_of == shard))
+            pick = members[torch.randperm(len(members), generator=generator)[:count]].to(self.device)
+            x0 = self.images[pick]
+            t = torch.randint(0, self.num_timesteps, (len(pick),), generator=generator).to(self.device)
+            noise = torch.randn(x0.shape, generator=generator).to(self.device)
+            x_t = self.sqrt_ab[t][:, None, None, None] * x0 + self.sqrt_one_minus_ab[t][:, None, None, None] * noise
+            probes.append((x_t, t, noise))
+        return probes
+
+    @torch.no_grad()
+    def _probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, K): the loss of each weight vector in rows (R, P) on each shard's probe batch."""
+        x_t, t, noise = (torch.cat(parts) for parts in zip(*self.probes))
+        shard = torch.cat([torch.full((len(p[1]),), j, device=self.device) for j, p in enumerate(self.probes)])
+        losses = torch.empty(len(rows), len(self.probes), device=self.device)
+        self.unet.eval()  # no dropout: the probe is deterministic
+        for r in range(len(rows)):
+            params = {name: value[0] for name, value in self.flat.unflatten(rows[r:r + 1]).items()}
+            per_sample = (functional_call(self.unet, params, (x_t, t)).sample.float() - noise).square().mean(dim=(1, 2, 3))
+            losses[r] = torch.zeros(len(self.probes), device=self.device).index_add_(0, shard, per_sample) / torch.bincount(
+                shard, minlength=len(self.probes))
+        self.unet.train()
+        return losses
+
+    def _drift(self, average: torch.Tensor) -> DriftEvent:
+        """How far the proxies moved from the round's start (the global weights, not yet
+        replaced by the average) and from each other, and their losses on every shard's probe."""
+        weights, start, k = self.weights, self.global_weights, self.config.method.num_shards
+        # Norms of differences in float64: float32 sums over millions of weights drift by 1e-5.
+        norm = lambda vector: float(vector.double().norm())
+        losses = self._probe_losses(torch.cat([weights, average[None]])).cpu()
+        return DriftEvent(self.round, self.global_step, norm(start), [norm(weights[i] - start) for i in range(k)],
+                          [[norm(weights[i] - weights[j]) for j in range(k)] for i in range(k)],
+                          losses[:k].tolist(), losses[k].tolist())
 
     def _share_round(self) -> None:
         """Give every process what the others did this round: their proxies' banks and
