@@ -105,7 +105,7 @@ def time_sampling(args, dataset) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10_test_subset.npz"))
     parser.add_argument("--synthetic-training", type=int, help="random 32x32x3 training images instead of --data")
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=3, help="steps actually run (the time is per step)")
     parser.add_argument("--eval-steps", type=int, default=50, help="steps to extrapolate to")
     parser.add_argument("--out", help="write the figures as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.synthetic_training:
         images = np.random.default_rng(args.seed + 1).integers(0, 256, (args.synthetic_training, 3, 32, 32), dtype=np.uint8)
         dataset = ImageDataset(torch.from_numpy(images), None, torch.arange(args.synthetic_training))

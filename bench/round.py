@@ -35,6 +35,8 @@ class ReferenceRound:
         self.trainer, self.batch_size, self.steps, self.mem_ratio = trainer, batch_size, steps, mem_ratio
         self.global_model = copy.deepcopy(trainer.unet)
         self.global_ema = copy.deepcopy(trainer.unet)
+        # The same precision as ours, so the ratio measures the approach, not the number format.
+        self.autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.config.train.precision == "bf16")
         self.alphas = training_scheduler(trainer.config.model).alphas_cumprod.float().to(trainer.device)
         k = trainer.config.method.num_shards
         self.clients = []
@@ -55,7 +57,9 @@ class ReferenceRound:
                 t = torch.randint(0, 1000, (self.batch_size,), device=trainer.device)
                 noise = torch.randn_like(x0)
                 x_t = self.alphas[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - self.alphas[t]).sqrt().view(-1, 1, 1, 1) * noise
-                loss = F.mse_loss(client["model"](x_t, t).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+                with self.autocast:
+                    prediction = client["model"](x_t, t).sample
+                loss = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
                 mask = loss * self.mem_ratio >= client["bank"][t]
                 total = max(mask.sum().item(), 1)
                 mean_loss = ((loss * mask) * (self.batch_size / total)).mean()
@@ -75,7 +79,7 @@ class ReferenceRound:
             model.load_state_dict(averaged)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=5)
@@ -88,7 +92,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="bench/results/round.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     def trainer_for(execution: str, root: Path) -> Trainer:
         config = demo_config("iet-agc")

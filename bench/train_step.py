@@ -96,7 +96,7 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int, default=16)
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="bench/results/train_step.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         ddpm = make_trainer("ddpm", args, Path(tmp))

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
+from .config import MODES, TRACKERS, ConfigError, RunConfig, demo_config, method_for_mode
 
 # Shortcut flags for the settings people change most; `--set section.name=value` reaches all.
 SHORTCUTS = {
@@ -72,6 +72,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             set_setting(tree, dotted, value)
     apply_settings(tree, args.set or [])
+    if args.report_to:
+        tree["train"]["trackers"] = sorted(set(args.report_to))
     if args.name:
         tree["name"] = args.name
     return RunConfig.from_dict(tree).validate()
@@ -86,6 +88,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="run name")
     for flag, (_, help_text) in SHORTCUTS.items():
         parser.add_argument(f"--{flag}", help=help_text)
+    parser.add_argument("--report-to", action="append", choices=TRACKERS,
+                        help="also log to this experiment tracker (repeatable; TensorBoard files go to RUN/tensorboard)")
     parser.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
                         help="any setting, e.g. --set method.msr.threshold=0.6 (repeatable)")
 

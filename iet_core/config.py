@@ -20,6 +20,7 @@ OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
 PRECISIONS = ("fp32", "bf16")
 EXECUTIONS = ("auto", "sequential", "batched")
+TRACKERS = ("tensorboard", "wandb", "trackio")  # experiment trackers reached through accelerate
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,7 @@ class TrainConfig:
     record_samples: bool = True  # per-sample records (id, shard, t, loss, ratio, skipped)
     preview_samples: int = 16  # samples drawn after each round for previews/ (0: none)
     preview_steps: int = 20  # DDIM steps for those previews
+    trackers: list[str] = field(default_factory=list)  # also report to: tensorboard, wandb, trackio (off: [])
 
     def steps_for_shard(self, shard_size: int) -> int:
         if self.local_steps is not None:
@@ -230,6 +232,7 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1.")
         _check(0 <= self.preview_samples <= 256, "train.preview_samples: use between 0 and 256.")
         _check(1 <= self.preview_steps <= 1000, "train.preview_steps: use between 1 and 1000.")
+        _check(set(self.trackers) <= set(TRACKERS), f"train.trackers={self.trackers}: choose from {', '.join(TRACKERS)}.")
 
 
 @dataclass

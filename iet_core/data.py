@@ -120,6 +120,8 @@ def decode_image(data: bytes, resolution: int, channels: int, resize_filter: str
         raise
     except Image.DecompressionBombError:
         raise DataError(f"image is over the {MAX_PIXELS:,} pixel limit") from None
+    except Image.UnidentifiedImageError:  # its message names an in-memory buffer, nothing a user can act on
+        raise DataError("not a readable image (unknown format or a damaged file)") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for unreadable files
         raise DataError(f"not a readable image ({err})") from None
 

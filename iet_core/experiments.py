@@ -34,6 +34,7 @@ from .cli import add_config_arguments, apply_settings, config_from_args
 from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
 from .evaluate import COPY_CRITERIA, evaluate_images, flips_in_training
+from .neighbours import resolve_device
 from .quality import QualityMeter
 from .runs import Run, atomic_write, list_runs
 from .sample import generate_from_run
@@ -208,7 +209,7 @@ def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, ex
     config = run.config
     _, meta = run.load_checkpoint(checkpoint)
     samples = generate_from_run(run, experiment.num_samples, checkpoint=checkpoint, steps=experiment.sample_steps,
-                                seed=1000 + seed, use_ema=evaluation["use_ema"])
+                                seed=1000 + seed, use_ema=evaluation["use_ema"], device=resolve_device(config.train.device))
     result = evaluate_images(samples, dataset, experiment.base.eval, flip_aware=evaluation["flip_aware"], per_sample=run.per_sample())
     summary, criteria = result.summary, result.summary["criteria"]
     return {"mode": mode, "seed": seed, "round": meta["round"], "step": meta["global_step"],

@@ -45,6 +45,7 @@ from .runs import Run, append_csv, atomic_write
 from .shards import redistribute, resolve_split, split_shards
 from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
+from .trackers import TRACKER_FOLDER, TrackerSink
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
@@ -154,7 +155,9 @@ class Trainer:
         config.validate(num_images=len(self.dataset))
         self.group = group
         self.writer = group is None or group.is_writer  # the one process that writes the run folder
-        self.sinks: list[Sink] = [RunLogger(run), *sinks] if self.writer else []
+        trackers = ([TrackerSink(config.train.trackers, run.id, run.path / TRACKER_FOLDER, config.to_dict())]
+                    if self.writer and config.train.trackers else [])
+        self.sinks: list[Sink] = [RunLogger(run), *trackers, *sinks] if self.writer else []
         self.outbox: list[Event] = []  # a non-writer's step records, sent to the writer each round
         self.mine = group.block(config.method.num_shards) if group else range(config.method.num_shards)
         self.stopping = False  # all processes agreed to stop at this round's end

@@ -100,11 +100,13 @@ def skipped_share(snapshot: RatioSnapshot, skip_lambda: float) -> float:
     return float(below / max(snapshot.visits, 1))
 
 
-def ratio_histogram(current: RatioSnapshot | None, skip_lambda: float, early: RatioSnapshot | None = None,
-                    what_if: float | None = None, title: str | None = None) -> go.Figure:
-    """The window's loss ratios as shares of its visits, coloured by what AGC does with them at
-    lambda; optionally the early window in grey and a what-if threshold. Ratios of 3 and more
-    share the last bar, which is left out of the y range (early in training it dwarfs the rest)."""
+def ratio_histogram(current: RatioSnapshot | None, what_if: float, applied: float | None = None,
+                    early: RatioSnapshot | None = None, title: str | None = None) -> go.Figure:
+    """The window's loss ratios as shares of its visits, coloured at the what-if lambda: red
+    where AGC skips them (the what-if is the lambda in force), amber where it would skip them
+    at the what-if (or where a run without AGC would skip them). `applied`: the lambda in force,
+    None for a run without AGC. Optionally the early window in grey. Ratios of 3 and more share
+    the last bar, which is left out of the y range (early in training it dwarfs the rest)."""
     if current is None or current.visits == current.unseen:
         return empty_figure("The loss-ratio histogram appears once the memory bank has seen some timesteps.", 360)
     group = 5  # 0.05-wide bars read better than the 0.01 bins (the shares use the fine bins)
@@ -120,15 +122,20 @@ def ratio_histogram(current: RatioSnapshot | None, skip_lambda: float, early: Ra
         shown.append(density(early))
         figure.add_bar(x=centers, y=shown[1], name=f"early (steps {early.first_step}–{early.last_step})",
                        marker_color="#9ca3af", opacity=0.55)
-    below = centers < skip_lambda
+    below = centers < what_if
+    in_force = applied is not None and abs(what_if - applied) < 1e-6
+    below_name = ("skipped (ratio < λ)" if in_force else "would be skipped at the what-if λ" if applied is not None
+                  else "would be skipped with AGC (this run skips nothing)")
     figure.add_bar(x=centers, y=np.where(below, 0, shown[0]), name="kept", marker_color=COLORS[0])
-    figure.add_bar(x=centers, y=np.where(below, shown[0], 0), name="skipped (ratio < λ)", marker_color=COLORS[3])
+    figure.add_bar(x=centers, y=np.where(below, shown[0], 0), name=below_name,
+                   marker_color=COLORS[3] if in_force else COLORS[1])
     top = max(float(d[:-1].max()) for d in shown) * 1.15 or 1.0
     figure.add_annotation(x=2.97, y=top * 0.97, text=f"≥ 3: {100 * shown[0][-1]:.0f}%", showarrow=False,
                           xanchor="right", font=dict(color="#6b7280"))
-    figure.add_vline(x=skip_lambda, line=dict(color="#dc2626", width=3),
-                     annotation_text=f"λ = {skip_lambda:.2f}", annotation_position="top right")
-    if what_if is not None and abs(what_if - skip_lambda) > 1e-6:
+    if applied is not None:
+        figure.add_vline(x=applied, line=dict(color="#dc2626", width=3),
+                         annotation_text=f"λ = {applied:.2f}", annotation_position="top right")
+    if not in_force:
         figure.add_vline(x=what_if, line=dict(color="#d97706", width=3, dash="dot"),
                          annotation_text=f"what-if {what_if:.2f}", annotation_position="bottom right")
     title = title or f"Loss ratio loss / bank[t] · steps {current.first_step}–{current.last_step}, round {current.round + 1}"

@@ -1,8 +1,12 @@
 """What every page shares: the app context, the browser session, the run picker, images."""
 from __future__ import annotations
 
+import base64
 import collections
 import functools
+import hashlib
+import io
+import os
 import secrets
 import tempfile
 import threading
@@ -145,30 +149,54 @@ def wire_run_picker(ctx: AppContext, page: gr.Blocks, picker: gr.Dropdown, refre
     picker.change(remember, [picker, session], session, api_visibility="private")
 
 
-def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState) -> gr.Markdown:
+@dataclass
+class RunControls:
+    buttons: dict[str, gr.Button]  # pause, resume, stop, delete
+    message: gr.Markdown
+
+
+CANCELLED = "\x00cancelled"  # what the delete button sends when its confirmation is declined
+CONFIRM_DELETE_JS = (f"(run_id, session) => [confirm('Delete this run and everything it saved? This cannot be undone.')"
+                     f" ? run_id : {CANCELLED!r}, session]")
+
+
+def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState) -> RunControls:
     """Pause / resume / stop / delete buttons for the picked run; only the session that started
-    a run may steer or delete it. Returns the markdown where their messages appear."""
+    a run may steer or delete it. Pages enable the buttons that apply to the run's state."""
     with gr.Row():
-        pause = gr.Button("❚❚ Pause", size="md")
-        resume = gr.Button("▶ Resume", size="md")
-        stop = gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop")
-        delete = gr.Button("🗑 Delete run", size="md")
+        buttons = {"pause": gr.Button("❚❚ Pause", size="md", interactive=False, elem_id="pause-run"),
+                   "resume": gr.Button("▶ Resume", size="md", interactive=False),
+                   "stop": gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop", interactive=False),
+                   "delete": gr.Button("🗑 Delete run", size="md", interactive=False)}
     message = gr.Markdown()
     done = {"pause": "Pausing after the current step.", "resume": "Resuming (a stopped run continues from its "
             "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time.",
             "delete": "Deleted: the run's folder is gone (↻ Refresh the list)."}
 
-    for button, action in ((pause, "pause"), (resume, "resume"), (stop, "stop"), (delete, "delete")):
+    for action, button in buttons.items():
         @user_errors
         def act(run_id, session, action=action):
             session = ensure_owner(session)
+            if run_id == CANCELLED:
+                return "Not deleted.", session
             if not run_id:
                 raise gr.Error("Pick a run first.", print_exception=False)
             getattr(ctx.jobs, action)(run_id, session["owner"])
             return done[action], session
 
-        button.click(act, [picker, session], [message, session], api_visibility="private")
-    return message
+        button.click(act, [picker, session], [message, session], api_visibility="private",
+                     js=CONFIRM_DELETE_JS if action == "delete" else None)
+    return RunControls(buttons, message)
+
+
+def control_states(status: dict, agc: bool = False) -> dict[str, bool]:
+    """Which controls apply to a run in this state (the others are shown disabled); `apply`
+    is the Monitor's "apply this λ", for runs with AGC."""
+    state = status.get("state")
+    live = state in ("running", "paused", "queued", "stopping")
+    return {"pause": state == "running", "resume": state in ("paused", "stopped", "interrupted"),
+            "stop": state in ("running", "paused", "queued"), "delete": not live,
+            "apply": agc and state in ("running", "paused")}
 
 
 def status_text(status: dict, skip_lambda: float | None = None) -> str:
@@ -222,9 +250,37 @@ def image_grid(images: np.ndarray, columns: int = 8, min_tile: int = 48, gap: in
     return grid
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+IMAGE_FOLDER = Path(tempfile.gettempdir()) / "iet-app-images"
+
+
+def image_file(image: np.ndarray) -> str:
+    """An (H, W[, 3]) uint8 image as a PNG file named by its content, written once and never
+    replaced: galleries get these paths, so a file is never rewritten while it is being served
+    (gradio rewrites the file of an array it is given on every update)."""
+    data = png_bytes(image)
+    path = IMAGE_FOLDER / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        IMAGE_FOLDER.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.stem}-{secrets.token_hex(4)}.png")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    return str(path)
+
+
+def data_uri(image: np.ndarray) -> str:
+    """An image inlined in HTML as a PNG data: URI (small images only)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
 def read_image(path: Path) -> np.ndarray:
-    """An image file (e.g. a run's preview grid) as an (H, W, 3) array: galleries get arrays,
-    so nothing in the runs folder has to be served as a file."""
+    """An image file (e.g. a run's preview grid) as an (H, W, 3) array: nothing in the runs
+    folder is served as a file."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
@@ -237,7 +293,7 @@ def training_images(ctx: AppContext, run_id: str, sample_ids, captions) -> list[
     except ConfigError:
         return []
     position = {int(i): p for p, i in enumerate(dataset.ids.tolist())}
-    return [(display_image(dataset.images[position[int(i)]].numpy()), caption)
+    return [(image_file(display_image(dataset.images[position[int(i)]].numpy())), caption)
             for i, caption in zip(sample_ids, captions) if int(i) in position]
 
 

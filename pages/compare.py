@@ -6,9 +6,11 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import ConfigError
-from iet_core.evaluate import load_eval
-from pages import charts, common
+from iet_core.config import ConfigError, EvalConfig
+from iet_core.evaluate import evaluate_run, flips_in_training, load_eval
+from iet_core.metrics import proportion_interval
+from pages import api, charts, common
+from pages.memorization import quality_text
 
 TITLE, PATH = "5 · Compare", "compare"
 
@@ -27,39 +29,107 @@ def percent(value) -> str:
     return "–" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
 
 
-def compare_row(ctx: common.AppContext, run_id: str) -> dict:
-    """One run's numbers, formatted for the table ("–": not evaluated or not available)."""
+COLUMNS = ["run", "mode", "state", "data", "trained steps", "final loss", "skipped", "copies", "95% interval",
+           "eval step", "weights", "quality", "samples", "id"]
+
+
+def saved_summary(ctx: common.AppContext, run_id: str) -> dict:
+    """The run's newest evaluation summary ({} when not evaluated yet)."""
+    try:
+        return load_eval(ctx.jobs.run(run_id)).summary
+    except ConfigError:
+        return {}
+
+
+def compare_row(ctx: common.AppContext, run_id: str, summary: dict) -> dict:
+    """One run's numbers, formatted for the table ("–": not evaluated or not available). A copy
+    share always comes with its sample count, interval, checkpoint step, weights and quality."""
     config = ctx.jobs.run(run_id).config
     telemetry = ctx.jobs.telemetry(run_id)
     steps = telemetry.steps()
     stats = telemetry.per_sample()
     row = {"run": config.name, "mode": config.method.mode, "state": ctx.jobs.status(run_id).get("state"),
            "data": f"{config.data.subset or 'all'} × {config.data.source.split('/')[-1]} {config.data.resolution}px",
-           "steps": int(steps["global_step"].max() + 1) if len(steps) else 0,
+           "trained steps": int(steps["global_step"].max() + 1) if len(steps) else 0,
            "final loss": f"{steps['loss'].tail(max(1, len(steps) // 20)).mean():.4f}" if len(steps) else "–",
-           "skipped": percent(stats["skips"].sum() / max(stats["visits"].sum(), 1) if len(stats) else None)}
-    try:
-        summary = load_eval(ctx.jobs.run(run_id)).summary
-    except ConfigError:  # not evaluated yet
-        summary = {}
-    row.update({"copies": percent(summary.get("memorized_fraction")),
-                "MQ < 0.3": percent(summary.get("mq_shares", {}).get("0.3")),
-                "FID": f"{summary['fid']:.1f}" if summary.get("fid") is not None else "–",
-                "distinct nearest": summary.get("distinct_nearest", "–"),
-                "eval samples": summary.get("num_samples", "–"), "id": run_id[-6:]})
-    return row
+           "skipped": percent(stats["skips"].sum() / max(stats["visits"].sum(), 1) if len(stats) else None),
+           "id": run_id[-6:]}
+    if summary:
+        count, total = summary["memorized_count"], summary["num_samples"]
+        low, high = proportion_interval(count, total)
+        row.update({"copies": f"{100 * count / total:.1f}% ({count}/{total})",
+                    "95% interval": f"{100 * low:.0f}–{100 * high:.0f}%",
+                    "eval step": summary.get("checkpoint_step", "–"),
+                    "weights": {"ema": "EMA", "model": "raw"}.get(summary.get("weights"), "–"),
+                    "quality": quality_text(summary), "samples": total})
+    return {column: row.get(column, "–") for column in COLUMNS}
+
+
+def fairness_notes(names: list[str], summaries: list[dict]) -> str:
+    """What makes these runs' copy shares not comparable as they stand, one warning a line."""
+    notes = []
+    missing = [n for n, s in zip(names, summaries) if not s]
+    if missing:
+        notes.append(f"Not evaluated yet: {', '.join(missing)} (Memorization page, or *Evaluate all the same way*).")
+    done = [(n, s) for n, s in zip(names, summaries) if s]
+    for field, what in (("checkpoint_step", "training steps"), ("weights", "weights (EMA or raw)"),
+                        ("num_samples", "sample counts"), ("steps", "sampling steps"), ("flip_aware", "mirror settings")):
+        values = {str(s.get(field)) for _, s in done}
+        if len(values) > 1:
+            listed = ", ".join(f"{n}: {s.get(field)}" for n, s in done)
+            notes.append(f"Evaluated with different {what} ({listed}): compare like with like.")
+    if len(done) > 1 and not any(s.get("fid") is not None or s.get("feature_fd") is not None for _, s in done):
+        notes.append("No quality figure: a run that copies less may simply make worse images.")
+    return "\n".join(f"⚠ {note}  " for note in notes) if notes else "✓ Evaluated alike: same step, weights and samples."
+
+
+def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
+    """The page's outputs for the picked runs: table, notes on fairness, four charts, samples."""
+    if not run_ids:
+        empty = charts.empty_figure("Pick runs to compare.")
+        return pd.DataFrame(columns=COLUMNS), "", empty, empty, empty, empty, []
+    summaries = [saved_summary(ctx, r) for r in run_ids]
+    rows = [compare_row(ctx, r, summary) for r, summary in zip(run_ids, summaries)]
+    names = {r: f"{row['run']} ({row['mode']}, {row['id']})" for r, row in zip(run_ids, rows)}
+    steps = {names[r]: round_axis(ctx.jobs.telemetry(r).steps(max_points=3000)) for r in run_ids}
+    ratios, copies = {}, {}
+    for r in run_ids:
+        snapshots = ctx.jobs.telemetry(r).snapshots()
+        ratios[names[r]] = charts.snapshot_values(charts.window(snapshots, len(snapshots) - 1, 2048))
+        try:
+            copies[names[r]] = load_eval(ctx.jobs.run(r)).table["memorization_ratio"].to_numpy()
+        except ConfigError:
+            copies[names[r]] = np.zeros(0)
+    return (pd.DataFrame(rows, columns=COLUMNS), fairness_notes([names[r] for r in run_ids], summaries),
+            charts.overlay_lines(steps, "rounds", "loss", "Training loss (smoothed)", "loss", log_y=True),
+            charts.overlay_lines(steps, "rounds", "kept_fraction", "Kept share of each batch", "kept"),
+            charts.overlay_histograms(ratios, "Loss ratio at the end of training", "loss / bank[t]", (0, 3), 0.05),
+            charts.overlay_histograms(copies, "Nearest / second-nearest distance of samples", "ratio", (0, 1),
+                                      0.025, line=EvalConfig.memorization_threshold),
+            [(common.image_file(common.read_image(paths[-1])), names[r])
+             for r in run_ids if (paths := ctx.jobs.run(r).preview_paths())])
 
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Compare runs", "Pick two or more runs, e.g. the baseline and IET-AGC demo runs on the same "
-                       "data. Evaluate each on the Memorization page first to fill in the copy numbers.")
+                       "data, and evaluate them the same way: the same checkpoint step, the same weights, the same "
+                       "number of samples. A copy share means little without its quality: a model that has not "
+                       "learned yet makes noise, and noise copies nothing.")
     with gr.Row(equal_height=False):
         picker = gr.Dropdown(choices=[], multiselect=True, label="Runs to compare", scale=8, elem_id="compare-picker")
         refresh = gr.Button("↻ Refresh", scale=0, min_width=110, size="sm")
-    table = gr.Dataframe(label="Memorization and quality", interactive=False, wrap=True, elem_id="compare-table")
+    with gr.Row():
+        num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples per run", scale=2)
+        weights = gr.Radio([("raw (averaged) weights", False), ("EMA weights", True)], value=False,
+                           label="Weights", info="EMA lags behind the raw weights early in training.", scale=2)
+        evaluate_all = gr.Button("Evaluate all the same way", variant="primary", scale=1, elem_id="evaluate-all")
+    table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Memorization and quality", interactive=False,
+                         wrap=False, elem_id="compare-table")
+    notes = gr.Markdown(elem_id="compare-notes")
     gr.Markdown("<span class='explain'>**copies**: share of generated samples whose nearest training image is less "
-                "than 1/3 as far as the second nearest (lower is better) · **MQ < 0.3**: the reference code's metric · "
-                "**FID**: image quality, lower is better (needs the Inception weights) · **skipped**: share of "
+                "than 1/3 as far as the second nearest (lower is better), with the number of samples and a 95% "
+                "interval: with 64 samples, gaps under ~15 points are noise · **eval step**: the checkpoint "
+                "evaluated · **quality**: FID or the offline feature FD, lower is better · **skipped**: share of "
                 "training visits AGC skipped.</span>")
     with gr.Row():
         loss_plot = gr.Plot(show_label=False)
@@ -69,6 +139,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         memo_plot = gr.Plot(show_label=False)
     samples = gr.Gallery(label="Samples after the last round of each run: the quality side of the comparison",
                          columns=4, height=320, fit_columns=False)
+    outputs = [table, notes, loss_plot, kept_plot, ratio_plot, memo_plot, samples]
 
     def fill(current=None):
         choices = common.run_choices(ctx)
@@ -80,30 +151,20 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
 
     page.load(fill, None, picker, api_visibility="private")
     refresh.click(fill, picker, picker, api_visibility="private")
+    picker.change(lambda run_ids: compare_view(ctx, run_ids or []), picker, outputs, api_visibility="private")
 
-    def compare(run_ids):
-        run_ids = run_ids or []
+    @common.user_errors
+    def evaluate_alike(run_ids, count, use_ema, progress=gr.Progress()):
         if not run_ids:
-            empty = charts.empty_figure("Pick runs to compare.")
-            return None, empty, empty, empty, empty, []
-        rows = pd.DataFrame([compare_row(ctx, r) for r in run_ids])
-        names = {r: f"{row['run']} ({row['mode']}, {row['id']})" for r, row in zip(run_ids, rows.to_dict("records"))}
-        steps = {names[r]: round_axis(ctx.jobs.telemetry(r).steps(max_points=3000)) for r in run_ids}
-        ratios, copies = {}, {}
-        for r in run_ids:
-            snapshots = ctx.jobs.telemetry(r).snapshots()
-            ratios[names[r]] = charts.snapshot_values(charts.window(snapshots, len(snapshots) - 1, 2048))
-            try:
-                copies[names[r]] = load_eval(ctx.jobs.run(r)).table["memorization_ratio"].to_numpy()
-            except ConfigError:
-                copies[names[r]] = np.zeros(0)
-        return (rows,
-                charts.overlay_lines(steps, "rounds", "loss", "Training loss (smoothed)", "loss", log_y=True),
-                charts.overlay_lines(steps, "rounds", "kept_fraction", "Kept share of each batch", "kept"),
-                charts.overlay_histograms(ratios, "Loss ratio at the end of training", "loss / bank[t]", (0, 3), 0.05),
-                charts.overlay_histograms(copies, "Nearest / second-nearest distance of samples", "ratio", (0, 1),
-                                          0.025, line=1 / 3),
-                [(common.read_image(paths[-1]), names[r]) for r in run_ids if (paths := ctx.jobs.run(r).preview_paths())])
+            raise gr.Error("Pick runs to compare first.", print_exception=False)
+        # One mirror setting for all: compared with mirrored training images when any run saw them.
+        mirrored = any(flips_in_training(ctx.jobs.run(r)) for r in run_ids)
+        for i, run_id in enumerate(run_ids):
+            config = api.evaluation_config(ctx, run_id, count, EvalConfig.steps)
+            config.use_ema, config.flip_aware = bool(use_ema), mirrored
+            progress(i / len(run_ids), desc=f"evaluating {ctx.jobs.run(run_id).config.name}")
+            evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id))
+        return compare_view(ctx, run_ids)
 
-    picker.change(compare, picker, [table, loss_plot, kept_plot, ratio_plot, memo_plot, samples],
-                  api_visibility="private")
+    evaluate_all.click(evaluate_alike, [picker, num_samples, weights], outputs, concurrency_limit=1,
+                       concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")

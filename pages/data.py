@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,8 +26,9 @@ PREVIEW_COUNT = 64
 
 
 def persist_upload(files: list[str], runs_root: Path, resolution: int, channels: int) -> tuple[str, list]:
-    """Uploaded files as one .npz under <runs>/datasets/ (named by a hash of their content and
-    the size), so runs trained on them can resume after a restart. Returns (path, rejected)."""
+    """Uploaded files as one .npz under <runs>/datasets/, so runs trained on them can resume
+    after a restart; named after the first file, with a hash of the content and the size that
+    tells different uploads apart. Returns (path, rejected)."""
     if not files:
         raise DataError("no files uploaded: drop image files, or one .zip or .npz archive.")
     paths = [Path(f) for f in files]
@@ -37,7 +39,10 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
     for path in sorted(paths, key=lambda p: p.name):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    target = runs_root / "datasets" / f"{digest.hexdigest()[:16]}-{resolution}px-{channels}ch.npz"
+    first = min(paths, key=lambda p: p.name)
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", first.stem).strip("-")[:32] or "upload"
+    more = f"-and-{len(paths) - 1}-more" if len(paths) > 1 else ""
+    target = runs_root / "datasets" / f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}.npz"
     with tempfile.TemporaryDirectory() as tmp:
         if archives:
             source = archives[0]
@@ -58,12 +63,25 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
     return str(target), dataset.rejected
 
 
+def is_upload(config: DataConfig) -> bool:
+    return config.source.endswith(".npz") and Path(config.source).parent.name == "datasets"
+
+
+def source_label(config: DataConfig) -> str:
+    """Where the images come from, in words (an upload by its file name: never a server path)."""
+    if config.source.startswith("hf:"):
+        return f"Hugging Face dataset {config.source[3:]} ({config.hf_split})"
+    if is_upload(config):
+        return f"uploaded: {Path(config.source).name}"
+    return "built-in handwritten digits" if config.source == "digits" else Path(config.source).name
+
+
 def data_summary(dataset, config: DataConfig) -> str:
     classes = "" if dataset.labels is None else f", {len(np.unique(dataset.labels.numpy()))} classes"
     rejected = f" · **{len(dataset.rejected)} rejected** (see below)" if dataset.rejected else ""
     return (f"### {len(dataset)} images · {config.resolution}×{config.resolution} · "
             f"{'greyscale' if config.channels == 1 else 'colour'}{classes}{rejected}\n"
-            f"Source: `{dataset.name}`. Training on the **Train** page uses this data. Few images at low resolution "
+            f"Source: {source_label(config)}. Training on the **Train** page uses this data. Few images at low resolution "
             "memorize fastest: tens to a few hundred images show it within minutes.")
 
 
@@ -116,6 +134,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             config = DataConfig(source="digits", resolution=res, channels=ch)
         config.subset = int(count) if count else None
         dataset = load_dataset(config)
+        if config.subset and config.subset >= len(dataset):  # fewer images than asked for: all of them
+            config.subset = None
         dataset.rejected = rejected_before + dataset.rejected
         session["data"] = dataclasses.asdict(config)
         table = pd.DataFrame(dataset.rejected, columns=["file", "reason"])
@@ -129,8 +149,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def restore(session):
         """Show the session's data choice (or the default digits) when the page opens."""
         chosen = DataConfig(**(session or {}).get("data") or {})
-        is_upload = chosen.source.endswith(".npz") and Path(chosen.source).parent.name == "datasets"
-        choice = UPLOAD if is_upload else HUB if chosen.source.startswith("hf:") else BUILTIN
+        choice = UPLOAD if is_upload(chosen) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
             dataset = load_dataset(chosen)
         except DataError as err:

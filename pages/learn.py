@@ -52,7 +52,7 @@ def illustrative_histogram():
     ratios = np.concatenate([rng.lognormal(0.0, 0.35, 4000), rng.lognormal(np.log(0.3), 0.3, 600)])
     counts, unseen = bin_ratios(ratios)
     snapshot = RatioSnapshot(0, 0, 0, 0, counts, unseen, int((ratios < 0.5).sum()))
-    return charts.ratio_histogram(snapshot, 0.5, title="Illustration: loss ratios of training visits")
+    return charts.ratio_histogram(snapshot, 0.5, applied=0.5, title="Illustration: loss ratios of training visits")
 
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:

@@ -8,23 +8,49 @@ import shutil
 import gradio as gr
 import pandas as pd
 
-from iet_core.config import ConfigError
+from iet_core.config import ConfigError, EvalConfig
 from iet_core.evaluate import evaluate_run, load_eval
+from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 
 TITLE, PATH = "4 · Memorization", "memorization"
 PAIRS_SHOWN = 48
+COPIED_COLUMNS = ("training_id", "times_nearest", "times_memorized", "shard", "visits", "skips", "skip_rate")
+PRESENTED = 6  # pairs in the presentation view: big enough to read from the back of a room
+
+
+def share_line(summary: dict) -> str:
+    """A memorized share with everything needed to judge it: count of samples, 95% interval,
+    checkpoint step, weights, and a quality figure."""
+    count, total = summary["memorized_count"], summary["num_samples"]
+    low, high = proportion_interval(count, total)
+    return (f"<span class='big-number'>{100 * count / total:.0f}%</span> copies: {count} of {total} samples "
+            f"(95% interval {100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}")
+
+
+def provenance(summary: dict) -> str:
+    """Which model made the samples: "step 2000, EMA weights"."""
+    weights = {"ema": "EMA weights", "model": "raw weights"}.get(summary.get("weights"), "weights ?")
+    step = summary.get("checkpoint_step")
+    return f"step {step if step is not None else '?'}, {weights}"
+
+
+def quality_text(summary: dict) -> str:
+    """The quality figure: FID when it was computed, else the offline feature FD, else none."""
+    if summary.get("fid") is not None:
+        return f"FID {summary['fid']:.1f}"
+    if summary.get("feature_fd") is not None:
+        return f"feature FD {summary['feature_fd']:.2f}"
+    return "quality not measured"
 
 
 def summary_markdown(summary: dict) -> str:
-    fid = f"{summary['fid']:.1f}" if summary.get("fid") is not None else "n/a"
     mq = summary.get("mq_shares", {})
     mq_low = next(iter(mq.items()), None)
     lines = [
-        f"<span class='big-number'>{100 * summary['memorized_fraction']:.0f}%</span> of "
-        f"{summary['num_samples']} samples are copies of a training image "
-        f"(nearest / second-nearest distance < {summary['memorization_threshold']:.2f})",
-        f"**FID** {fid}" + (f" · MQ share below {mq_low[0]}: **{100 * mq_low[1]:.0f}%**" if mq_low else "") +
+        share_line(summary),
+        f"A copy: nearest / second-nearest training image distance < {summary['memorization_threshold']:.2f}"
+        + (f" · MQ share below {mq_low[0]}: **{100 * mq_low[1]:.0f}%**" if mq_low else "") +
         f" · {summary['distinct_nearest']} different training images are nearest to some sample",
         f"Checkpoint `{summary.get('checkpoint', '?')}` · {summary.get('sampler', '')} {summary.get('steps', '')} steps"
         f"{' · compared with mirrored training images too' if summary.get('flip_aware') else ''}",
@@ -49,14 +75,55 @@ def pair_gallery(result, limit: int) -> list[tuple]:
     """(sample | nearest) images with short captions, most copied first (the order of `pairs`)."""
     rows = result.table.sort_values(["memorization_ratio", "sample_id"]).head(limit)
     captions = [f"{r.memorization_ratio:.2f}{' copy' if r.memorized else ''}" for r in rows.itertuples()]
-    return [(common.display_image(image, 80), caption) for (image, _), caption in zip(result.pairs(limit), captions)]
+    return [(common.image_file(common.display_image(image, 80)), caption)
+            for (image, _), caption in zip(result.pairs(limit), captions)]
+
+
+def presentation_html(result, limit: int = PRESENTED) -> str:
+    """The most copied samples as large, uncropped side-by-side pairs for a projector: the
+    generated image on the left, its nearest training image on the right, with the distance ratio."""
+    rows = result.table.sort_values(["memorization_ratio", "sample_id"]).head(limit)
+    figures = []
+    for (image, _), row in zip(result.pairs(limit), rows.itertuples()):
+        verdict = "copy" if row.memorized else "not a copy"
+        figures.append(
+            f"<figure class='copy-pair' style='margin:0'>"
+            f"<img src='{common.data_uri(image)}' alt='generated sample {row.sample_id} next to training image "
+            f"{row.nearest_id}' style='width:100%;height:auto;image-rendering:pixelated;display:block'>"
+            "<figcaption style='display:flex;font-size:1.3em'><span style='flex:1;text-align:center'>generated</span>"
+            "<span style='flex:1;text-align:center'>nearest training image</span></figcaption>"
+            f"<div style='text-align:center;font-size:1.5em;font-weight:600'>ratio {row.memorization_ratio:.2f} · "
+            f"{verdict}</div></figure>")
+    return ("<div id='presentation' style='display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:28px'>"
+            + "".join(figures) + "</div>")
 
 
 def copied_table(most_copied: pd.DataFrame, limit: int = 20) -> pd.DataFrame:
-    columns = [c for c in ("training_id", "times_nearest", "times_memorized", "shard", "visits", "skips", "skip_rate")
-               if c in most_copied]
+    columns = [c for c in COPIED_COLUMNS if c in most_copied]
     top = most_copied[most_copied["times_nearest"] > 0].head(limit)[columns]
     return top.round({"skip_rate": 3})
+
+
+def result_view(ctx: common.AppContext, run_id: str, result) -> tuple:
+    """The page's outputs for an evaluation: summary, presentation, histogram, MQ table, pairs,
+    most-copied gallery and table."""
+    most = copied_table(result.most_copied)
+    captions = [f"×{n}" for n in most.head(12)["times_nearest"]]
+    return (summary_markdown(result.summary), presentation_html(result),
+            charts.memorization_histogram(result.table["memorization_ratio"].to_numpy(),
+                                          result.summary["memorization_threshold"]),
+            mq_markdown(result.summary), pair_gallery(result, PAIRS_SHOWN),
+            common.training_images(ctx, run_id, most.head(12)["training_id"], captions), most)
+
+
+def saved_view(ctx: common.AppContext, run_id: str) -> tuple:
+    """The run's newest saved evaluation, or a note that there is none."""
+    try:
+        return result_view(ctx, run_id, load_eval(ctx.jobs.run(run_id)))
+    except ConfigError:
+        return ("No evaluation of this run yet: press *Generate and measure*.", "",
+                charts.memorization_histogram([], EvalConfig.memorization_threshold), "", [], [],
+                pd.DataFrame(columns=COPIED_COLUMNS))
 
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
@@ -69,61 +136,52 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",
                                 info="64 takes seconds on a CPU for the tiny model; papers use 10,000.")
         steps = gr.Slider(10, 250, value=50, step=10, label="DDIM sampling steps")
+        weights = gr.Radio([("raw (averaged)", False), ("EMA", True)], value=False, label="Weights",
+                           info="EMA lags behind the raw weights early in training.")
         fid = gr.Checkbox(False, label="Compute FID (needs the Inception weights file in the torch cache)")
         evaluate = gr.Button("Generate and measure", variant="primary", elem_id="evaluate")
     summary = gr.Markdown("Pick a run and press *Generate and measure*. Saved results open automatically.",
                           elem_id="memorization-summary")
+    gr.Markdown("### The top copies\nEach generated sample (left) next to the training image nearest to it "
+                "(right), the closest copies first. The ratio is the distance to the nearest training image over the "
+                "distance to the second nearest: below 1/3, the sample is counted as a copy.")
+    presentation = gr.HTML(elem_id="presentation-view")
     with gr.Row():
         histogram = gr.Plot(show_label=False, scale=1)
         with gr.Column(scale=1):
             mq = gr.Markdown()
-    pairs = gr.Gallery(fit_columns=False, label="Each sample (left) next to its nearest training image (right), most copied first; "
-                             "caption: distance ratio", columns=8, height=520, elem_id="pairs")
+    pairs = gr.Gallery(fit_columns=False, label="All pairs: each sample (left) next to its nearest training image "
+                       "(right), most copied first; caption: distance ratio", columns=6, height=520,
+                       object_fit="contain", elem_id="pairs")
     gr.Markdown("### Most copied training images and their skip history\nHow often each training image is the "
                 "nearest to a sample, next to how often AGC skipped it during training: are the images the model "
                 "copies the ones AGC flagged as too easy?")
     with gr.Row():
         copied_gallery = gr.Gallery(fit_columns=False, label="Most copied (× times nearest to a sample)", columns=5,
                                     height=300, allow_preview=False, scale=1)
-        copied = gr.Dataframe(label="Most copied training images", interactive=False, max_height=300, scale=1)
+        copied = gr.Dataframe(pd.DataFrame(columns=COPIED_COLUMNS), label="Most copied training images",
+                              interactive=False, max_height=300, scale=1)
     with gr.Row():
         export_table = gr.Button("Download the evaluation table (.csv)", scale=0, min_width=300)
         download = gr.File(label="Download", interactive=False, visible=False)
 
-    def show(run_id, result):
-        table = result.table
-        most = copied_table(result.most_copied)
-        captions = [f"×{n}" for n in most.head(12)["times_nearest"]]
-        return (summary_markdown(result.summary),
-                charts.memorization_histogram(table["memorization_ratio"].to_numpy(),
-                                              result.summary["memorization_threshold"]),
-                mq_markdown(result.summary),
-                pair_gallery(result, PAIRS_SHOWN),
-                common.training_images(ctx, run_id, most.head(12)["training_id"], captions), most)
-
     def load_saved(run_id):
-        if not run_id:
-            return [gr.skip()] * 6
-        try:
-            return show(run_id, load_eval(ctx.jobs.run(run_id)))
-        except ConfigError:
-            return ("No evaluation of this run yet: press *Generate and measure*.",
-                    charts.memorization_histogram([], 1 / 3), "", [], [], None)
+        return saved_view(ctx, run_id) if run_id else [gr.skip()] * 7
 
-    outputs = [summary, histogram, mq, pairs, copied_gallery, copied]
+    outputs = [summary, presentation, histogram, mq, pairs, copied_gallery, copied]
     picker.change(load_saved, picker, outputs, api_visibility="private")
 
     @common.user_errors
-    def run_evaluation(run_id, count, sampling_steps, with_fid, progress=gr.Progress()):
+    def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, progress=gr.Progress()):
         if not run_id:
             raise gr.Error("Pick a run first.", print_exception=False)
         config = api.evaluation_config(ctx, run_id, count, sampling_steps)
-        config.fid = bool(with_fid)
+        config.fid, config.use_ema = bool(with_fid), bool(use_ema)
         result = evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id),
                               progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
-        return show(run_id, result)
+        return result_view(ctx, run_id, result)
 
-    evaluate.click(run_evaluation, [picker, num_samples, steps, fid], outputs, concurrency_limit=1,
+    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid], outputs, concurrency_limit=1,
                    concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
 
     @common.user_errors

@@ -1,20 +1,31 @@
 """3 · Monitor: live curves, the loss-ratio histogram with the skip threshold, and the
-threshold what-if, for the selected run. Polls the job store; never reads logs per tick."""
+threshold what-if, for the selected run. Polls the job store; never reads logs per tick.
+
+The page is wiring only: what each output shows is computed by the module-level view
+functions below (`status_view`, `histogram_view`, `most_skipped`, `tick`, ...), which tests call
+without a browser."""
 from __future__ import annotations
 
+import shlex
 import shutil
+from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
 
+from iet_core.config import RunConfig
 from iet_core.jobs import JobError, RatioSnapshot
 from pages import charts, common
 
 TITLE, PATH = "3 · Monitor", "monitor"
 POLL_SECONDS = 2.0
+MAX_PINS = 3  # candidate lambdas kept side by side
+BELOW_SHOWN = 18  # training images shown below a what-if lambda
 
 
-def current_lambda(telemetry, config) -> float:
+# -- view functions ------------------------------------------------------------------------
+
+def current_lambda(telemetry, config: RunConfig) -> float:
     """The lambda in force: the latest step's, or the configured one before any step."""
     last = telemetry.last()
     return float(last["skip_lambda"]) if last else config.method.agc.skip_lambda
@@ -27,177 +38,137 @@ def scrub_window(snapshots: list[RatioSnapshot], scrub: float) -> RatioSnapshot 
     return charts.window(snapshots, int(round(scrub / 100 * (len(snapshots) - 1))))
 
 
-def build(ctx: common.AppContext, page: gr.Blocks) -> None:
-    session = common.session_state(ctx)
-    common.page_header("Monitor a run", "Watch a run learn, live. The **loss-ratio histogram** is the heart of AGC: "
-                       "each training visit's loss divided by the recent loss at the same noise level. Visits far "
-                       "below 1 are suspiciously easy, the sign of an image being memorized; AGC skips those left "
-                       "of the red line λ.")
-    picker, refresh_list = common.run_picker()
-    status = gr.Markdown("Pick a run.", elem_id="monitor-status")
-    controls_message = common.run_controls(ctx, picker, session)
-    with gr.Row():
-        loss_plot = gr.Plot(label="Loss", show_label=False)
-        kept_plot = gr.Plot(label="Kept vs skipped", show_label=False)
-    with gr.Row():
-        with gr.Column(scale=3):
-            hist_plot = gr.Plot(label="Loss-ratio histogram", show_label=False, elem_id="ratio-histogram")
-            with gr.Row():
-                scrub = gr.Slider(0, 100, value=100, step=1, label="History: scrub back through training (100 = live)",
-                                  scale=3)
-                overlay = gr.Checkbox(value=True, label="Overlay the early histogram (grey)", scale=1)
-        with gr.Column(scale=2):
-            gr.Markdown("### Threshold what-if\nMove λ to see at once how many visits AGC would skip and which "
-                        "training images those are. **Apply** changes the running run from its next step; the "
-                        "curves mark the change.")
-            what_if = gr.Slider(0.05, 1.0, value=0.5, step=0.01, label="What-if λ")
-            what_if_text = gr.Markdown()
-            apply = gr.Button("Apply this λ to the running run", variant="primary")
-            what_if_gallery = gr.Gallery(fit_columns=False, label="Training images below the what-if λ (recent visits)", columns=4,
-                                         height=280, allow_preview=False)
-    with gr.Row(equal_height=False):
-        shards_plot = gr.Plot(label="Shards", show_label=False)
-        previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
-    skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10, height=250,
-                                 allow_preview=False, elem_id="most-skipped")
-    with gr.Accordion("Downloads", open=False):
-        with gr.Row():
-            get_checkpoint = gr.Button("Checkpoint (.zip)")
-            get_pipeline = gr.Button("diffusers pipeline (.zip)")
-            get_metrics = gr.Button("Metrics (.csv)")
-        download = gr.File(label="Download", interactive=False, visible=False)
-    view = gr.State({})
-    timer = gr.Timer(POLL_SECONDS)
+@dataclass
+class HistogramView:
+    figure: object
+    text: str
+    below_ids: tuple  # training images visited below the what-if lambda, most often first
+    below_captions: tuple
 
-    def histogram_outputs(run_id, scrub_value, overlay_on, what_if_value, telemetry=None, config=None):
-        """Histogram figure, what-if text, and the training images visited below the what-if
-        lambda as (ids, captions)."""
-        telemetry = telemetry or ctx.jobs.telemetry(run_id)
-        config = config or ctx.jobs.run(run_id).config
-        snapshots = telemetry.snapshots()
-        current = scrub_window(snapshots, scrub_value)
-        skip_lambda = current_lambda(telemetry, config)
-        early = charts.early_window(snapshots) if overlay_on and len(snapshots) > 1 else None
-        figure = charts.ratio_histogram(current, skip_lambda, early, what_if_value)
-        if current is None or current.visits == current.unseen:
-            return figure, "No ratios yet.", ((), ())
-        share_now = charts.skipped_share(current, skip_lambda)
-        share_new = charts.skipped_share(current, what_if_value)
-        label = "AGC skips" if config.method.agc.enabled else "AGC would skip (this run trains without AGC)"
-        text = (f"<span class='big-number'>{100 * share_new:.1f}%</span> of visits below λ = {what_if_value:.2f}  \n"
-                f"{label} {100 * share_now:.1f}% at the current λ = {skip_lambda:.2f} "
-                f"(steps {current.first_step}–{current.last_step}).")
-        recent = telemetry.recent_visits_frame()
-        below = recent[recent["ratio"] < what_if_value]["sample_id"].value_counts().head(18)
-        seen = recent["sample_id"].value_counts()
-        return figure, text, (tuple(below.index), tuple(f"{n}/{seen[i]}" for i, n in below.items()))
 
-    def most_skipped(telemetry, agc: bool) -> tuple[str, tuple, tuple]:
-        """The gallery's label and the training images to show, as (label, ids, captions)."""
-        stats = telemetry.per_sample()
-        if agc and len(stats) and stats["skips"].sum() > 0:
-            top = stats[stats["skips"] > 0].sort_values(["skips", "skip_rate"], ascending=False).head(20)
-            return ("Most-skipped training images (skipped / visits)", tuple(top["sample_id"]),
-                    tuple(f"{r.skips}/{r.visits}" for r in top.itertuples()))
-        # Nothing skipped (yet, or no AGC): show what AGC would skip first.
-        top = stats[np.isfinite(stats["last_ratio"])].sort_values("last_ratio").head(20) if len(stats) else stats
-        return ("Lowest loss ratios: what AGC would skip first (nothing skipped so far)", tuple(top["sample_id"]),
-                tuple(f"ratio {r.last_ratio:.2f}" for r in top.itertuples()))
+def histogram_view(telemetry, config: RunConfig, scrub: float, overlay: bool, what_if: float) -> HistogramView:
+    """The ratio histogram coloured at the what-if lambda, the what-if text, and the training
+    images recently visited below the what-if lambda."""
+    snapshots = telemetry.snapshots()
+    current = scrub_window(snapshots, scrub)
+    agc = config.method.agc.enabled
+    applied = current_lambda(telemetry, config) if agc else None
+    early = charts.early_window(snapshots) if overlay and len(snapshots) > 1 else None
+    figure = charts.ratio_histogram(current, what_if, applied, early)
+    if current is None or current.visits == current.unseen:
+        return HistogramView(figure, "No ratios yet.", (), ())
+    share_new = charts.skipped_share(current, what_if)
+    if agc:
+        now = f"AGC skips {100 * charts.skipped_share(current, applied):.1f}% at the λ in force, {applied:.2f}"
+    else:
+        now = "This run trains without AGC: nothing is skipped, these are the visits AGC would skip"
+    text = (f"<span class='big-number'>{100 * share_new:.1f}%</span> of visits below the what-if "
+            f"λ = **{what_if:.2f}**  \n{now} (steps {current.first_step}–{current.last_step}).")
+    ids, captions = visits_below(telemetry, what_if)
+    return HistogramView(figure, text, ids, captions)
 
-    def refresh(run_id, scrub_value, overlay_on, what_if_value, view_state):
-        """The timer's handler: status always, the rest only when the run's store changed, and
-        each gallery only when what it shows changed (images are encoded and sent each time)."""
-        nothing = [gr.skip()] * 8
-        if not run_id:
-            return ["Pick a run (or start one on the Train page).", *nothing, view_state, gr.skip()]
-        try:
-            status_value = ctx.jobs.status(run_id)
-        except JobError as err:  # e.g. deleted in another tab: say so, and offer the runs that are left
-            return [str(err), *nothing, {}, gr.update(choices=common.run_choices(ctx), value=None)]
-        run = ctx.jobs.run(run_id)
-        config = run.config
-        telemetry = ctx.jobs.telemetry(run_id)
-        text = common.status_text(status_value, current_lambda(telemetry, config) if config.method.agc.enabled else None)
-        # The key holds the histogram controls too: a tick that started before a control moved
-        # may land after the control's own redraw, and the next tick then puts it right.
-        key = (run_id, telemetry.version, status_value.get("state"), scrub_value, overlay_on, what_if_value)
-        if view_state.get("key") == key:
-            return [text, *nothing, view_state, gr.skip()]
-        shown = dict(view_state.get("shown", {})) if view_state.get("key", (None,))[0] == run_id else {}
 
-        def when_changed(name, token, make):
-            if shown.get(name) == token:
-                return gr.skip()
-            shown[name] = token
-            return make()
+def visits_below(telemetry, value: float, limit: int = BELOW_SHOWN) -> tuple[tuple, tuple]:
+    """Training images recently visited with a ratio below `value`, most often first, captioned
+    "times below / visits"."""
+    recent = telemetry.recent_visits_frame()
+    below = recent[recent["ratio"] < value]["sample_id"].value_counts().head(limit)
+    seen = recent["sample_id"].value_counts()
+    return tuple(below.index), tuple(f"{n}/{seen[i]}" for i, n in below.items())
 
-        # A new state (e.g. finished) also shows in the run list's labels.
-        relabel = (gr.update(choices=common.run_choices(ctx), value=run_id)
-                   if view_state.get("key") and view_state["key"][2] != key[2] else gr.skip())
-        steps, settings, rounds = telemetry.steps(max_points=2000), telemetry.settings(), telemetry.rounds()
-        hist, what_if_md, (below, captions) = histogram_outputs(run_id, scrub_value, overlay_on, what_if_value,
-                                                                telemetry, config)
-        what_if_images = when_changed("what_if", [list(below), list(captions)],
-                                      lambda: common.training_images(ctx, run_id, below, captions))
-        plan = telemetry.round_plan() or {"round": 0, "steps_per_proxy": None}
-        shards = charts.shard_progress(telemetry.proxies(), config.method.num_shards, plan["round"],
-                                       plan["steps_per_proxy"])
-        paths = run.preview_paths()
-        previews_value = when_changed("previews", [p.name for p in paths], lambda: [
-            (common.read_image(path), f"round {int(path.stem.split('-')[-1])}") for path in reversed(paths)])
-        label, ids, skipped_captions = most_skipped(telemetry, config.method.agc.enabled)
-        skipped = when_changed("skipped", [label, list(ids), list(skipped_captions)], lambda: gr.update(
-            value=common.training_images(ctx, run_id, ids, skipped_captions), label=label))
-        return [text, charts.loss_figure(steps, settings, rounds), charts.kept_figure(steps, settings, rounds), hist,
-                what_if_md, what_if_images, shards, previews_value, skipped, {"key": key, "shown": shown}, relabel]
 
-    outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, previews,
-               skipped_gallery, view]
-    timer.tick(refresh, [picker, scrub, overlay, what_if, view], [*outputs, picker], concurrency_limit=None,
-               show_progress="hidden", api_visibility="private", trigger_mode="always_last")
+def most_skipped(telemetry, agc: bool) -> tuple[str, tuple, tuple]:
+    """The gallery's label and the training images to show, as (label, ids, captions)."""
+    stats = telemetry.per_sample()
+    if agc and len(stats) and stats["skips"].sum() > 0:
+        top = stats[stats["skips"] > 0].sort_values(["skips", "skip_rate"], ascending=False).head(20)
+        return ("Most-skipped training images (skipped / visits)", tuple(top["sample_id"]),
+                tuple(f"{r.skips}/{r.visits}" for r in top.itertuples()))
+    # Nothing skipped (yet, or no AGC): show what AGC would skip first.
+    top = stats[np.isfinite(stats["last_ratio"])].sort_values("last_ratio").head(20) if len(stats) else stats
+    return ("Lowest loss ratios: what AGC would skip first (nothing skipped so far)", tuple(top["sample_id"]),
+            tuple(f"ratio {r.last_ratio:.2f}" for r in top.itertuples()))
 
-    def select(run_id, view_state):
-        """A new run: reset the view and start the what-if at its current lambda (a refreshed
-        list that keeps the same run changes nothing)."""
-        if not run_id or view_state.get("key", (None,))[0] == run_id:
-            return [gr.skip()] * 12
-        telemetry = ctx.jobs.telemetry(run_id)
-        skip_lambda = current_lambda(telemetry, ctx.jobs.run(run_id).config)
-        return [*refresh(run_id, 100, True, skip_lambda, {})[:-1], 100, skip_lambda]
 
-    picker.change(select, [picker, view], [*outputs, scrub, what_if], concurrency_limit=None, api_visibility="private")
+def config_with_lambda(config: RunConfig, value: float) -> str:
+    """Markdown with the run's config at a new lambda, as JSON and as the CLI command that
+    trains it (for the long run on a GPU machine)."""
+    tree = config.to_dict()
+    tree["method"]["agc"]["skip_lambda"] = round(float(value), 4)
+    tree["name"] = f"{config.name}-lambda{value:.2f}"
+    checked = RunConfig.from_dict(tree).validate()
+    return (f"**This run's settings with λ = {value:.2f}**: save them as `{checked.name}.json`, then train with "
+            f"`python -m iet_core train --config {shlex.quote(checked.name)}.json` (add `--device cuda` on a GPU "
+            f"machine).\n\n```json\n{checked.to_json()}\n```")
 
-    def redraw(run_id, scrub_value, overlay_on, what_if_value):
-        if not run_id:
-            return gr.skip(), gr.skip(), gr.skip()
-        figure, text, (below, captions) = histogram_outputs(run_id, scrub_value, overlay_on, what_if_value)
-        return figure, text, common.training_images(ctx, run_id, below, captions)
 
-    for control in (scrub, overlay, what_if):
-        control.change(redraw, [picker, scrub, overlay, what_if], [hist_plot, what_if_text, what_if_gallery],
-                       concurrency_limit=None, show_progress="hidden", api_visibility="private",
-                       trigger_mode="always_last")
+def pinned_view(telemetry, config: RunConfig, pins: list[float]) -> list[tuple[str, list]]:
+    """For each pinned lambda: a line with its skipped share and the images below it."""
+    snapshots = telemetry.snapshots()
+    current = scrub_window(snapshots, 100)
+    views = []
+    for value in pins:
+        share = charts.skipped_share(current, value) if current is not None else 0.0
+        ids, captions = visits_below(telemetry, value, limit=8)
+        views.append((f"**λ = {value:.2f}**: {100 * share:.1f}% of recent visits below", list(zip(ids, captions))))
+    return views
 
-    @common.user_errors
-    def apply_lambda(run_id, value, session):
-        session = common.ensure_owner(session)
-        if not run_id:
-            raise gr.Error("Pick a run first.")
-        ctx.jobs.set_skip_lambda(run_id, float(value), session["owner"])
-        return f"λ = {value:.2f} applies from the next step (marked on the curves).", session
 
-    apply.click(apply_lambda, [picker, what_if, session], [controls_message, session], api_visibility="private")
+def status_view(ctx: common.AppContext, run_id: str) -> tuple[str, dict]:
+    """The status line and the state of each control for a run."""
+    status = ctx.jobs.status(run_id)
+    config = ctx.jobs.run(run_id).config
+    agc = config.method.agc.enabled
+    skip_lambda = current_lambda(ctx.jobs.telemetry(run_id), config) if agc else None
+    return common.status_text(status, skip_lambda), common.control_states(status, agc)
 
-    for button, make in ((get_checkpoint, checkpoint_zip), (get_pipeline, pipeline_zip), (get_metrics, metrics_csv)):
-        @common.user_errors
-        def prepare(run_id, make=make):
-            if not run_id:
-                raise gr.Error("Pick a run first.", print_exception=False)
-            return gr.update(value=make(ctx.jobs.run(run_id)), visible=True)
 
-        button.click(prepare, picker, download, api_visibility="private")
-    common.wire_run_picker(ctx, page, picker, refresh_list, session)
+def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_if: float, view_state: dict) -> dict:
+    """What the periodic refresh changes, by output name. The status always; the rest only when
+    the run's store changed, and each gallery only when what it shows changed (images are sent
+    again each time). Missing names are left as they are."""
+    status_line, controls = status_view(ctx, run_id)
+    out = {"status": status_line, "controls": controls}
+    run = ctx.jobs.run(run_id)
+    config = run.config
+    telemetry = ctx.jobs.telemetry(run_id)
+    state = ctx.jobs.status(run_id).get("state")
+    key = (run_id, telemetry.version, state, scrub, overlay, what_if)
+    if view_state.get("key") == key:
+        out["view"] = view_state
+        return out
+    shown = dict(view_state.get("shown", {})) if view_state.get("key", (None,))[0] == run_id else {}
 
+    def changed(name, token) -> bool:
+        if shown.get(name) == token:
+            return False
+        shown[name] = token
+        return True
+
+    if view_state.get("key") and view_state["key"][2] != state:  # a new state shows in the run list's labels
+        out["relabel"] = True
+    steps, settings, rounds = telemetry.steps(max_points=2000), telemetry.settings(), telemetry.rounds()
+    out["loss"] = charts.loss_figure(steps, settings, rounds)
+    out["kept"] = charts.kept_figure(steps, settings, rounds)
+    view = histogram_view(telemetry, config, scrub, overlay, what_if)
+    out["histogram"], out["what_if_text"] = view.figure, view.text
+    if changed("what_if", [list(view.below_ids), list(view.below_captions)]):
+        out["what_if_images"] = common.training_images(ctx, run_id, view.below_ids, view.below_captions)
+    plan = telemetry.round_plan() or {"round": 0, "steps_per_proxy": None}
+    out["shards"] = charts.shard_progress(telemetry.proxies(), config.method.num_shards, plan["round"],
+                                          plan["steps_per_proxy"])
+    paths = run.preview_paths()
+    if changed("previews", [p.name for p in paths]):
+        out["previews"] = [(common.image_file(common.read_image(path)), f"round {int(path.stem.split('-')[-1])}")
+                           for path in reversed(paths)]
+    label, ids, captions = most_skipped(telemetry, config.method.agc.enabled)
+    if changed("skipped", [label, list(ids), list(captions)]):
+        out["skipped"] = (label, common.training_images(ctx, run_id, ids, captions))
+    out["view"] = {"key": key, "shown": shown}
+    return out
+
+
+# -- downloads -------------------------------------------------------------------------------
 
 def checkpoint_zip(run) -> str:
     checkpoint = run.latest_checkpoint()
@@ -225,3 +196,165 @@ def metrics_csv(run) -> str:
     target = common.download_dir(run.id) / f"{run.id}-metrics.csv"
     shutil.copy2(source, target)
     return str(target)
+
+
+# -- the page --------------------------------------------------------------------------------
+
+def build(ctx: common.AppContext, page: gr.Blocks) -> None:
+    session = common.session_state(ctx)
+    common.page_header("Monitor a run", "Watch a run learn, live. The **loss-ratio histogram** is the heart of AGC: "
+                       "each training visit's loss divided by the recent loss at the same noise level. Visits far "
+                       "below 1 are suspiciously easy, the sign of an image being memorized; AGC skips those left "
+                       "of the red line λ.")
+    picker, refresh_list = common.run_picker()
+    status = gr.Markdown("Pick a run.", elem_id="monitor-status")
+    controls = common.run_controls(ctx, picker, session)
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss", show_label=False)
+        kept_plot = gr.Plot(label="Kept vs skipped", show_label=False)
+    with gr.Row():
+        with gr.Column(scale=3):
+            hist_plot = gr.Plot(label="Loss-ratio histogram", show_label=False, elem_id="ratio-histogram")
+            with gr.Row():
+                scrub = gr.Slider(0, 100, value=100, step=1, label="History: scrub back through training (100 = live)",
+                                  scale=3)
+                overlay = gr.Checkbox(value=True, label="Overlay the early histogram (grey)", scale=1)
+        with gr.Column(scale=2):
+            gr.Markdown("### Threshold what-if\nMove λ to see at once how many visits AGC would skip and which "
+                        "training images those are; the histogram is coloured at this λ. **Apply** changes the "
+                        "running run from its next step; the curves mark the change.")
+            what_if = gr.Slider(0.05, 1.0, value=0.5, step=0.01, label="What-if λ", elem_id="what-if")
+            what_if_text = gr.Markdown(elem_id="what-if-text")
+            with gr.Row():
+                apply = gr.Button("Apply this λ to the running run", variant="primary", interactive=False,
+                                  elem_id="apply-lambda")
+                pin = gr.Button("📌 Pin this λ", size="md")
+                copy_config = gr.Button("Copy config with this λ", size="md")
+            what_if_gallery = gr.Gallery(fit_columns=False, label="Training images below the what-if λ (recent visits)",
+                                         columns=4, height=280, allow_preview=False)
+    with gr.Row(visible=False) as pins_row:
+        pin_texts, pin_galleries = [], []
+        for _ in range(MAX_PINS):
+            with gr.Column(min_width=200):
+                pin_texts.append(gr.Markdown())
+                pin_galleries.append(gr.Gallery(fit_columns=False, columns=4, height=160, allow_preview=False,
+                                                show_label=False))
+        clear_pins = gr.Button("Clear pins", size="sm", scale=0)
+    config_text = gr.Markdown(visible=False, elem_id="config-with-lambda")
+    with gr.Row(equal_height=False):
+        shards_plot = gr.Plot(label="Shards", show_label=False)
+        previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
+    skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10,
+                                 height=250, allow_preview=False, elem_id="most-skipped")
+    with gr.Accordion("Downloads", open=False):
+        with gr.Row():
+            get_checkpoint = gr.Button("Checkpoint (.zip)")
+            get_pipeline = gr.Button("diffusers pipeline (.zip)")
+            get_metrics = gr.Button("Metrics (.csv)")
+        download = gr.File(label="Download", interactive=False, visible=False)
+    view = gr.State({})
+    # The what-if value the page shows, updated in place the moment the slider moves: a tick
+    # reads it when it draws, so a tick that started before the slider moved never draws the
+    # older value over the newer one.
+    what_if_now = gr.State({"value": 0.5})
+    pins = gr.State([])
+    timer = gr.Timer(POLL_SECONDS)
+
+    buttons = {**controls.buttons, "apply": apply}
+    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, previews,
+                    skipped_gallery, view, picker, *buttons.values()]
+
+    def outputs_of(run_id: str, out: dict) -> list:
+        """tick()'s dict as the values of tick_outputs (gr.skip() where nothing changed)."""
+        values = [out["status"]] + [out.get(name, gr.skip()) for name in
+                                    ("loss", "kept", "histogram", "what_if_text", "what_if_images", "shards",
+                                     "previews")]
+        skipped = out.get("skipped")
+        values.append(gr.update(label=skipped[0], value=skipped[1]) if skipped else gr.skip())
+        values.append(out["view"])
+        values.append(gr.update(choices=common.run_choices(ctx), value=run_id) if out.get("relabel") else gr.skip())
+        values += [gr.update(interactive=out["controls"][name]) for name in buttons]
+        return values
+
+    def refresh(run_id, scrub_value, overlay_on, now, view_state):
+        if not run_id:
+            return ["Pick a run (or start one on the Train page).", *[gr.skip()] * (len(tick_outputs) - 1)]
+        try:
+            return outputs_of(run_id, tick(ctx, run_id, scrub_value, overlay_on, now["value"], view_state))
+        except JobError as err:  # e.g. deleted in another tab: say so, and offer the runs that are left
+            nothing = [gr.skip()] * (len(tick_outputs) - 3 - len(buttons))
+            return [str(err), *nothing, {}, gr.update(choices=common.run_choices(ctx), value=None),
+                    *[gr.update(interactive=False)] * len(buttons)]
+
+    timer.tick(refresh, [picker, scrub, overlay, what_if_now, view], tick_outputs, concurrency_limit=None,
+               show_progress="hidden", api_visibility="private", trigger_mode="always_last")
+
+    def select(run_id, now, view_state):
+        """A new run: reset the view and start the what-if at its current lambda (a refreshed
+        list that keeps the same run changes nothing)."""
+        if not run_id or view_state.get("key", (None,))[0] == run_id:
+            return [gr.skip()] * (len(tick_outputs) + 2)
+        config = ctx.jobs.run(run_id).config
+        now["value"] = current_lambda(ctx.jobs.telemetry(run_id), config)
+        return [*refresh(run_id, 100, True, now, {}), 100, now["value"]]
+
+    picker.change(select, [picker, what_if_now, view], [*tick_outputs, scrub, what_if], concurrency_limit=None,
+                  api_visibility="private")
+
+    def redraw(run_id, scrub_value, overlay_on, value, now):
+        now["value"] = float(value)
+        if not run_id:
+            return gr.skip(), gr.skip(), gr.skip()
+        shown = histogram_view(ctx.jobs.telemetry(run_id), ctx.jobs.run(run_id).config, scrub_value, overlay_on,
+                               float(value))
+        return shown.figure, shown.text, common.training_images(ctx, run_id, shown.below_ids, shown.below_captions)
+
+    for control in (scrub, overlay, what_if):
+        control.change(redraw, [picker, scrub, overlay, what_if, what_if_now],
+                       [hist_plot, what_if_text, what_if_gallery], concurrency_limit=None, show_progress="hidden",
+                       api_visibility="private", trigger_mode="always_last")
+
+    @common.user_errors
+    def apply_lambda(run_id, value, session):
+        session = common.ensure_owner(session)
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        ctx.jobs.set_skip_lambda(run_id, float(value), session["owner"])
+        return f"λ = {value:.2f} applies from the next step (marked on the curves).", session
+
+    apply.click(apply_lambda, [picker, what_if, session], [controls.message, session], api_visibility="private")
+
+    def show_pins(run_id, values):
+        if not run_id or not values:
+            return [gr.update(visible=False), *[""] * MAX_PINS, *[[]] * MAX_PINS]
+        views = pinned_view(ctx.jobs.telemetry(run_id), ctx.jobs.run(run_id).config, values)
+        views += [("", [])] * (MAX_PINS - len(views))
+        return [gr.update(visible=True), *[text for text, _ in views],
+                *[common.training_images(ctx, run_id, [i for i, _ in items], [c for _, c in items])
+                  for _, items in views]]
+
+    def add_pin(run_id, value, values):
+        values = sorted({*values, round(float(value), 2)})[-MAX_PINS:]
+        return [values, *show_pins(run_id, values)]
+
+    pin_outputs = [pins, pins_row, *pin_texts, *pin_galleries]
+    pin.click(add_pin, [picker, what_if, pins], pin_outputs, api_visibility="private")
+    clear_pins.click(lambda run_id: [[], *show_pins(run_id, [])], picker, pin_outputs, api_visibility="private")
+
+    @common.user_errors
+    def copy_with_lambda(run_id, value):
+        if not run_id:
+            raise gr.Error("Pick a run first.", print_exception=False)
+        return gr.update(value=config_with_lambda(ctx.jobs.run(run_id).config, float(value)), visible=True)
+
+    copy_config.click(copy_with_lambda, [picker, what_if], config_text, api_visibility="private")
+
+    for button, make in ((get_checkpoint, checkpoint_zip), (get_pipeline, pipeline_zip), (get_metrics, metrics_csv)):
+        @common.user_errors
+        def prepare(run_id, make=make):
+            if not run_id:
+                raise gr.Error("Pick a run first.", print_exception=False)
+            return gr.update(value=make(ctx.jobs.run(run_id)), visible=True)
+
+        button.click(prepare, picker, download, api_visibility="private")
+    common.wire_run_picker(ctx, page, picker, refresh_list, session)

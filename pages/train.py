@@ -7,6 +7,7 @@ import gradio as gr
 from iet_core.config import MSR_POLICIES, DataConfig, RunConfig, demo_config, method_for_mode
 from iet_core.models import PRESETS as MODEL_PRESETS
 from pages import common
+from pages.data import source_label
 
 TITLE, PATH = "2 · Train", "train"
 POLL_SECONDS = 2.0
@@ -118,7 +119,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             gr.Markdown("### Runs\nSteer the run you picked (only from the browser that started it).")
             picker, refresh_list = common.run_picker()
             status = gr.Markdown(elem_id="train-status")
-            common.run_controls(ctx, picker, session)
+            controls = common.run_controls(ctx, picker, session)
             gr.Markdown("[Open the Monitor page →](monitor)")
     timer = gr.Timer(POLL_SECONDS)
 
@@ -159,14 +160,19 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def describe_data(session):
         data = data_config(session)
         subset = f"{data.subset} images" if data.subset else "all images"
-        return (f"**Data:** `{data.source}` · {subset} · {data.resolution}×{data.resolution} · "
+        return (f"**Data:** {source_label(data)} · {subset} · {data.resolution}×{data.resolution} · "
                 f"{'greyscale' if data.channels == 1 else 'colour'} · [change on the Data page](data)")
 
     page.load(describe_data, session, data_text, api_visibility="private")
 
     def poll(run_id):
-        return common.status_text(ctx.jobs.status(run_id)) if run_id else "No run picked."
+        if not run_id:
+            return ["No run picked.", *[gr.update(interactive=False)] * len(controls.buttons)]
+        status_value = ctx.jobs.status(run_id)
+        enabled = common.control_states(status_value)
+        return [common.status_text(status_value), *[gr.update(interactive=enabled[name]) for name in controls.buttons]]
 
-    timer.tick(poll, picker, status, concurrency_limit=None, show_progress="hidden", api_visibility="private")
-    picker.change(poll, picker, status, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    poll_outputs = [status, *controls.buttons.values()]
+    timer.tick(poll, picker, poll_outputs, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+    picker.change(poll, picker, poll_outputs, concurrency_limit=None, show_progress="hidden", api_visibility="private")
     common.wire_run_picker(ctx, page, picker, refresh_list, session)

@@ -12,6 +12,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The test models are tiny: one thread per op is as fast on an idle machine and several times
 # faster when other processes share the cores (intra-op threads then oversubscribe them).
 torch.set_num_threads(1)
+# The device `cuda` tests run on: a CUDA GPU, or the stand-in this names (the GPU check's dry run
+# sets "cpu" so that those tests keep running, on CPU, wherever the check is tested).
+CUDA_STAND_IN = os.environ.get("IET_CUDA_TESTS_DEVICE")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect `cuda` tests where no CUDA GPU is available (and no stand-in is named)."""
+    if torch.cuda.is_available() or CUDA_STAND_IN:
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    return torch.device(CUDA_STAND_IN or "cuda")
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ def test_folder_with_class_subfolders_modes_and_rejects(tmp_path):
     reasons = dict(ds.rejected)
     assert "not an image file" in reasons["cats/notes.txt"]
     assert "not a readable image" in reasons["dogs/broken.png"]
+    assert "object at 0x" not in reasons["dogs/broken.png"]  # no Python object reprs in what users read
     grey = load_dataset(DataConfig(source=str(tmp_path), resolution=8, channels=1, subset=None))
     assert grey.images.shape == (6, 1, 8, 8)
 

@@ -350,3 +350,28 @@ def test_each_proxy_warms_up_from_lr_zero_over_a_share_of_its_first_round(tmp_pa
     for (round_, proxy), part in metrics.groupby(["round", "proxy"]):
         expected = [0.0, 0.5e-3, 1e-3, 1e-3, 1e-3] if round_ == 0 else [1e-3] * 5  # 40% of 5 local steps
         np.testing.assert_allclose(part.sort_values("local_step")["lr"], expected, rtol=1e-6)
+
+
+def test_a_run_reports_to_tensorboard_when_asked(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config("iet-agc", rounds=2, trackers=["tensorboard"])
+    run = train(config, runs_root=tmp_path / "runs")
+    folders = {p.parent for p in (run.path / "tensorboard").rglob("events.out.tfevents.*")}
+    logged = {}
+    for folder in folders:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            logged[tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    steps = run.metrics()
+    assert [s for s, _ in logged["train/loss"]] == steps["global_step"].tolist()
+    assert np.allclose([v for _, v in logged["train/loss"]], steps["loss"], rtol=1e-5)
+    assert len(logged["round/skip_rate"]) == 2
+
+
+def test_no_tracker_by_default_and_unknown_ones_are_refused(tmp_path):
+    run = train(tiny_config("ddpm", rounds=1), runs_root=tmp_path / "runs")
+    assert not (run.path / "tensorboard").exists()
+    with pytest.raises(ConfigError, match="train.trackers"):
+        tiny_config("ddpm", trackers=["neptune"]).validate()

@@ -1,0 +1,137 @@
+"""The pages' view functions without a browser: real tiny runs in a real job manager, the
+values each page would show."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import tiny_config
+from iet_core.config import EvalConfig, RunConfig
+from iet_core.evaluate import evaluate_run
+from iet_core.jobs import JobManager
+from pages import common, compare, memorization, monitor
+
+ME = "owner-me-123456"
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    context = common.AppContext.create(root, JobManager(root))
+    yield context
+    context.jobs.shutdown(timeout=60)
+
+
+def short_schedule(config):
+    """Few noise levels, so the memory bank has seen each one within a few steps (ratios exist)."""
+    config.model.num_train_timesteps = 20
+    return config
+
+
+@pytest.fixture(scope="module")
+def baseline(ctx):
+    run_id = ctx.jobs.submit(short_schedule(tiny_config("ddpm")), ME)
+    assert ctx.jobs.wait(run_id, 120) == "finished"
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def agc_run(ctx):
+    run_id = ctx.jobs.submit(short_schedule(tiny_config("iet-agc", rounds=3)), ME)
+    assert ctx.jobs.wait(run_id, 120) == "finished"
+    return run_id
+
+
+def test_a_finished_baseline_offers_only_delete_and_says_nothing_is_skipped(ctx, baseline):
+    status_line, controls = monitor.status_view(ctx, baseline)
+    assert "finished" in status_line
+    assert controls == {"pause": False, "resume": False, "stop": False, "delete": True, "apply": False}
+    view = monitor.histogram_view(ctx.jobs.telemetry(baseline), ctx.jobs.run(baseline).config, 100, False, 0.4)
+    assert "without AGC" in view.text and "0.40" in view.text
+    names = [trace.name for trace in view.figure.data]
+    assert "would be skipped with AGC (this run skips nothing)" in names and not any("skipped (ratio" in n for n in names)
+
+
+def test_the_histogram_is_coloured_at_the_what_if_lambda(ctx, agc_run):
+    telemetry, config = ctx.jobs.telemetry(agc_run), ctx.jobs.run(agc_run).config
+    applied = monitor.current_lambda(telemetry, config)
+    in_force = monitor.histogram_view(telemetry, config, 100, False, applied)
+    higher = monitor.histogram_view(telemetry, config, 100, False, 0.9)
+    assert [t.name for t in in_force.figure.data][-1] == "skipped (ratio < λ)"
+    assert [t.name for t in higher.figure.data][-1] == "would be skipped at the what-if λ"
+    below = lambda figure: float(np.sum(figure.data[-1].y))  # the share drawn left of the what-if line
+    assert below(higher.figure) >= below(in_force.figure)
+    share = lambda text: float(re.search(r"([\d.]+)%</span>", text).group(1))
+    assert share(higher.text) >= share(in_force.text)
+
+
+def test_a_tick_redraws_only_what_changed(ctx, agc_run):
+    first = monitor.tick(ctx, agc_run, 100, True, 0.5, {})
+    assert {"status", "loss", "histogram", "what_if_text", "shards", "skipped"} <= set(first)
+    again = monitor.tick(ctx, agc_run, 100, True, 0.5, first["view"])
+    assert set(again) == {"status", "controls", "view"}  # the same store: nothing is drawn again
+    moved = monitor.tick(ctx, agc_run, 100, True, 0.6, first["view"])
+    assert "histogram" in moved and "skipped" not in moved  # a gallery is resent only when it changes
+
+
+def test_config_with_lambda_is_a_valid_config_at_that_lambda(ctx, agc_run):
+    text = monitor.config_with_lambda(ctx.jobs.run(agc_run).config, 0.37)
+    block = re.search(r"```json\n(.*?)\n```", text, re.S).group(1)
+    config = RunConfig.from_json(block)
+    assert config.method.agc.skip_lambda == pytest.approx(0.37)
+    assert f"--config {config.name}.json" in text
+
+
+def test_the_presentation_view_shows_whole_pairs_with_labels(ctx, agc_run):
+    result = evaluate_run(ctx.jobs.run(agc_run), EvalConfig(num_samples=8, steps=5))
+    html = memorization.presentation_html(result)
+    sources = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert len(sources) == memorization.PRESENTED
+    for source in sources:
+        with Image.open(io.BytesIO(base64.b64decode(source))) as image:
+            width, height = image.size
+        assert width >= 2 * height  # generated | nearest, side by side
+    assert html.count("nearest training image") == memorization.PRESENTED and "ratio " in html
+    line = memorization.share_line(result.summary)
+    assert re.search(r"\d+ of 8 samples \(95% interval \d+–\d+%\)", line)
+    assert "step" in line and "weights" in line
+
+
+def test_image_files_are_written_once_and_never_replaced(tmp_path):
+    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    path = common.image_file(image)
+    stamp = (Image.open(path).size, os.stat(path).st_mtime_ns)
+    assert common.image_file(image.copy()) == path
+    assert (Image.open(path).size, os.stat(path).st_mtime_ns) == stamp
+    assert common.image_file(image[::-1].copy()) != path
+
+
+def test_an_upload_is_named_after_its_files_and_shown_without_server_paths(tmp_path):
+    from iet_core.config import DataConfig
+    from pages import data
+
+    for i in range(10):
+        Image.new("L", (12, 12), 20 * i).save(tmp_path / f"cat {i}.png")
+    path, rejected = data.persist_upload([str(tmp_path / f"cat {i}.png") for i in range(10)], tmp_path / "runs", 16, 1)
+    assert not rejected and re.fullmatch(r"cat-0-and-9-more-16px-1ch-[0-9a-f]{8}\.npz", os.path.basename(path))
+    label = data.source_label(DataConfig(source=path, resolution=16, channels=1))
+    assert label == f"uploaded: {os.path.basename(path)}" and str(tmp_path) not in label
+
+
+def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations(ctx, baseline, agc_run):
+    evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=8, steps=5, use_ema=True))
+    evaluate_run(ctx.jobs.run(agc_run), EvalConfig(num_samples=16, steps=5, use_ema=False))
+    table, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
+    rows = table.to_dict("records")
+    assert [r["samples"] for r in rows] == [8, 16] and [r["weights"] for r in rows] == ["EMA", "raw"]
+    assert all(re.fullmatch(r"\d+–\d+%", r["95% interval"]) for r in rows)
+    assert "different weights" in notes and "different sample counts" in notes and "training steps" in notes
+    evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
+    _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
+    assert "weights" not in notes and "sample counts" not in notes
