@@ -99,15 +99,17 @@ def test_evaluate_run_samples_the_checkpoint_and_saves(trained_run):
     # Same settings, same samples: generation is seeded.
     again = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3), save=False)
     np.testing.assert_array_equal(again.generated, result.generated)
-    raw = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3, use_ema=False), save=False)
-    assert raw.summary["weights"] == "model" and not np.array_equal(raw.generated, result.generated)
+    assert summary["weights"] == "model"  # the raw averaged weights by default, as the reference evaluated
+    ema = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3, use_ema=True), save=False)
+    assert ema.summary["weights"] == "ema" and not np.array_equal(ema.generated, result.generated)
 
 
 def test_evaluate_cli_prints_the_summary(trained_run):
     out = subprocess.run([sys.executable, "-m", "iet_core", "evaluate", str(trained_run.path), "--num-samples", "8",
                           "--steps", "5", "--name", "cli"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "memorized (L2 nearest / second < 0.333)" in out.stdout and "MQ share below" in out.stdout
+    assert "copies by ratio (L2 nearest / L2 second nearest < 0.333): " in out.stdout and "95% CI" in out.stdout
+    assert "copies by distance" in out.stdout and "copies by mq" in out.stdout and "MQ share below" in out.stdout
     summary = json.loads((trained_run.path / "eval" / "cli" / "summary.json").read_text())
     assert summary["num_samples"] == 8 and summary["steps"] == 5
 
