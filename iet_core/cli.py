@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def _fit(run, dataset, resume: bool, quiet: bool, group=None) -> int:
     # Ctrl-C stops at the next step (with several processes: at the round's end) with a
     # checkpoint, so `resume` continues exactly.
     signal.signal(signal.SIGINT, lambda *_: control.stop())
-    trainer = prepare_trainer(run, dataset, resume, control=control, group=group)
+    trainer = prepare_trainer(run, dataset, resume, control=control, group=group, holder="the command line")
     if trainer.writer and not quiet:
         trainer.sinks.append(ProgressBar(trainer.total_steps, trainer.global_step))
     state = trainer.fit()
@@ -185,7 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean "the disk cannot take more": full, over quota, or over a file size limit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; expected failures print one line saying what to do (no traceback)."""
+    from .runs import CheckpointWriteError
+    from .train import TrainingDiverged, TrainingOutOfMemory
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -193,3 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, TrainingDiverged, TrainingOutOfMemory) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        where = f" writing {Path(err.filename).name}" if err.filename else ""
+        print(f"error: the disk is full (or a size limit was reached){where}: free some space; a run continues "
+              "from its last checkpoint with `python -m iet_core resume RUN`.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

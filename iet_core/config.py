@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,24 @@ SAMPLERS = ("ddim", "ddpm")
 PRECISIONS = ("fp32", "bf16")
 EXECUTIONS = ("auto", "sequential", "batched")
 TRACKERS = ("tensorboard", "wandb", "trackio")  # experiment trackers reached through accelerate
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+
+# Upper bounds for every count a user sets: far above any useful value, low enough that no
+# setting can make a run loop for ever, overflow an int64 or exhaust memory before it starts.
+MAX_IMAGES = 200_000  # images in a dataset (and so in a subset)
+MAX_RESOLUTION = 512
+MAX_SHARDS = 256  # K proxies
+MAX_ROUNDS = 100_000
+MAX_LOCAL_STEPS = 10_000_000
+MAX_LOCAL_EPOCHS = 10_000
+MAX_TOTAL_STEPS = 1_000_000_000  # rounds x steps per proxy x K
+MAX_SAMPLES = 100_000  # generated images in one evaluation
+MAX_SAMPLING_STEPS = 1_000
+MAX_TIMESTEPS = 10_000
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10_000_000  # any other count (warmup, log interval, neighbours, ...)
+MAX_NAME_LENGTH = 100
 
 
 class ConfigError(ValueError):
@@ -30,6 +50,20 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_range(value, low, high, where: str, hint: str = "") -> None:
+    _check(value is None or low <= value <= high, f"{where}={value}: use between {low:,} and {high:,}{hint}.")
+
+
+def _check_seed(value: int, where: str) -> None:
+    _check_range(value, 0, MAX_SEED, where, " (a seed)")
+
+
+def check_device_name(device: str) -> None:
+    """The syntax of a device setting; whether it exists is checked where it is used."""
+    _check(isinstance(device, str) and DEVICE_PATTERN.fullmatch(device) is not None,
+           f"device={device!r} is not a device name: use auto, cpu, cuda, cuda:N or mps.")
 
 
 @dataclass
@@ -49,9 +83,11 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source is empty: give a built-in name ('digits'), a folder, a .zip, an .npz or 'hf:<id>'.")
-        _check(4 <= self.resolution <= 512, f"data.resolution={self.resolution}: use a size between 4 and 512 pixels.")
+        _check(len(self.source) <= 4096, "data.source is too long: give a shorter path or id.")
+        _check_range(self.resolution, 4, MAX_RESOLUTION, "data.resolution", " pixels")
         _check(self.channels in (1, 3), f"data.channels={self.channels}: use 1 (greyscale) or 3 (RGB).")
-        _check(self.subset is None or self.subset >= 1, f"data.subset={self.subset}: use a positive number of images, or none for all.")
+        _check_range(self.subset, 1, MAX_IMAGES, "data.subset", " images, or none for all")
+        _check_seed(self.subset_seed, "data.subset_seed")
         _check(self.resize_filter in RESIZE_FILTERS, f"data.resize_filter={self.resize_filter!r}: choose one of {', '.join(RESIZE_FILTERS)}.")
 
 
@@ -71,7 +107,8 @@ class ModelConfig:
         if self.pretrained is None:
             _check(self.preset in PRESETS, f"model.preset={self.preset!r} is unknown: choose one of {', '.join(PRESETS)}.")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout}: use a value in [0, 1).")
-        _check(self.num_train_timesteps >= 2, "model.num_train_timesteps must be at least 2 (the reference uses 1000).")
+        _check_range(self.num_train_timesteps, 2, MAX_TIMESTEPS, "model.num_train_timesteps", "; the reference uses 1000")
+        _check(self.beta_schedule in BETA_SCHEDULES, f"model.beta_schedule={self.beta_schedule!r}: choose one of {', '.join(BETA_SCHEDULES)}.")
         _check(0 < self.beta_start < self.beta_end < 1, f"model betas ({self.beta_start}, {self.beta_end}): need 0 < beta_start < beta_end < 1.")
 
 
@@ -99,7 +136,7 @@ class MSRConfig:
 
     def validate(self) -> None:
         _check(0.0 <= self.threshold < 1.0, f"method.msr.threshold={self.threshold}: use a skip rate in [0, 1).")
-        _check(self.min_visits >= 1, "method.msr.min_visits must be at least 1.")
+        _check_range(self.min_visits, 1, MAX_COUNT, "method.msr.min_visits")
         _check(self.policy in MSR_POLICIES, f"method.msr.policy={self.policy!r}: choose one of {', '.join(MSR_POLICIES)}.")
 
 
@@ -145,7 +182,7 @@ class MethodConfig:
         return "iet" if self.num_shards > 1 else "ddpm"
 
     def validate(self) -> None:
-        _check(self.num_shards >= 1, f"method.num_shards={self.num_shards}: use at least 1 shard.")
+        _check_range(self.num_shards, 1, MAX_SHARDS, "method.num_shards", " shards")
         _check(self.shard_split in SHARD_SPLITS, f"method.shard_split={self.shard_split!r}: choose one of {', '.join(SHARD_SPLITS)}.")
         _check(not self.msr.enabled or self.num_shards > 1, "method.msr needs at least 2 shards to move samples between: raise num_shards or turn MSR off.")
         _check(not self.msr.enabled or self.agc.enabled, "method.msr redistributes skipped samples, so it needs AGC on.")
@@ -212,24 +249,27 @@ class TrainConfig:
         return round(self.warmup_share * self.steps_for_shard(first_shard_size))
 
     def validate(self) -> None:
-        _check(self.rounds >= 1, f"train.rounds={self.rounds}: use at least 1 round.")
+        _check_range(self.rounds, 1, MAX_ROUNDS, "train.rounds", " rounds")
         _check((self.local_steps is None) != (self.local_epochs is None), "train: set exactly one of local_steps and local_epochs.")
-        _check(self.local_steps is None or self.local_steps >= 1, f"train.local_steps={self.local_steps}: use at least 1 step.")
-        _check(self.local_epochs is None or self.local_epochs > 0, f"train.local_epochs={self.local_epochs}: use a positive number.")
+        _check_range(self.local_steps, 1, MAX_LOCAL_STEPS, "train.local_steps", " steps")
+        _check(self.local_epochs is None or 0 < self.local_epochs <= MAX_LOCAL_EPOCHS,
+               f"train.local_epochs={self.local_epochs}: use a positive number up to {MAX_LOCAL_EPOCHS:,}.")
         _check(1 <= self.batch_size <= 65536, f"train.batch_size={self.batch_size}: use between 1 and 65536.")
         _check(0 < self.lr < 1, f"train.lr={self.lr}: use a learning rate in (0, 1); the reference uses 2e-4.")
         _check(self.optimizer in OPTIMIZERS, f"train.optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0.")
         _check(self.grad_clip > 0, "train.grad_clip must be positive (the reference uses 1.0).")
         _check(0 <= self.ema_decay < 1, f"train.ema_decay={self.ema_decay}: use a value in [0, 1).")
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps must be >= 0, or none for the reference's warmup_share of the first round.")
+        _check_range(self.warmup_steps, 0, MAX_COUNT, "train.warmup_steps", ", or none for warmup_share of the first round")
         _check(0.0 <= self.warmup_share <= 1.0, f"train.warmup_share={self.warmup_share}: use a share of the first round's local steps in [0, 1].")
+        _check_seed(self.seed, "train.seed")
+        check_device_name(self.device)
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}.")
         _check(self.execution in EXECUTIONS, f"train.execution={self.execution!r}: choose one of {', '.join(EXECUTIONS)}.")
-        _check(self.log_every >= 1, "train.log_every must be at least 1.")
-        _check(0 <= self.drift_probe <= 256, "train.drift_probe: use between 0 and 256 images per shard (0 turns the drift telemetry off).")
-        _check(self.checkpoint_every_rounds >= 1, "train.checkpoint_every_rounds must be at least 1.")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1.")
+        _check_range(self.log_every, 1, MAX_COUNT, "train.log_every")
+        _check_range(self.drift_probe, 0, 256, "train.drift_probe", " images per shard (0 turns the drift telemetry off)")
+        _check_range(self.checkpoint_every_rounds, 1, MAX_ROUNDS, "train.checkpoint_every_rounds")
+        _check_range(self.keep_checkpoints, 1, 1000, "train.keep_checkpoints")
         _check(0 <= self.preview_samples <= 256, "train.preview_samples: use between 0 and 256.")
         _check(1 <= self.preview_steps <= 1000, "train.preview_steps: use between 1 and 1000.")
         _check(set(self.trackers) <= set(TRACKERS), f"train.trackers={self.trackers}: choose from {', '.join(TRACKERS)}.")
@@ -263,21 +303,22 @@ class EvalConfig:
     fid_cache: str | None = None  # folder for cached training-set statistics (None: the user cache)
 
     def validate(self) -> None:
-        _check(1 <= self.num_samples <= 1_000_000, f"eval.num_samples={self.num_samples}: use between 1 and 1,000,000.")
+        _check_range(self.num_samples, 1, MAX_SAMPLES, "eval.num_samples", " generated images")
         _check(self.sampler in SAMPLERS, f"eval.sampler={self.sampler!r}: choose one of {', '.join(SAMPLERS)}.")
-        _check(1 <= self.steps <= 1000, f"eval.steps={self.steps}: use between 1 and 1000 sampling steps.")
+        _check_range(self.steps, 1, MAX_SAMPLING_STEPS, "eval.steps", " sampling steps")
         _check(0 <= self.eta <= 1, "eval.eta: use a value in [0, 1].")
-        _check(self.batch_size >= 1, "eval.batch_size must be at least 1.")
+        _check_range(self.batch_size, 1, 65536, "eval.batch_size")
+        _check_seed(self.seed, "eval.seed")
         _check(0 < self.memorization_threshold < 1, "eval.memorization_threshold: use a value in (0, 1); the convention is 1/3.")
         _check(0 < self.distance_quantile < 1, "eval.distance_quantile: use a quantile in (0, 1); 0.05 is the default.")
         _check(0 < self.mq_threshold < 1, "eval.mq_threshold: use a value in (0, 1).")
-        _check(self.mq_neighbours >= 1, "eval.mq_neighbours must be at least 1.")
-        _check(self.nn_margin >= 0, "eval.nn_margin must be >= 0 (16 is a good default).")
-        _check(self.nn_query_chunk is None or self.nn_query_chunk >= 1, "eval.nn_query_chunk: use at least 1 image, or none for automatic.")
-        _check(self.nn_train_chunk is None or self.nn_train_chunk >= 1, "eval.nn_train_chunk: use at least 1 image, or none for automatic.")
-        _check(self.gallery_pairs >= 0, "eval.gallery_pairs must be >= 0.")
+        _check_range(self.mq_neighbours, 1, MAX_IMAGES, "eval.mq_neighbours")
+        _check_range(self.nn_margin, 0, MAX_IMAGES, "eval.nn_margin", " (16 is a good default)")
+        _check_range(self.nn_query_chunk, 1, MAX_SAMPLES, "eval.nn_query_chunk", " images, or none for automatic")
+        _check_range(self.nn_train_chunk, 1, MAX_IMAGES, "eval.nn_train_chunk", " images, or none for automatic")
+        _check_range(self.gallery_pairs, 0, 1024, "eval.gallery_pairs")
         _check(self.fid_dims in (64, 192, 768, 2048), f"eval.fid_dims={self.fid_dims}: choose 2048 (standard FID), 768, 192 or 64.")
-        _check(self.fid_batch_size >= 1, "eval.fid_batch_size must be at least 1.")
+        _check_range(self.fid_batch_size, 1, 4096, "eval.fid_batch_size")
 
 
 @dataclass
@@ -291,8 +332,9 @@ class RunConfig:
 
     def validate(self, num_images: int | None = None) -> "RunConfig":
         """Check every setting; with the dataset size, also the settings that depend on it."""
-        _check(bool(self.name) and "/" not in self.name and "\\" not in self.name and self.name not in (".", ".."),
-               f"name={self.name!r}: use a plain name without slashes.")
+        _check(bool(self.name) and len(self.name) <= MAX_NAME_LENGTH and self.name.isprintable()
+               and "/" not in self.name and "\\" not in self.name and self.name not in (".", ".."),
+               f"name={self.name[:MAX_NAME_LENGTH]!r}: use a plain name of up to {MAX_NAME_LENGTH} characters without slashes.")
         self.data.validate()
         self.model.validate()
         self.method.validate()
@@ -302,6 +344,10 @@ class RunConfig:
             from .models import check_resolution
 
             check_resolution(self.model.preset, self.data.resolution)
+        if self.train.local_steps is not None:
+            total = self.train.rounds * self.train.local_steps * self.method.num_shards
+            _check(total <= MAX_TOTAL_STEPS, f"train.rounds x train.local_steps x method.num_shards = {total:,} steps: "
+                                             f"use at most {MAX_TOTAL_STEPS:,} in all.")
         if num_images is not None:
             _check(num_images >= self.method.num_shards,
                    f"method.num_shards={self.method.num_shards} is larger than the dataset ({num_images} images): "
@@ -366,11 +412,14 @@ def _coerce(value: Any, annotation: str, where: str):
             return bool(value)
         if base == "int":
             _check(not isinstance(value, bool), f"{where}={value!r}: use a whole number.")
-            as_float = float(value)
-            _check(as_float.is_integer(), f"{where}={value!r}: use a whole number.")
-            return int(as_float)
+            number = value if isinstance(value, int) else float(value)
+            _check(float(number).is_integer(), f"{where}={value!r}: use a whole number.")
+            # Every setting's own bound is far below this; it keeps huge numbers out of int64 code.
+            _check(abs(number) < 2**63, f"{where}={value!r} is far too large: use a whole number of sensible size.")
+            return int(number)
         if base == "float":
             _check(not isinstance(value, bool), f"{where}={value!r}: use a number.")
+            _check(math.isfinite(float(value)), f"{where}={value!r}: use a finite number.")
             return float(value)
         if base == "str":
             _check(isinstance(value, str), f"{where}={value!r}: use text.")

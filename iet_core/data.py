@@ -7,6 +7,7 @@ the source before any subset is taken), plus the files that were rejected and wh
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -16,16 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import RESIZE_FILTERS, ConfigError, DataConfig
+from .config import MAX_IMAGES, RESIZE_FILTERS, ConfigError, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BUILTIN = ("digits",)
 
 # Limits on what a user may hand us (uploads reach the app from anyone).
-MAX_IMAGES = 200_000
 MAX_FILE_BYTES = 50 * 2**20
-MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries
+MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries (and of an upload)
 MAX_PIXELS = 40_000_000  # one decoded image; larger is treated as a decompression bomb
+MAX_DATASET_PIXELS = 250_000_000  # all decoded images of one folder or archive together (seconds of CPU, not minutes)
+# A Hugging Face Hub id: owner/name, nothing else (no absolute, relative or home paths).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # What zipfile raises for damaged, encrypted or exotic archives and entries (found by fuzzing;
 # UnicodeDecodeError from garbled names is a ValueError).
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
@@ -33,6 +36,50 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedE
 
 class DataError(ConfigError):
     """The data cannot be used; the message says what to do."""
+
+
+def is_hub_id(spec: str) -> bool:
+    return HUB_ID.fullmatch(spec) is not None and ".." not in spec
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """The data sources a server may read: built-in datasets, Hub ids (`hf:owner/name`), and
+    files or `save_to_disk` folders inside the folders its admin named (uploads are kept in
+    one). Every refusal reads the same, so no answer tells whether a server path exists."""
+
+    folders: tuple[Path, ...] = ()
+
+    @classmethod
+    def allowing(cls, *folders: str | Path) -> "SourcePolicy":
+        return cls(tuple(Path(f).expanduser().resolve() for f in folders))
+
+    def check(self, source: str) -> None:
+        if source in BUILTIN or (source.startswith("hf:") and is_hub_id(source[3:])):
+            return
+        local = source[3:] if source.startswith("hf:") else source
+        try:
+            path = Path(local).expanduser().resolve()  # links resolved: a link out of a folder is outside it
+        except (OSError, RuntimeError, ValueError):
+            path = None
+        if local and path is not None and any(path.is_relative_to(folder) for folder in self.folders):
+            return
+        raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
+                        f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
+
+
+class _PixelBudget:
+    """Decoded pixels left for one folder or archive, taken from each image's header before
+    it is decoded (many large images in a small archive cost minutes of CPU otherwise)."""
+
+    def __init__(self, limit: int = MAX_DATASET_PIXELS):
+        self.left = limit
+
+    def take(self, width: int, height: int) -> None:
+        if width * height > self.left:
+            raise DataError(f"the images add up to over {MAX_DATASET_PIXELS:,} pixels (the limit per dataset): "
+                            "use fewer or smaller images")
+        self.left -= width * height
 
 
 @dataclass
@@ -106,7 +153,8 @@ def pil_to_array(image: Image.Image, resolution: int, channels: int, resize_filt
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(data: bytes, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
+def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudget | None = None,
+                 resize_filter: str = "auto") -> np.ndarray:
     """Bytes of an image file to uint8 (C, res, res); raises DataError with the reason."""
     if len(data) > MAX_FILE_BYTES:
         raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
@@ -114,6 +162,8 @@ def decode_image(data: bytes, resolution: int, channels: int, resize_filter: str
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(f"image has {image.width}x{image.height} pixels, over the {MAX_PIXELS:,} pixel limit")
+            if budget is not None:
+                budget.take(image.width, image.height)
             image.load()
             return pil_to_array(image, resolution, channels, resize_filter)
     except DataError:
@@ -137,11 +187,21 @@ def array_to_images(array: np.ndarray, resolution: int, channels: int, resize_fi
         arr = arr.transpose(0, 3, 1, 2)
     if arr.shape[1] not in (1, 3, 4):
         raise DataError(f"cannot tell the channel axis of images with shape {arr.shape}: use 1, 3 or 4 channels.")
+    if len(arr) == 0:
+        raise DataError("the images array is empty: it needs at least one image.")
+    if arr.dtype == np.uint16:  # 16-bit images, as PIL reads them too
+        arr = arr / 257.0
     if arr.dtype != np.uint8:
-        arr = arr.astype(np.float64)
-        if arr.max(initial=0) <= 1.0 and arr.min(initial=0) >= 0.0:
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise DataError(f"images must hold real numbers, got {arr.dtype}.")
+        arr = np.nan_to_num(arr.astype(np.float64), nan=-1.0)
+        low, high = arr.min(), arr.max()
+        if low >= 0.0 and high <= 1.0:
             arr = arr * 255.0
-        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        elif low < 0.0 or high > 255.0:
+            raise DataError(f"image values run from {low:g} to {high:g} (or are not finite): give values in "
+                            "0..255 or 0..1 (e.g. map [-1, 1] to [0, 1] first).")
+        arr = np.rint(arr).astype(np.uint8)
     if arr.shape[1] == 4:
         arr = arr[:, :3]
     src_channels = arr.shape[1]
@@ -180,9 +240,10 @@ def _labels_from_names(names: list[str]) -> np.ndarray | None:
 def _decode_many(entries, resolution: int, channels: int, resize_filter: str, where: str):
     """(name, bytes-reader) pairs to images, labels and rejects; names sorted for stable ids."""
     images, names, rejected = [], [], []
+    budget = _PixelBudget()
     for name, read in entries:
         try:
-            images.append(decode_image(read(), resolution, channels, resize_filter))
+            images.append(decode_image(read(), resolution, channels, budget, resize_filter))
             names.append(name)
         except DataError as err:
             rejected.append((name, str(err)))
@@ -193,16 +254,32 @@ def _decode_many(entries, resolution: int, channels: int, resize_filter: str, wh
     return np.stack(images), _labels_from_names(names), rejected
 
 
+def _read_file(path: Path) -> bytes:
+    """A file's bytes, its size checked before anything is read."""
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    return path.read_bytes()
+
+
 def load_folder(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
+    # Messages name the folder by its last part only: a server never shows its own paths.
     if not path.is_dir():
-        raise DataError(f"{path} is not a folder.")
+        raise DataError(f"{path.name} is not a folder.")
+    root = path.resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    candidates = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    rejected = [(p.relative_to(path).as_posix(), "not an image file (by extension)") for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    rejected, candidates = [], []
+    for file in files:
+        name = file.relative_to(path).as_posix()
+        if not file.resolve().is_relative_to(root):
+            rejected.append((name, "a link to a file outside the folder"))
+        elif file.suffix.lower() not in IMAGE_SUFFIXES:
+            rejected.append((name, "not an image file (by extension)"))
+        else:
+            candidates.append(file)
     if len(candidates) > MAX_IMAGES:
-        raise DataError(f"{path} holds {len(candidates):,} images, over the {MAX_IMAGES:,} limit: use a smaller folder.")
-    entries = [(p.relative_to(path).as_posix(), p.read_bytes) for p in candidates]
-    images, labels, bad = _decode_many(entries, resolution, channels, resize_filter, f"the folder {path}")
+        raise DataError(f"{path.name} holds {len(candidates):,} images, over the {MAX_IMAGES:,} limit: use a smaller folder.")
+    entries = [(p.relative_to(path).as_posix(), lambda p=p: _read_file(p)) for p in candidates]
+    images, labels, bad = _decode_many(entries, resolution, channels, resize_filter, f"the folder {path.name}")
     return images, labels, rejected + bad
 
 
@@ -258,8 +335,9 @@ def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "a
                 raise DataError(f"{path.name} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}).")
             images = npz["images"]
             labels = npz["labels"].astype(np.int64).reshape(-1) if "labels" in npz else None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path.name} is not a readable .npz file ({err}).") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = err if isinstance(err, ValueError) else "damaged, or not an .npz archive"  # OSErrors name the path
+        raise DataError(f"{path.name} is not a readable .npz file ({reason}).") from None
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
     return array_to_images(images, resolution, channels, resize_filter), labels, []
@@ -267,18 +345,20 @@ def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "a
 
 def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, resolution: int, channels: int,
             resize_filter: str = "auto"):
-    """A Hugging Face dataset: a Hub id, or a local folder written by `save_to_disk`."""
+    """A Hugging Face dataset: a Hub id (`owner/name`, always read from the Hub), or a local
+    folder written by `save_to_disk`."""
     import datasets
 
-    local = Path(spec)
     try:
-        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(local))
-        else:
+        if is_hub_id(spec):
+            if Path(spec).exists():  # the loader would read a local folder of that name instead
+                raise FileNotFoundError("a local path has the same name")
             ds = datasets.load_dataset(spec, split=split)
+        else:
+            ds = datasets.load_from_disk(str(Path(spec).expanduser()))
     except Exception as err:  # the hub client raises many types; all mean "cannot load this"
-        raise DataError(f"cannot load Hugging Face dataset {spec!r} ({type(err).__name__}: {err}). "
-                        "Check the id and your network, or download it and give the local folder.") from None
+        raise DataError(f"cannot load Hugging Face dataset {spec[:200]!r} ({type(err).__name__}). Give a Hub id "
+                        "(owner/name) and check the network, or a folder written by `save_to_disk`.") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"dataset {spec!r} has no split {split!r}: choose one of {', '.join(ds)}.")
@@ -308,9 +388,12 @@ def load_hf(spec: str, split: str, image_column: str | None, label_column: str |
     return np.stack(images), labels, rejected
 
 
-def load_dataset(config: DataConfig) -> ImageDataset:
-    """The dataset a DataConfig describes, subset and all. Raises DataError with what to do."""
+def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> ImageDataset:
+    """The dataset a DataConfig describes, subset and all. Raises DataError with what to do.
+    A server passes its `policy`: then only the sources it allows are read."""
     config.validate()
+    if policy is not None:
+        policy.check(config.source)
     source, res, ch, resize = config.source, config.resolution, config.channels, config.resize_filter
     rejected: list[tuple[str, str]] = []
     if source in BUILTIN:

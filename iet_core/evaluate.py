@@ -13,10 +13,12 @@ samples a run's checkpoint first and saves the result under `RUN/eval/<name>/`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -35,7 +37,7 @@ from .metrics import (MQ_THRESHOLDS, copy_counts, distance_threshold, memorizati
                       shares_below)
 from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
 from .runs import Run
-from .sample import generate_from_run
+from .sample import Cancelled, generate_from_run
 
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
 Progress = Callable[[str, int, int], None]
@@ -211,10 +213,13 @@ def flips_in_training(config: RunConfig) -> bool:
 
 def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
                  progress: Progress | None = None, name: str | None = None, save: bool = True,
-                 dataset: ImageDataset | None = None) -> EvalResult:
+                 dataset: ImageDataset | None = None, cancelled: Callable[[], bool] | None = None) -> EvalResult:
     """Sample the run's latest checkpoint (EMA or raw weights), measure the samples against its
     training data, and save the result under RUN/eval/<name>/ (name: from the settings).
-    config: None uses the run's own eval settings."""
+    config: None uses the run's own eval settings. `cancelled` is asked at every sampling step
+    and progress report; when it returns True, `Cancelled` is raised and nothing is saved."""
+    if cancelled is not None:
+        progress = _cancellable(progress, cancelled)
     run = run if isinstance(run, Run) else Run.open(run)
     config = config or run.config.eval
     config.validate()
@@ -229,7 +234,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     started = time.perf_counter()
     images = generate_from_run(run, config.num_samples, use_ema=config.use_ema, checkpoint=checkpoint, device=device,
                                sampler=config.sampler, steps=config.steps, eta=config.eta, seed=config.seed,
-                               batch_size=config.batch_size,
+                               batch_size=config.batch_size, cancelled=cancelled,
                                progress=(lambda d, t: progress("sampling", d, t)) if progress else None)
     sampling_seconds = time.perf_counter() - started
     flip_aware = flips_in_training(run.config) if config.flip_aware is None else config.flip_aware
@@ -242,10 +247,87 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
         "device": str(device),
     })
     result.summary["seconds"]["sampling"] = sampling_seconds
+    if cancelled is not None and cancelled():
+        raise Cancelled("the evaluation was cancelled")
     if save:
         name = name or f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
         result.path = save_eval(run, result, name, config.gallery_pairs)
     return result
+
+
+class EvaluationBusy(ConfigError):
+    """A server will not take this evaluation now; the message says when to try again."""
+
+
+class EvaluationGate:
+    """How a server shares its evaluations: `running` at a time, at most `waiting` more in
+    line, one per owner (running or waiting). A waiter whose client left gives up its place,
+    and `close` cancels everything (the server is stopping)."""
+
+    def __init__(self, running: int = 1, waiting: int = 4):
+        self.running, self.waiting = running, waiting
+        self._changed = threading.Condition()
+        self._active = self._queued = 0
+        self._owners: set[str] = set()
+        self.closed = False
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def capacity(self) -> int:
+        """Requests worth admitting at once: those running, those waiting, and one more to
+        hear at once that the line is full."""
+        return self.running + self.waiting + 1
+
+    @contextlib.contextmanager
+    def slot(self, owner: str, cancelled: Callable[[], bool] = lambda: False):
+        """Hold a place for one evaluation of `owner` (wait for it while others run); yields
+        the check to pass to `evaluate_run` (the client left, or the server is closing)."""
+        def stop() -> bool:
+            return self.closed or cancelled()
+
+        with self._changed:
+            if owner in self._owners:
+                raise EvaluationBusy("you already have an evaluation running or waiting: wait for it to finish.")
+            if self._queued >= self.waiting:
+                raise EvaluationBusy(f"the server is busy ({self._active} evaluation(s) running, {self._queued} "
+                                     "waiting): try again in a minute.")
+            self._owners.add(owner)
+            self._queued += 1
+            try:
+                while self._active >= self.running:
+                    if stop():
+                        self._owners.discard(owner)
+                        raise Cancelled("the evaluation was cancelled before it started")
+                    self._changed.wait(timeout=0.5)  # and look at the client again
+            finally:
+                self._queued -= 1
+            self._active += 1
+        try:
+            yield stop
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._owners.discard(owner)
+                self._changed.notify_all()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Cancel every evaluation and wait (up to `timeout`) until none runs."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self._active == 0, timeout)
+
+
+def _cancellable(progress: Progress | None, cancelled: Callable[[], bool]) -> Progress:
+    def report(stage: str, done: int, total: int) -> None:
+        if cancelled():
+            raise Cancelled(f"the evaluation was cancelled ({stage})")
+        if progress is not None:
+            progress(stage, done, total)
+    return report
 
 
 def _check_trained_on(checkpoint: Path, dataset: ImageDataset) -> None:

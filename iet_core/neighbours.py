@@ -52,6 +52,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device={str(device)!r} is not a device name: use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={str(device)!r} but no CUDA GPU is available: use 'auto' or 'cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} GPU(s): "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or 'auto'.")
     return device
 
 

@@ -14,7 +14,8 @@
       checkpoints/ckpt-NNNNNNNN/{model,ema,state}.safetensors + state.json, and LATEST
       eval/                evaluation results;  export/  a diffusers DDPMPipeline
 
-One writer per run (the trainer); everything else only reads. Every file is written to a
+One writer per run (the trainer), enforced by an advisory lock on `.writer.lock` that the
+trainer holds for its lifetime; everything else only reads. Every file is written to a
 temporary name and renamed into place, so a crash never leaves a half-written file; CSV logs
 are append-only and are cut back to the checkpoint on resume.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -35,12 +37,81 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota, permissions)."""
 
 
+class RunBusy(ConfigError):
+    """Another trainer holds the run's writer lock; the message names it."""
+
+
 CSV_LOGS = ("metrics.csv", "rounds.csv", "drift.csv", "samples.csv", "msr_moves.csv", "settings.csv")
 ROUND_END_LOGS = ("rounds.csv", "drift.csv")  # rows stamped with the round's last step, which a checkpoint there includes
+WRITER_LOCK = ".writer.lock"
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive, non-blocking lock on an open file; the OS drops it when the process dies,
+    so a killed trainer never leaves a stale lock (only the file naming it)."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+class WriterLock:
+    """The one-writer lock of a run folder, held by a trainer from before it touches the
+    folder until it ends. `holder` says who holds it, for the message a second trainer gets."""
+
+    def __init__(self, run: "Run", holder: str):
+        self.run, self.holder = run, holder
+        self._fd: int | None = None
+
+    def acquire(self) -> "WriterLock":
+        fd = os.open(self.run.path / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise RunBusy(f"run {self.run.id} is being trained by {self.run.describe_writer() or 'another process'}; "
+                          "a run has one writer: stop that one first, or wait until it ends.")
+        record = {"holder": self.holder, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(record).encode())  # at offset 0: the file was just opened
+        self._fd = fd
+        self.run.remove_stale_temporaries()  # only the writer may: they could be another writer's
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # nobody holds it now
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -85,8 +156,12 @@ class Run:
         if run.path.exists():
             raise ConfigError(f"a run already exists at {run.path}: resume it or choose another name.")
         run.path.mkdir(parents=True)
-        atomic_write(run.path / "config.json", config.to_json())
-        run.write_status("created", round=0, global_step=0)
+        try:
+            atomic_write(run.path / "config.json", config.to_json())
+            run.write_status("created", round=0, global_step=0)
+        except BaseException:  # e.g. a full disk: no half-made run folder is left
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise
         return run
 
     @classmethod
@@ -116,6 +191,32 @@ class Run:
         status.update(fields, state=state, updated=time.time())
         status.setdefault("message", "")
         atomic_write(self.path / "status.json", json.dumps(status, indent=2))
+
+    # -- the writer ----------------------------------------------------------------------
+    def writer_lock(self, holder: str) -> WriterLock:
+        return WriterLock(self, holder)
+
+    def describe_writer(self) -> str | None:
+        """Who trains this run now ("the command line (pid 12 on host-a, since 20:15 UTC)"), or
+        None. Read from the lock file without locking it, so probing never blocks a trainer;
+        the record of a process that died on this host is stale."""
+        try:
+            record = json.loads((self.path / WRITER_LOCK).read_text() or "{}")
+            holder, pid, host, since = record["holder"], int(record["pid"]), record["host"], float(record["since"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if host == socket.gethostname() and not _process_alive(pid):
+            return None
+        return f"{holder} (pid {pid} on {host}, since {time.strftime('%H:%M UTC', time.gmtime(since))})"
+
+    def remove_stale_temporaries(self) -> None:
+        """Files and folders a killed writer left half-written (`.name.*.tmp`, `.tmp-*`)."""
+        for folder in (self.path, self.checkpoint_root):
+            for stale in [*folder.glob(".*.tmp"), *folder.glob(".tmp-*")]:
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
     # -- logs ----------------------------------------------------------------------------
     def metrics(self) -> pd.DataFrame:

@@ -41,7 +41,7 @@ from .distributed import ProcessGroup
 from .models import build_unet, training_scheduler
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
-from .runs import Run, append_csv, atomic_write
+from .runs import Run, WriterLock, append_csv, atomic_write
 from .shards import redistribute, resolve_split, split_shards
 from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
@@ -162,6 +162,7 @@ class Trainer:
         self.mine = group.block(config.method.num_shards) if group else range(config.method.num_shards)
         self.stopping = False  # all processes agreed to stop at this round's end
         self.control = control or TrainControl()
+        self.writer_lock: WriterLock | None = None  # set by prepare_trainer
         self.device = device = resolve_device(config.train.device)
 
         torch.manual_seed(config.train.seed)  # the same seed starts from the same weights
@@ -225,7 +226,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train until done or stopped; returns the final state ("finished" or "stopped")."""
+        """Train until done or stopped; returns the final state ("finished" or "stopped").
+        The writer lock is released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            if self.writer_lock is not None:
+                self.writer_lock.release()
+
+    def _fit(self) -> str:
         rounds = self.config.train.rounds
         self._emit(StatusEvent("running", self.round, self.global_step, total_steps=self.total_steps))
         if self.proxy or self.local_step:  # resumed mid-round: no round start will announce it
@@ -668,7 +677,9 @@ class Trainer:
 
 
 def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset | None = None) -> tuple[Run, ImageDataset]:
-    """Load the data and check every setting against it before a run folder is made."""
+    """Check every setting, the device and the data before a run folder is made."""
+    config.validate()
+    resolve_device(config.train.device)
     dataset = dataset if dataset is not None else load_dataset(config.data)
     config.validate(num_images=len(dataset))
     return Run.create(runs_root, config), dataset
@@ -676,29 +687,35 @@ def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset |
 
 def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool = False,
                     sinks: Iterable[Sink] = (), control: TrainControl | None = None,
-                    group: ProcessGroup | None = None) -> Trainer:
-    """A Trainer for the run, restored from its last checkpoint when resuming. A failure here
-    (data gone, checkpoint unreadable) marks the run failed with the reason."""
+                    group: ProcessGroup | None = None, holder: str = "another trainer") -> Trainer:
+    """A Trainer for the run, restored from its last checkpoint when resuming. The writing
+    process takes the run's writer lock first (in the name of `holder`) and keeps it until
+    `fit` ends; a run another trainer holds is refused untouched. A failure after that (data
+    gone, checkpoint unreadable) marks the run failed with the reason."""
+    lock = run.writer_lock(holder).acquire() if group is None or group.is_writer else None
     try:
         trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control, group=group)
+        trainer.writer_lock = lock
         if resume and run.latest_checkpoint() is not None:
             trainer.load_checkpoint()
         elif trainer.writer:
             run.cut_logs(0)  # a run restarted from scratch logs afresh
         return trainer
     except Exception as err:
-        run.write_status("failed", message=f"{type(err).__name__}: {err}")
+        if lock is not None:
+            run.write_status("failed", message=f"{type(err).__name__}: {err}")
+            lock.release()
         raise
 
 
 def train(config: RunConfig | None = None, *, runs_root: str | Path | None = None, run: Run | None = None,
           resume: bool = False, sinks: Iterable[Sink] = (), control: TrainControl | None = None,
-          dataset: ImageDataset | None = None) -> Run:
+          dataset: ImageDataset | None = None, holder: str = "another trainer") -> Run:
     """Train a new run (config + runs_root) or continue an existing one (run, resume=True).
     Blocks until the run finishes or is stopped; returns the Run."""
     if run is None:
         if config is None or runs_root is None:
             raise ConfigError("give a config and a runs folder for a new run, or an existing run to resume.")
         run, dataset = create_run(config, runs_root, dataset)
-    prepare_trainer(run, dataset, resume, sinks, control).fit()
+    prepare_trainer(run, dataset, resume, sinks, control, holder=holder).fit()
     return run
