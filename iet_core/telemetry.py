@@ -98,6 +98,17 @@ class DriftEvent:
             })
         return rows
 
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "DriftEvent":
+        """The event back from its rows (one round's, as drift.csv keeps them)."""
+        rows = sorted(rows, key=lambda row: row["proxy"])
+        k = len(rows)
+        return cls(int(rows[0]["round"]), int(rows[0]["global_step"]), float(rows[0]["start_norm"]),
+                   [float(row["drift"]) for row in rows],
+                   [[float(row[f"distance_to_{j}"]) for j in range(k)] for row in rows],
+                   [[float(row[f"loss_on_{j}"]) for j in range(k)] for row in rows],
+                   [float(row["average_loss_own"]) for row in rows])
+
 
 @dataclass
 class RoundStartEvent:
