@@ -24,9 +24,9 @@ The dry run runs the `cuda` tests on the CPU as a stand-in (the CUDA-only ones s
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
-import math
 import os
 import re
 import signal
@@ -44,13 +44,14 @@ DATA_PLACES = (REPO.parent / "shared" / "data" / DATA_NAME, REPO / ".gpu-data" /
 GRACE_SECONDS = 20  # after SIGINT at the budget: time to save a checkpoint and write what it has
 PILOT_LOCAL_STEPS = 750  # per proxy per round: long local training, as in the reference (issue 12)
 PILOT_SHARDS = 4
+PILOT_MODES = ("ddpm", "iet-agc")
+SHARED_GPU_SPEED = 0.6  # a guess: the share of the demo's speed each of the pilot's two processes gets
 
 
 @dataclass
 class Sizes:
     """What each part runs at: the GPU sizes, or tiny ones for the dry run on the CPU."""
 
-    device: str
     budgets: dict[str, float]  # seconds per part; the pilot takes what is left of `total`
     total: float
     bench: list[str]
@@ -65,24 +66,26 @@ class Sizes:
     pilot_sample_steps: int
     pilot_classifier_steps: int
     pilot_local_steps: int
-    pilot_reserve: float  # seconds of the pilot's budget kept for start-up and evaluation
+    pilot_reserve: float  # seconds of the pilot's budget not training: start-up, evaluation, report
+    report_reserve: float  # seconds left after stopping the pilot's training, to evaluate its checkpoints
     stand_in: dict[str, str] = field(default_factory=dict)  # environment of the tests part
 
 
-GPU = Sizes(device="cuda", budgets={"tests": 130, "bench": 110, "demo": 120}, total=525,
+# A part may overrun its budget by GRACE_SECONDS, so the total leaves that much of the 9 minutes.
+GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=510,
             bench=["--gpu"],
             model=["model.preset=small", "data.resolution=32", "data.channels=3", "train.batch_size=128",
                    "train.lr=5e-4", "train.precision=bf16", "train.device=cuda"],
             demo_subset=256, demo_seconds=80, demo_samples=256, demo_sample_steps=50,
             pilot_subset=600, pilot_heldout=246, pilot_samples=512, pilot_sample_steps=50, pilot_classifier_steps=300,
-            pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=70)
-DRY_RUN = Sizes(device="cpu", budgets={"tests": 300, "bench": 300, "demo": 300}, total=1500,
+            pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=80, report_reserve=40)
+DRY_RUN = Sizes(budgets={"tests": 300, "bench": 300, "demo": 300}, total=1500,
                 bench=["--smoke", "--repeats", "1"],
                 model=["model.preset=tiny", "data.resolution=8", "data.channels=3", "train.batch_size=8",
                        "train.lr=1e-3", "train.device=cpu"],
                 demo_subset=32, demo_seconds=2, demo_samples=16, demo_sample_steps=5,
                 pilot_subset=40, pilot_heldout=20, pilot_samples=16, pilot_sample_steps=2, pilot_classifier_steps=5,
-                pilot_local_steps=2, pilot_reserve=60, stand_in={"IET_CUDA_TESTS_DEVICE": "cpu"})
+                pilot_local_steps=2, pilot_reserve=60, report_reserve=30, stand_in={"IET_CUDA_TESTS_DEVICE": "cpu"})
 
 
 class Check:
@@ -93,35 +96,38 @@ class Check:
         self.sizes, self.out, self.work, self.data, self.env = sizes, out, work, data, env
         self.started = time.monotonic()
         self.log = out / "log.txt"
+        # Children stop at their budget on SIGINT, but inherit it ignored when this runs as a
+        # background job; a handler here is reset to the default in each child instead.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "dry_run": sizes is DRY_RUN, "parts": {}}
 
     def left(self) -> float:
         return self.sizes.total - (time.monotonic() - self.started)
 
-    def child(self, command: list[str], budget: float, stop_after: float | None = None, env: dict | None = None) -> dict:
-        """Run a command, its output appended to log.txt. At `stop_after` seconds it gets SIGINT
-        (it saves what it has); at `budget` SIGINT again, then SIGKILL after a grace period."""
+    def children(self, *commands: list[str], budget: float, env: dict | None = None) -> list[dict]:
+        """Run commands side by side, their output appended to log.txt. Those still running at
+        `budget` seconds get SIGINT (they save what they have), and SIGKILL after a grace period."""
         with self.log.open("a") as log:
-            log.write(f"\n$ {' '.join(command)}\n")
+            log.write("".join(f"\n$ {' '.join(command)}\n" for command in commands))
             log.flush()
             started = time.monotonic()
-            process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**self.env, **(env or {})})
-            stopped = False
-            for deadline in filter(None, (stop_after, budget)):
-                try:
-                    process.wait(timeout=max(0.0, deadline - (time.monotonic() - started)))
-                    break
-                except subprocess.TimeoutExpired:
+            processes = [subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                          env={**self.env, **(env or {})}) for command in commands]
+            stopped = [not finished_by(process, started + budget) for process in processes]
+            for process, late in zip(processes, stopped):
+                if late:
                     process.send_signal(signal.SIGINT)
-                    stopped = True
-            try:
-                process.wait(timeout=GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return {"exit": process.returncode, "seconds": round(time.monotonic() - started, 1), "stopped_at_budget": stopped}
+            for process in processes:
+                if not finished_by(process, started + budget + GRACE_SECONDS):
+                    process.kill()
+                    process.wait()
+        seconds = round(time.monotonic() - started, 1)
+        return [{"exit": process.returncode, "seconds": seconds, "stopped_at_budget": late}
+                for process, late in zip(processes, stopped)]
+
+    def child(self, command: list[str], budget: float, env: dict | None = None) -> dict:
+        return self.children(command, budget=budget, env=env)[0]
 
     def part(self, name: str, run) -> None:
         budget = self.sizes.budgets.get(name, self.left())
@@ -142,7 +148,7 @@ class Check:
         done = self.child([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "--tb=short",
                            "-p", "no:cacheprovider", "-o", f"timeout={max(10, int(budget))}"], budget,
                           env=self.sizes.stand_in)
-        outcomes = dict(re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", self._log_tail(), re.M))
+        outcomes = dict(re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", self.log.read_text(errors="replace"), re.M))
         counts = {name: sum(1 for o in outcomes.values() if o == kind)
                   for name, kind in (("passed", "PASSED"), ("failed", "FAILED"), ("skipped", "SKIPPED"), ("errors", "ERROR"))}
         return {**done, "tests": outcomes, **counts, "device": self.sizes.stand_in.get("IET_CUDA_TESTS_DEVICE", "cuda")}
@@ -161,49 +167,54 @@ class Check:
         return {**done, **(json.loads(answer.read_text()) if answer.exists() else {})}
 
     def pilot(self, budget: float) -> dict:
+        """Baseline and IET-AGC side by side (two processes share the GPU), each in its own
+        folder; a mode stopped at the budget is evaluated afterwards from the checkpoints it has."""
         s = self.sizes
         rate = self.results["parts"].get("demo", {}).get("steps_per_second")
         local_steps, rounds = s.pilot_local_steps, 1
         if rate and s is GPU:  # as many rounds as fit; fewer local steps only if not even one round does
-            capacity = rate * max(0.0, budget - s.pilot_reserve) / 2  # optimizer steps per mode
+            capacity = rate * SHARED_GPU_SPEED * max(0.0, budget - s.pilot_reserve)  # optimizer steps per mode
             rounds = max(1, int(capacity // (PILOT_SHARDS * local_steps)))
             local_steps = min(local_steps, max(50, int(capacity // PILOT_SHARDS) // 50 * 50))
         steps = rounds * PILOT_SHARDS * local_steps
-        out = self.work / "pilot"
-        command = [sys.executable, "-m", "iet_core.experiments", "--out", str(out), "--modes", "ddpm", "iet-agc",
-                   "--seeds", "0", "--shards", str(PILOT_SHARDS), "--rounds", str(rounds), "--steps", str(steps),
-                   "--eval-points", str(rounds), "--num-samples", str(s.pilot_samples),
-                   "--sample-steps", str(s.pilot_sample_steps), "--heldout", str(s.pilot_heldout),
-                   "--classifier-steps", str(s.pilot_classifier_steps), "--data", str(self.data),
-                   "--subset", str(s.pilot_subset), *[f"--set={x}" for x in (
+        command = [sys.executable, "-m", "iet_core.experiments", "--seeds", "0", "--shards", str(PILOT_SHARDS),
+                   "--rounds", str(rounds), "--steps", str(steps), "--eval-points", str(rounds),
+                   "--num-samples", str(s.pilot_samples), "--sample-steps", str(s.pilot_sample_steps),
+                   "--heldout", str(s.pilot_heldout), "--classifier-steps", str(s.pilot_classifier_steps),
+                   "--data", str(self.data), "--subset", str(s.pilot_subset), *[f"--set={x}" for x in (
                        *s.model, "method.shard_split=class", "eval.use_ema=false", "train.hflip=true",
                        "train.preview_samples=0")]]
-        # Training stops early enough to leave time for evaluating the checkpoints it has.
-        done = self.child(command, budget, stop_after=max(1.0, budget - s.pilot_reserve / 2))
-        if done["stopped_at_budget"] and self.left() > 5:
-            done["report_only"] = self.child([*command, "--report-only"], self.left())
-        result = {**done, "rounds": rounds, "local_steps_per_proxy": local_steps, "steps_per_mode": steps,
-                  "sized_from_steps_per_second": rate}
-        for name in ("report.md", "results.csv", "summary.csv"):
-            if (out / name).exists():
-                (self.out / f"pilot_{name}").write_bytes((out / name).read_bytes())
-        for name in ("neighbours_ddpm.png", "neighbours_iet-agc.png"):
-            if (out / name).exists():
-                (self.out / f"pilot_{name}").write_bytes((out / name).read_bytes())
-        if (out / "results.csv").exists():
-            import csv
-
-            with (out / "results.csv").open() as f:
-                result["results"] = list(csv.DictReader(f))
+        modes = {mode: [*command, "--modes", mode, "--out", str(self.work / "pilot" / mode)] for mode in PILOT_MODES}
+        result = {"rounds": rounds, "local_steps_per_proxy": local_steps, "steps_per_mode": steps,
+                  "sized_from_steps_per_second": rate, "results": []}
+        trained = self.children(*modes.values(), budget=budget - s.report_reserve)
+        for (mode, mode_command), done in zip(modes.items(), trained):
+            if done["stopped_at_budget"] and self.left() > 5:
+                done["report_only"] = self.child([*mode_command, "--report-only"], self.left())
+            result[mode] = done
+            out = self.work / "pilot" / mode
+            for name, copy in (("report.md", f"pilot_{mode}_report.md"), (f"neighbours_{mode}.png", f"pilot_{mode}_neighbours.png")):
+                if (out / name).exists():  # at most 8 files come back from the GPU machine: these make 8
+                    (self.out / copy).write_bytes((out / name).read_bytes())
+            if (out / "results.csv").exists():
+                with (out / "results.csv").open() as f:
+                    result["results"] += list(csv.DictReader(f))
+        result["stopped_at_budget"] = any(done["stopped_at_budget"] for done in trained)
         return result
 
     # -- output ----------------------------------------------------------------------------
-    def _log_tail(self) -> str:
-        return self.log.read_text(errors="replace")
-
     def save(self) -> None:
         (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=2))
         (self.out / "gpu_check.md").write_text(markdown(self.results))
+
+
+def finished_by(process: subprocess.Popen, when: float) -> bool:
+    """Wait for the process until the monotonic time `when`; whether it has ended."""
+    try:
+        process.wait(timeout=max(0.0, when - time.monotonic()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def markdown(results: dict) -> str:
@@ -248,7 +259,7 @@ def summary_of(name: str, part: dict) -> str:
     if name == "demo" and part.get("memorized_fraction") is not None:
         return f"{100 * part['memorized_fraction']:.0f}% memorized after {part['train_seconds']:.0f} s of training"
     if name == "pilot":
-        return f"{len(part.get('results', []))} evaluation points, {part['rounds']} round(s) of {part['local_steps_per_proxy']} local steps"
+        return f"{len(part.get('results', []))} evaluations, {part['rounds']} round(s) of {part['local_steps_per_proxy']} local steps"
     return f"exit status {part.get('exit')}"
 
 
@@ -268,8 +279,8 @@ def run_demo(spec: dict) -> None:
 
     tree = demo_config("ddpm").to_dict()
     apply_settings(tree, [*spec["settings"], f"data.source={spec['data']}", f"data.subset={spec['subset']}",
-                          "train.rounds=1000", "train.local_steps=200", "train.preview_samples=0",
-                          "train.keep_checkpoints=1"])
+                          "train.rounds=1000", "train.local_steps=1000", "train.preview_samples=0",
+                          "train.checkpoint_every_rounds=1000"])  # one checkpoint: the one the stop writes
     config = RunConfig.from_dict(tree).validate()
     control = TrainControl()
     timer = threading.Timer(spec["seconds"], control.stop)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iet_core.config import demo_config  # noqa: E402
+from iet_core.config import MAX_ROUNDS, demo_config  # noqa: E402
 from iet_core.models import count_parameters, training_scheduler  # noqa: E402
 from iet_core.train import Trainer, create_run  # noqa: E402
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         config.model.preset, config.data.resolution, config.data.channels = args.preset, args.resolution, args.channels
         config.data.subset = args.subset
         for key, value in dict(local_steps=args.local_steps, batch_size=args.batch_size, device=args.device,
-                               precision=args.precision, execution=execution, rounds=10**6, preview_samples=0,
-                               checkpoint_every_rounds=10**6, record_samples=True).items():
+                               precision=args.precision, execution=execution, rounds=MAX_ROUNDS, preview_samples=0,
+                               checkpoint_every_rounds=MAX_ROUNDS, record_samples=True).items():
             setattr(config.train, key, value)
         run, dataset = create_run(config, root / execution)
         return Trainer(run, dataset)

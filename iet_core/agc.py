@@ -12,8 +12,9 @@ from .config import TAAConfig
 
 
 def loss_ratio(loss: torch.Tensor, bank: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """loss / bank[t], +inf where the bank has not seen timestep t yet."""
-    return loss / bank[t]
+    """loss / bank[t], +inf where the bank has not seen timestep t yet. With (J, T) banks and
+    (J, B) timesteps, row j of the losses is read against bank j."""
+    return loss / bank.gather(-1, t)
 
 
 def keep_mask(loss: torch.Tensor, bank: torch.Tensor, t: torch.Tensor, skip_lambda: float) -> torch.Tensor:
@@ -57,14 +58,15 @@ def taa_strength(running_ratio: torch.Tensor, skip_lambda: float, config: TAACon
     return torch.nan_to_num(strength, nan=0.0) * config.max_strength
 
 
-def augment(x: torch.Tensor, strength: torch.Tensor, config: TAAConfig) -> torch.Tensor:
+def augment(x: torch.Tensor, strength: torch.Tensor, config: TAAConfig,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sample flip, shift, zoom and brightness/contrast jitter scaled by strength, as a few
     batched ops (affine_grid + grid_sample). Samples with strength 0 are returned unchanged."""
     n = x.shape[0]
     s = strength.to(x.dtype)
-    u = torch.rand(n, 5, device=x.device, dtype=x.dtype) * 2 - 1  # uniform in [-1, 1]
+    u = torch.rand(n, 5, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1  # uniform in [-1, 1]
     if config.flip:
-        flip = torch.rand(n, device=x.device) < s * 0.5
+        flip = torch.rand(n, device=x.device, generator=generator) < s * 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     zoom = 1.0 + s * config.max_scale * u[:, 0]
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)

@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_evaluate_command
 
     add_evaluate_command(commands)
+    for command in commands.choices.values():
+        command.add_argument("--threads", type=int, help="CPU threads for torch's operations (default: torch's choice)")
     return parser
 
 
@@ -198,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads {args.threads}: use at least 1 thread.")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.handler(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

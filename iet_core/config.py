@@ -43,6 +43,11 @@ MAX_COUNT = 10_000_000  # any other count (warmup, log interval, neighbours, ...
 MAX_NAME_LENGTH = 100
 
 
+# A generated sample copies its nearest training image when that image is less than a third as
+# far as the second nearest (the convention of Carlini et al. 2023 and of the paper's code).
+MEMORIZATION_THRESHOLD = 1 / 3
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message says which one and what to change."""
 
@@ -50,6 +55,52 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_skip_lambda(value: float, where: str = "method.agc.skip_lambda") -> float:
+    """AGC's threshold as a float, or a ConfigError: it lies in (0, 1] (AGC skips a visit whose
+    loss is below lambda times the recent loss at its timestep, so 1 is the most it can skip)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r}: use a number in (0, 1].") from None
+    _check(0.0 < value <= 1.0, f"{where}={value}: use a value in (0, 1]; 0.5 is the reference (mem_ratio 2.0), "
+                               "smaller skips fewer samples.")
+    return value
+
+
+# Each preset: UNet2DModel keyword arguments (sample_size and channels come from the data).
+MODEL_PRESETS: dict[str, dict] = {
+    # ~1.1M parameters: trains at useful speed on 2 CPU cores and memorizes small sets quickly.
+    "tiny": dict(
+        block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        dropout=0.0,
+    ),
+    # ~17M parameters: a GPU model for 32x32 data in minutes.
+    "small": dict(
+        block_out_channels=(64, 128, 128, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1,
+    ),
+    # The DDPM paper's CIFAR-10 network (~35.7M parameters), as google/ddpm-cifar10-32 converts it:
+    # ch 128, mult (1, 2, 2, 2), attention at 16x16, 2 res blocks per level, dropout 0.1.
+    "ddpm-cifar10": dict(
+        block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+    ),
+}
+
+
+def check_resolution(preset: str, resolution: int) -> None:
+    levels = len(MODEL_PRESETS[preset]["block_out_channels"]) - 1
+    if resolution % 2**levels:
+        raise ConfigError(f"data.resolution={resolution} does not suit model preset {preset!r}: it halves the image "
+                          f"{levels} times, so use a multiple of {2**levels} (e.g. {max(2**levels, resolution // 2**levels * 2**levels)}).")
 
 
 def _check_range(value, low, high, where: str, hint: str = "") -> None:
@@ -93,7 +144,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # see iet_core.models.PRESETS
+    preset: str = "tiny"  # one of MODEL_PRESETS
     pretrained: str | None = None  # local diffusers UNet folder or Hub id, for fine-tuning
     dropout: float | None = None  # None: the preset's own
     num_train_timesteps: int = 1000
@@ -102,10 +153,8 @@ class ModelConfig:
     beta_schedule: str = "linear"
 
     def validate(self) -> None:
-        from .models import PRESETS  # local import: models imports this module
-
         if self.pretrained is None:
-            _check(self.preset in PRESETS, f"model.preset={self.preset!r} is unknown: choose one of {', '.join(PRESETS)}.")
+            _check(self.preset in MODEL_PRESETS, f"model.preset={self.preset!r} is unknown: choose one of {', '.join(MODEL_PRESETS)}.")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout}: use a value in [0, 1).")
         _check_range(self.num_train_timesteps, 2, MAX_TIMESTEPS, "model.num_train_timesteps", "; the reference uses 1000")
         _check(self.beta_schedule in BETA_SCHEDULES, f"model.beta_schedule={self.beta_schedule!r}: choose one of {', '.join(BETA_SCHEDULES)}.")
@@ -121,7 +170,7 @@ class AGCConfig:
     bank_decay: float = 0.8
 
     def validate(self) -> None:
-        _check(0.0 < self.skip_lambda <= 1.0, f"method.agc.skip_lambda={self.skip_lambda}: use a value in (0, 1]; 0.5 is the reference (mem_ratio 2.0), smaller skips fewer samples.")
+        check_skip_lambda(self.skip_lambda)
         _check(0.0 <= self.bank_decay < 1.0, f"method.agc.bank_decay={self.bank_decay}: use a value in [0, 1); the reference uses 0.8.")
 
 
@@ -287,9 +336,9 @@ class EvalConfig:
     # Copy criteria, each named in results: "ratio" (L2 nearest / second nearest below this),
     # "distance" (L2 nearest below delta = this quantile of the training images' distances to
     # their nearest other training image, Carlini et al.'s (l2, delta) style) and "mq".
-    memorization_threshold: float = 1 / 3
+    memorization_threshold: float = MEMORIZATION_THRESHOLD
     distance_quantile: float = 0.05
-    mq_threshold: float = 1 / 3
+    mq_threshold: float = MEMORIZATION_THRESHOLD  # the same 1/3 as experiments' mq_below_1_3
     mq_neighbours: int = 50
     flip_aware: bool | None = None  # None: on when training flipped images (train.hflip or TAA flips)
     nn_margin: int = 16  # extra float32-shortlisted candidates per sample before the exact recompute
@@ -309,7 +358,7 @@ class EvalConfig:
         _check(0 <= self.eta <= 1, "eval.eta: use a value in [0, 1].")
         _check_range(self.batch_size, 1, 65536, "eval.batch_size")
         _check_seed(self.seed, "eval.seed")
-        _check(0 < self.memorization_threshold < 1, "eval.memorization_threshold: use a value in (0, 1); the convention is 1/3.")
+        _check(0 < self.memorization_threshold < 1, f"eval.memorization_threshold: use a value in (0, 1); the convention is {MEMORIZATION_THRESHOLD:.4g}.")
         _check(0 < self.distance_quantile < 1, "eval.distance_quantile: use a quantile in (0, 1); 0.05 is the default.")
         _check(0 < self.mq_threshold < 1, "eval.mq_threshold: use a value in (0, 1).")
         _check_range(self.mq_neighbours, 1, MAX_IMAGES, "eval.mq_neighbours")
@@ -341,8 +390,6 @@ class RunConfig:
         self.train.validate()
         self.eval.validate()
         if self.model.pretrained is None:
-            from .models import check_resolution
-
             check_resolution(self.model.preset, self.data.resolution)
         if self.train.local_steps is not None:
             total = self.train.rounds * self.train.local_steps * self.method.num_shards

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import shutil
+import io
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -28,15 +25,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 
-from .config import ConfigError, EvalConfig, RunConfig, SAMPLERS
+from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig, RunConfig
 from .data import ImageDataset
 from .fid import FIDUnavailable, fid_score
 from .metrics import (MQ_THRESHOLDS, copy_counts, distance_threshold, memorization_ratio, mq_ratio, share_summary,
                       shares_below)
 from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
-from .runs import Run
+from .runs import Run, check_eval_name, checkpoint_step
 from .sample import Cancelled, generate_from_run
 
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
@@ -213,8 +209,9 @@ def flips_in_training(config: RunConfig) -> bool:
 
 def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
                  progress: Progress | None = None, name: str | None = None, save: bool = True,
-                 dataset: ImageDataset | None = None, cancelled: Callable[[], bool] | None = None) -> EvalResult:
-    """Sample the run's latest checkpoint (EMA or raw weights), measure the samples against its
+                 dataset: ImageDataset | None = None, cancelled: Callable[[], bool] | None = None,
+                 step: int | None = None) -> EvalResult:
+    """Sample the run's checkpoint of global step `step` (None: the latest; EMA or raw weights), measure the samples against its
     training data, and save the result under RUN/eval/<name>/ (name: from the settings).
     config: None uses the run's own eval settings. `cancelled` is asked at every sampling step
     and progress report; when it returns True, `Cancelled` is raised and nothing is saved."""
@@ -224,12 +221,10 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     config = config or run.config.eval
     config.validate()
     if name is not None:
-        _check_name(name)
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
-        raise ConfigError(f"run {run.id} has no checkpoint yet: train it (at least one round) before evaluating.")
+        check_eval_name(name)
+    checkpoint = run.checkpoint(step)
     dataset = dataset or run.dataset()
-    _check_trained_on(checkpoint, dataset)
+    _check_trained_on(run, checkpoint, dataset)
     device = resolve_device(device)
     started = time.perf_counter()
     images = generate_from_run(run, config.num_samples, use_ema=config.use_ema, checkpoint=checkpoint, device=device,
@@ -242,7 +237,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
                              device=device, progress=progress)
     weights = "ema" if config.use_ema else "model"
     result.summary.update({
-        "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": int(checkpoint.name.split("-")[-1]),
+        "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": checkpoint_step(checkpoint),
         "weights": weights, "sampler": config.sampler, "steps": config.steps, "eta": config.eta, "seed": config.seed,
         "device": str(device),
     })
@@ -330,55 +325,29 @@ def _cancellable(progress: Progress | None, cancelled: Callable[[], bool]) -> Pr
     return report
 
 
-def _check_trained_on(checkpoint: Path, dataset: ImageDataset) -> None:
+def _check_trained_on(run: Run, checkpoint: Path, dataset: ImageDataset) -> None:
     """The checkpoint records the ids of the images it was trained on; comparing samples with
-    other images would measure nothing. Reads that one tensor, not the whole state."""
-    state = checkpoint / "state.safetensors"
-    if not state.exists():
-        return
-    with safe_open(str(state), "pt") as stored:
-        if "dataset_ids" in stored.keys() and not torch.equal(stored.get_tensor("dataset_ids"), dataset.ids):
-            raise ConfigError("the data differs from the data this run was trained on (image ids changed): restore "
-                              "the original data source, or pass the training dataset to evaluate_run.")
+    other images would measure nothing."""
+    trained = run.trained_ids(checkpoint)
+    if trained is not None and not torch.equal(trained, dataset.ids):
+        raise ConfigError("the data differs from the data this run was trained on (image ids changed): restore "
+                          "the original data source, or pass the training dataset to evaluate_run.")
 
 
 # -- saved results --------------------------------------------------------------------------
 
-def _check_name(name: str) -> None:
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ConfigError(f"evaluation name {name!r}: use a plain name without slashes or a leading dot.")
-
-
 def save_eval(run: Run, result: EvalResult, name: str, gallery_pairs: int = 32) -> Path:
-    """Write the result into RUN/eval/<name>/ (replacing an older one of that name) all at once:
-    it is assembled in a hidden folder and renamed into place."""
-    _check_name(name)
-    root = run.path / "eval"
-    final = root / name
-    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir(parents=True)
-    try:
-        result.table.to_csv(tmp / "table.csv", index=False)
-        result.most_copied.to_csv(tmp / "most_copied.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(result.summary, indent=2))
-        np.savez_compressed(tmp / "images.npz", generated=result.generated, nearest=result.nearest)
-        if gallery_pairs:
-            for criterion in COPY_CRITERIA:
-                _write_gallery(result, tmp / gallery_name(criterion), gallery_pairs, criterion)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    """Write the result into RUN/eval/<name>/, replacing an older one of that name."""
+    galleries = {gallery_name(c): _gallery_png(result, gallery_pairs, c) for c in COPY_CRITERIA} if gallery_pairs else {}
+    return run.write_eval(name, result.table, result.most_copied, result.summary,
+                          {"generated": result.generated, "nearest": result.nearest}, galleries)
 
 
 def gallery_name(criterion: str) -> str:
     return "gallery.png" if criterion == "ratio" else f"gallery-{criterion}.png"
 
 
-def _write_gallery(result: EvalResult, path: Path, limit: int, criterion: str) -> None:
+def _gallery_png(result: EvalResult, limit: int, criterion: str) -> bytes:
     from PIL import Image
     from torchvision.utils import make_grid
 
@@ -386,32 +355,26 @@ def _write_gallery(result: EvalResult, path: Path, limit: int, criterion: str) -
     scale = max(1, 64 // pairs[0].shape[0])  # small images get big enough pixels to see
     tiles = torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     grid = make_grid(tiles, nrow=max(1, int(np.ceil(np.sqrt(len(pairs) / 2)))), padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def list_evals(run: Run | str | Path) -> list[str]:
     """Names of the run's saved evaluations, newest first."""
-    run = run if isinstance(run, Run) else Run.open(run)
-    found = [p for p in (run.path / "eval").glob("*") if (p / "summary.json").exists() and not p.name.startswith(".")]
-    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return (run if isinstance(run, Run) else Run.open(run)).eval_names()
 
 
 def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
     """A saved evaluation (the newest when no name is given)."""
     run = run if isinstance(run, Run) else Run.open(run)
-    names = list_evals(run)
     if name is None:
+        names = run.eval_names()
         if not names:
             raise ConfigError(f"run {run.id} has no saved evaluation: run `python -m iet_core evaluate {run.path}`.")
         name = names[0]
-    _check_name(name)
-    folder = run.path / "eval" / name
-    if not (folder / "summary.json").exists():
-        raise ConfigError(f"run {run.id} has no evaluation {name!r}; saved: {', '.join(names) or 'none'}.")
-    with np.load(folder / "images.npz", allow_pickle=False) as images:
-        generated, nearest = images["generated"], images["nearest"]
-    return EvalResult(pd.read_csv(folder / "table.csv"), json.loads((folder / "summary.json").read_text()),
-                      pd.read_csv(folder / "most_copied.csv"), generated, nearest, folder)
+    table, summary, most_copied, images, folder = run.read_eval(name)
+    return EvalResult(table, summary, most_copied, images["generated"], images["nearest"], folder)
 
 
 # -- the CLI --------------------------------------------------------------------------------
@@ -443,7 +406,7 @@ def format_summary(summary: dict) -> str:
 def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     """`python -m iet_core evaluate RUN [...]`: flags override the run's eval settings."""
     parser = subparsers.add_parser("evaluate", help="sample a run and measure memorization (and FID)",
-                                   description="Sample a run's latest checkpoint, find every sample's nearest "
+                                   description="Sample a run's latest (or a chosen) checkpoint, find every sample's nearest "
                                                "training images, print the summary and save the result in RUN/eval/.")
     parser.add_argument("run", help="the run folder")
     parser.add_argument("--num-samples", type=int, help="samples to generate (10,000 for comparable numbers)")
@@ -453,7 +416,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int, help="samples per generation batch")
     parser.add_argument("--weights", choices=("ema", "model"), help="raw averaged weights (the default, as the reference) or EMA")
-    parser.add_argument("--threshold", type=float, help="memorized when L2 nearest / second nearest is below this (1/3)")
+    parser.add_argument("--threshold", type=float, help=f"memorized when L2 nearest / second nearest is below this ({MEMORIZATION_THRESHOLD:.4g})")
     parser.add_argument("--flip-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="also compare with mirrored training images (default: when training flipped)")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")
@@ -461,6 +424,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--name", help="folder name under RUN/eval (default: from the settings)")
     parser.add_argument("--no-save", action="store_true", help="print only; save nothing in the run folder")
+    parser.add_argument("--step", type=int, help="evaluate the kept checkpoint of this global step (default: the latest)")
     parser.set_defaults(handler=_cmd_evaluate)
     return parser
 
@@ -473,7 +437,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  "use_ema": None if args.weights is None else args.weights == "ema", "fid": args.fid or None}
     config = replace(run.config.eval, **{k: v for k, v in overrides.items() if v is not None})
     result = evaluate_run(run, config, device=args.device, name=args.name, save=not args.no_save,
-                          progress=_print_progress)
+                          progress=_print_progress, step=args.step)
     print(format_summary(result.summary))
     if result.path is not None:
         print(f"saved: {result.path}")

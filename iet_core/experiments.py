@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from .cli import add_config_arguments, apply_settings, config_from_args
-from .config import MODES, ConfigError, RunConfig, demo_config, method_for_mode
+from .config import MEMORIZATION_THRESHOLD, MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
 from .evaluate import COPY_CRITERIA, evaluate_images, flips_in_training
 from .neighbours import resolve_device
@@ -219,7 +219,7 @@ def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, ex
             **{f"{name}_{key}": criteria[name][key] for name in COPY_CRITERIA if name != "ratio"
                for key in ("share", "low", "high")},
             "copy_delta": criteria["distance"]["delta"],
-            "mq_below_1_3": float((result.table["mq_ratio"] < 1 / 3).mean()), "mean_l2_nearest": summary["mean_l2_nearest"],
+            "mq_below_1_3": float((result.table["mq_ratio"] < MEMORIZATION_THRESHOLD).mean()), "mean_l2_nearest": summary["mean_l2_nearest"],
             **meter.measure(samples), "fid": summary["fid"], "weights": "ema" if evaluation["use_ema"] else "raw",
             "flip_aware": evaluation["flip_aware"], "resize_filter": summary["resize_filter"],
             "train_seconds": train_seconds, "_result": result}
@@ -270,7 +270,7 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     stats = final.groupby("mode").memorized_fraction.agg(["mean", "std"]).reindex(modes)
     ax.bar(modes, stats["mean"] * 100, yerr=stats["std"].fillna(0) * 100, capsize=4, color="#4c72b0")
     ax.set_ylabel("memorized samples (%)")
-    ax.set_title("Memorization at equal compute (nearest / second < 1/3)")
+    ax.set_title(f"Memorization at equal compute (nearest / second < {MEMORIZATION_THRESHOLD:.2f})")
     fig.tight_layout()
     fig.savefig(out / "memorization_bar.png", dpi=120)
     plt.close(fig)
@@ -279,7 +279,7 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     for ax, mode in zip(np.atleast_1d(axes), modes):
         ratios = np.concatenate([result.table.memorization_ratio.to_numpy() for (m, _), result in finals.items() if m == mode])
         ax.hist(ratios, bins=np.linspace(0, 1, 26), color="#55a868")
-        ax.axvline(1 / 3, color="#c44e52", linestyle="--")
+        ax.axvline(MEMORIZATION_THRESHOLD, color="#c44e52", linestyle="--")
         ax.set_title(mode)
         ax.set_xlabel("nearest / second nearest")
     fig.tight_layout()

@@ -2,7 +2,7 @@
 
 Three named copy criteria, each a flag per sample:
 - "ratio": the memorization ratio (Yoon et al., Gu et al.): L2 to the nearest / L2 to the second nearest
-  training image; a sample is memorized when it is below a threshold (1/3 by convention).
+  training image; a sample is memorized when it is below a threshold (config.MEMORIZATION_THRESHOLD by convention).
 - "distance": L2 to the nearest training image below delta, a low quantile of the training
   images' distances to their nearest other training image (`distance_threshold`).
 - "mq", the reference MQ (the IET-AGC authors' evaluation): squared L2 to the nearest / mean squared L2

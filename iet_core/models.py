@@ -1,57 +1,66 @@
 """diffusers UNet presets, loading for fine-tuning, schedulers and pipeline export."""
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from .config import ConfigError, ModelConfig
+from .config import MODEL_PRESETS, ConfigError, ModelConfig, check_resolution
 
-# Each preset: UNet2DModel keyword arguments (sample_size and channels come from the data).
-PRESETS: dict[str, dict] = {
-    # ~1.1M parameters: trains at useful speed on 2 CPU cores and memorizes small sets quickly.
-    "tiny": dict(
-        block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        dropout=0.0,
-    ),
-    # ~17M parameters: a GPU model for 32x32 data in minutes.
-    "small": dict(
-        block_out_channels=(64, 128, 128, 256), layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1,
-    ),
-    # The DDPM paper's CIFAR-10 network (~35.7M parameters), as google/ddpm-cifar10-32 converts it:
-    # ch 128, mult (1, 2, 2, 2), attention at 16x16, 2 res blocks per level, dropout 0.1.
-    "ddpm-cifar10": dict(
-        block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
-    ),
-}
+# torch's global random generator is shared by every thread. Code that must draw from it (a
+# module's initialisation, dropout: neither takes a generator) holds this lock and restores the
+# generator's state after (`seeded_global_rng`), so runs training side by side in one process
+# never see each other's draws.
+GLOBAL_RNG_LOCK = threading.RLock()
 
 
-def check_resolution(preset: str, resolution: int) -> None:
-    levels = len(PRESETS[preset]["block_out_channels"]) - 1
-    if resolution % 2**levels:
-        raise ConfigError(f"data.resolution={resolution} does not suit model preset {preset!r}: it halves the image "
-                          f"{levels} times, so use a multiple of {2**levels} (e.g. {max(2**levels, resolution // 2**levels * 2**levels)}).")
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device | None = None):
+    """The global generator (CPU, and `device`'s if CUDA) seeded with `seed` for this block only."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
-def build_unet(config: ModelConfig, resolution: int, channels: int) -> UNet2DModel:
-    """A fresh UNet from a preset, or a pretrained one (checked against the data) to fine-tune."""
+def build_unet(config: ModelConfig, resolution: int, channels: int, seed: int = 0) -> UNet2DModel:
+    """A fresh UNet from a preset (initialised from `seed`), or a pretrained one (checked
+    against the data) to fine-tune."""
     if config.pretrained:
         return load_pretrained_unet(config.pretrained, resolution, channels)
     check_resolution(config.preset, resolution)
-    kwargs = dict(PRESETS[config.preset])
+    kwargs = dict(MODEL_PRESETS[config.preset])
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
-    return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, **kwargs)
+    return unet_from_config(dict(sample_size=resolution, in_channels=channels, out_channels=channels, **kwargs), seed)
+
+
+def unet_from_config(unet_config: dict, seed: int = 0) -> UNet2DModel:
+    """A UNet2DModel from its own config (as `UNet2DModel.config` holds it), initialised from
+    `seed` (a checkpoint's weights usually replace that)."""
+    with seeded_global_rng(seed):
+        return UNet2DModel.from_config(unet_config)
+
+
+def unet_config_json(unet: UNet2DModel) -> str:
+    """The UNet's own config as JSON, without diffusers' private keys (they name, e.g., the
+    local folder it was loaded from)."""
+    return json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}, indent=2)
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The forward process q(x_t | x_0): x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, with ab =
+    alphas_cumprod[t] per sample (any leading batch dimensions)."""
+    alpha_bar = alpha_bar.reshape(*alpha_bar.shape, *([1] * (x0.dim() - alpha_bar.dim())))
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
 def load_pretrained_unet(source: str, resolution: int, channels: int) -> UNet2DModel:

@@ -10,19 +10,31 @@
       msr_moves.csv        every MSR move
       settings.csv         settings changed while running (e.g. skip_lambda)
       per_sample.csv       per training image: shard, visits, skips (rewritten at checkpoints)
+      owner.json           the sha256 of the app session's token that started the run (app runs only)
       previews/round-NNNN.png   samples after each round
-      checkpoints/ckpt-NNNNNNNN/{model,ema,state}.safetensors + state.json, and LATEST
-      eval/                evaluation results;  export/  a diffusers DDPMPipeline
+      checkpoints/ckpt-NNNNNNNN/{model,ema,state}.safetensors + state.json + unet_config.json
+                           (the UNet's own config, as diffusers' save_pretrained keeps it), and LATEST
+      eval/<name>/         an evaluation: table.csv, summary.json, most_copied.csv, images.npz,
+                           gallery*.png (iet_core.evaluate says what they hold)
+      export/              a diffusers DDPMPipeline
+      tensorboard/         event files of the trackers that keep local files (train.trackers)
+    <root>/.deleted/       run folders set aside for removal (never listed: no config.json at the top)
+    <root>/datasets/       datasets uploaded to the app, kept so that runs trained on them can resume
 
-One writer per run (the trainer), enforced by an advisory lock on `.writer.lock` that the
-trainer holds for its lifetime; everything else only reads. Every file is written to a
-temporary name and renamed into place, so a crash never leaves a half-written file; CSV logs
-are append-only and are cut back to the checkpoint on resume.
+One writer per run (the trainer, through `RunLogger`), enforced by an advisory lock on
+`.writer.lock` that the trainer holds for its lifetime; everything else only reads. Every file
+is written to a temporary name and renamed into place, so a crash never leaves a half-written
+file; CSV logs are append-only and are cut back to the checkpoint on resume. `read_events`
+reads the logs back as the events that wrote them.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -30,12 +42,19 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
+from .optim import shard_weights
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
+                        StepEvent)
+
+log = logging.getLogger(__name__)
+
 
 try:
     import fcntl
@@ -54,6 +73,10 @@ class RunBusy(ConfigError):
 
 CSV_LOGS = ("metrics.csv", "rounds.csv", "drift.csv", "samples.csv", "msr_moves.csv", "settings.csv")
 ROUND_END_LOGS = ("rounds.csv", "drift.csv")  # rows stamped with the round's last step, which a checkpoint there includes
+OWNER_FILE = "owner.json"
+UNET_CONFIG = "unet_config.json"
+DATASETS_DIR = "datasets"
+DELETED_DIR = ".deleted"
 WRITER_LOCK = ".writer.lock"
 
 
@@ -167,7 +190,7 @@ class Run:
     @classmethod
     def open(cls, path: str | Path) -> "Run":
         run = cls(path)
-        if not (run.path / "config.json").exists():
+        if not is_run_folder(run.path):
             raise ConfigError(f"{path} is not a run folder (no config.json): give a folder made by `iet_core train`.")
         return run
 
@@ -249,8 +272,132 @@ class Run:
                 kept = frame[frame["global_step"] <= global_step] if name in ROUND_END_LOGS else frame[frame["global_step"] < global_step]
                 atomic_write(path, kept.to_csv(index=False))
 
+    @property
+    def metrics_path(self) -> Path:
+        """The per-step log (metrics.csv), for a download; it may not exist yet."""
+        return self.path / "metrics.csv"
+
+    @property
+    def tracker_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def read_events(self, before_step: int | None = None) -> list[Event]:
+        """The logs read back as the events that wrote them (steps and visits before
+        `before_step` only, when given): what a history store replays after a restart."""
+        metrics, samples = self.metrics(), self.sample_records()
+        if before_step is not None:
+            metrics = metrics[metrics["global_step"] < before_step] if len(metrics) else metrics
+            samples = samples[samples["global_step"] < before_step] if len(samples) else samples
+        events: list[Event] = []
+        if len(metrics):
+            metrics = metrics.sort_values("global_step", kind="stable")
+            for (round_, proxy), part in metrics.groupby(["round", "proxy"], sort=False):
+                events.append(StepEvent(int(round_), int(proxy), *(part[f.name].to_numpy() for f in _fields(StepEvent)[2:])))
+        if len(samples):
+            # The trainer flushes every `log_every` local steps of a proxy's round (pauses flush
+            # early, which this cannot see): a proxy's local step is the rank of its global step
+            # within the round. One event per flush, in the order they were flushed.
+            every = self.config.train.log_every
+            local = samples.groupby(["round", "proxy"])["global_step"].rank(method="dense").astype(np.int64) - 1
+            flush = [samples["round"], samples["proxy"], local // every]
+            first_step = samples.groupby(flush)["global_step"].transform("min")
+            for _, part in samples.groupby(first_step, sort=True):
+                events.append(SampleEvent(int(part["round"].iloc[0]), int(part["proxy"].iloc[0]),
+                                          *(part[f.name].to_numpy() for f in _fields(SampleEvent)[2:])))
+        rounds, moves = self.rounds(), self.msr_moves()
+        if len(rounds) and before_step is not None:
+            rounds = rounds[rounds["global_step"] <= before_step]
+        for row in rounds.to_dict("records"):
+            sizes = [int(n) for n in str(row.get("shard_sizes", "")).split()]  # kept as "n0 n1 ..."
+            moved = moves[moves["round"] == row["round"]] if len(moves) else moves
+            events.append(RoundEvent(int(row["round"]), int(row["global_step"]), sizes, shard_weights(sizes),
+                                     [tuple(m) for m in moved[["sample_id", "from_shard", "to_shard"]].to_numpy().tolist()]
+                                     if len(moved) else [], float(row["skip_rate"]), float(row["seconds"])))
+        drift = self.drift()
+        if len(drift) and before_step is not None:
+            drift = drift[drift["global_step"] <= before_step]
+        events += [DriftEvent.from_rows(part.to_dict("records")) for _, part in drift.groupby("round", sort=True)] if len(drift) else []
+        settings = self.settings_history()
+        if len(settings) and before_step is not None:
+            settings = settings[settings["global_step"] < before_step]
+        events += [SettingEvent(row["name"], float(row["value"]), int(row["global_step"]))
+                   for row in settings.to_dict("records")]
+        status = self.status()
+        plan = self._round_plan(status, [e for e in events if isinstance(e, RoundEvent)])
+        events += [plan] if plan else []
+        events.append(StatusEvent(status.get("state", "unknown"), int(status.get("round") or 0),
+                                  int(status.get("global_step") or 0), status.get("message", ""),
+                                  int(status.get("total_steps") or 0)))
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is not None:
+            events.append(CheckpointEvent(str(checkpoint), int(status.get("round") or 0), checkpoint_step(checkpoint)))
+        return events
+
+    def _round_plan(self, status: dict, rounds: list[RoundEvent]) -> RoundStartEvent | None:
+        """The round a stopped run is in (its shard sizes from the last checkpoint's per-image
+        table), else the last round it completed."""
+        train = self.config.train
+        completed = rounds[-1].round if rounds else -1
+        current = int(status.get("round") or 0)
+        shards = self.per_sample() if status.get("state") != "finished" and current > completed else pd.DataFrame()
+        if len(shards):
+            sizes = np.bincount(shards["shard"].to_numpy(np.int64), minlength=self.config.method.num_shards).tolist()
+            start = rounds[-1].global_step if rounds else 0
+        elif rounds:
+            current, sizes, start = completed, rounds[-1].shard_sizes, rounds[-1].global_step
+        else:
+            return None
+        return RoundStartEvent(current, start, [train.steps_for_shard(int(n)) for n in sizes],
+                               int(status.get("total_steps") or 0))
+
+    def write_per_sample(self, frame: pd.DataFrame) -> None:
+        atomic_write(self.path / "per_sample.csv", frame.to_csv(index=False))
+
+    # -- previews --------------------------------------------------------------------------
+    def write_preview(self, round_: int, png: bytes) -> None:
+        """The samples drawn after round `round_` (counted from 0) as a PNG."""
+        atomic_write(self.path / "previews" / f"round-{round_ + 1:04d}.png", png)
+
     def preview_paths(self) -> list[Path]:
         return sorted((self.path / "previews").glob("round-*.png"))
+
+    # -- ownership (app runs) --------------------------------------------------------------
+    def write_owner(self, digest: str) -> None:
+        atomic_write(self.path / OWNER_FILE, json.dumps({"owner_sha256": digest}))
+
+    def owner(self) -> str | None:
+        """The recorded owner digest; None for runs made outside the app (or unreadable)."""
+        try:
+            return json.loads((self.path / OWNER_FILE).read_text())["owner_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def updated(self) -> float:
+        """When the trainer last wrote the run's status (seconds since the epoch)."""
+        return self.status().get("updated") or (self.path / "config.json").stat().st_mtime
+
+    def size_bytes(self) -> int:
+        return folder_bytes(self.path)
+
+    def signature(self) -> tuple:
+        """Changes whenever the trainer writes status or logs."""
+        def stamp(name: str):
+            try:
+                stat = (self.path / name).stat()
+                return stat.st_mtime_ns, stat.st_size
+            except OSError:
+                return None
+
+        return stamp("status.json"), stamp("metrics.csv"), stamp("samples.csv")
+
+    def set_aside(self) -> Path:
+        """Take the run out of its runs folder at once (a rename into the folder's set-aside
+        place), to be removed later by `remove_folders` without holding anyone up."""
+        trash = self.path.parent / DELETED_DIR
+        trash.mkdir(exist_ok=True)
+        target = trash / f"{self.id}-{secrets.token_hex(4)}"
+        self.path.rename(target)
+        return target
 
     # -- checkpoints ---------------------------------------------------------------------
     @property
@@ -270,9 +417,11 @@ class Run:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save_checkpoint(self, global_step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2) -> Path:
-        """Write {file stem: tensors} + state.json into a new folder, then point LATEST at it.
-        Older checkpoints are removed only after the new one is complete."""
+    def save_checkpoint(self, global_step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2,
+                        unet_config: str | None = None) -> Path:
+        """Write {file stem: tensors} + state.json (+ the UNet's config as JSON) into a new
+        folder, then point LATEST at it. Older checkpoints are removed only after the new one
+        is complete."""
         name = f"ckpt-{global_step:09d}"
         final = self.checkpoint_root / name
         tmp = self.checkpoint_root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
@@ -280,6 +429,8 @@ class Run:
             tmp.mkdir(parents=True)
             for stem, group in tensors.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
+            if unet_config is not None:
+                (tmp / UNET_CONFIG).write_text(unet_config)
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
             if final.exists():  # the same step saved again (e.g. stop right after a round end)
                 shutil.rmtree(final)
@@ -307,19 +458,106 @@ class Run:
         tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
         return tensors, json.loads((path / "state.json").read_text())
 
+    def trained_ids(self, checkpoint: Path) -> torch.Tensor | None:
+        """The ids of the images a checkpoint was trained on (None if it does not say). Reads
+        that one tensor, not the whole state."""
+        state = checkpoint / "state.safetensors"
+        if not state.exists():
+            return None
+        with safe_open(str(state), "pt") as stored:
+            return stored.get_tensor("dataset_ids") if "dataset_ids" in stored.keys() else None
+
+    # -- evaluations -------------------------------------------------------------------------
+    def write_eval(self, name: str, table: pd.DataFrame, most_copied: pd.DataFrame, summary: dict,
+                   images: dict[str, np.ndarray], galleries: dict[str, bytes] | None = None) -> Path:
+        """Write an evaluation into eval/<name>/ (replacing an older one of that name) all at
+        once: it is assembled in a hidden folder and renamed into place."""
+        check_eval_name(name)
+        root = self.path / "eval"
+        final = root / name
+        tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            table.to_csv(tmp / "table.csv", index=False)
+            most_copied.to_csv(tmp / "most_copied.csv", index=False)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            np.savez_compressed(tmp / "images.npz", **images)
+            for file_name, png in (galleries or {}).items():  # gallery.png and one per other copy criterion
+                (tmp / file_name).write_bytes(png)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def eval_names(self) -> list[str]:
+        """Names of the run's saved evaluations, newest first."""
+        found = [p for p in (self.path / "eval").glob("*") if (p / "summary.json").exists() and not p.name.startswith(".")]
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def read_eval(self, name: str) -> tuple[pd.DataFrame, dict, pd.DataFrame, dict[str, np.ndarray], Path]:
+        """A saved evaluation: table, summary, most_copied, images and its folder."""
+        check_eval_name(name)
+        folder = self.path / "eval" / name
+        if not (folder / "summary.json").exists():
+            raise ConfigError(f"run {self.id} has no evaluation {name!r}; saved: {', '.join(self.eval_names()) or 'none'}.")
+        with np.load(folder / "images.npz", allow_pickle=False) as stored:
+            images = {key: stored[key] for key in stored.files}
+        return (pd.read_csv(folder / "table.csv"), json.loads((folder / "summary.json").read_text()),
+                pd.read_csv(folder / "most_copied.csv"), images, folder)
+
     # -- models --------------------------------------------------------------------------
     def scheduler(self):
         from .models import training_scheduler
 
         return training_scheduler(self.config.model)
 
+    def checkpoint(self, step: int | None = None) -> Path:
+        """The kept checkpoint saved at this global step (None: the latest)."""
+        if step is None:
+            found = self.latest_checkpoint()
+            if found is None:
+                raise ConfigError(f"run {self.id} has no checkpoint yet: train it (at least one round) first.")
+            return found
+        kept = {checkpoint_step(p): p for p in self.checkpoints()}
+        if step not in kept:
+            raise ConfigError(f"run {self.id} keeps no checkpoint at step {step}; kept steps: "
+                              f"{', '.join(map(str, kept)) or 'none'}.")
+        return kept[step]
+
+    def unet_config(self, checkpoint: Path | None = None) -> dict | None:
+        """The UNet's own config saved with a checkpoint (latest by default); None for
+        checkpoints written before checkpoints carried it, and for runs without one."""
+        checkpoint = checkpoint or self.latest_checkpoint()
+        if checkpoint is None or not (checkpoint / UNET_CONFIG).exists():
+            return None
+        return json.loads((checkpoint / UNET_CONFIG).read_text())
+
+    def bundle_checkpoint(self, folder: Path) -> Path:
+        """The latest checkpoint and the run's config copied into `folder` (for a download)."""
+        checkpoint = self.checkpoint()
+        shutil.copytree(checkpoint, folder / checkpoint.name)
+        shutil.copy2(self.path / "config.json", folder / "config.json")
+        return folder
+
+    def build_unet(self, seed: int = 0, checkpoint: Path | None = None):
+        """The run's UNet architecture (weights from `seed`): as the checkpoint recorded it,
+        else from the run's config (older checkpoints; runs without one yet)."""
+        from .models import build_unet, unet_from_config
+
+        saved = self.unet_config(checkpoint)
+        if saved is not None:
+            return unet_from_config(saved, seed)
+        config = self.config
+        return build_unet(config.model, config.data.resolution, config.data.channels, seed)
+
     def load_unet(self, ema: bool = True, device: str | torch.device = "cpu", checkpoint: Path | None = None):
         """The global model (or its EMA) from the latest or a given checkpoint."""
-        from .models import build_unet
-
-        config = self.config
+        checkpoint = checkpoint or self.checkpoint()
         tensors, _ = self.load_checkpoint(checkpoint)
-        unet = build_unet(config.model, config.data.resolution, config.data.channels)
+        unet = self.build_unet(checkpoint=checkpoint)
         unet.load_state_dict(tensors["ema" if ema else "model"])
         return unet.to(device).eval()
 
@@ -340,10 +578,98 @@ class Run:
         return folder
 
 
+def _fields(event_type) -> tuple:
+    return dataclasses.fields(event_type)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint folder was saved at."""
+    return int(path.name.split("-")[-1])
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for file in path.rglob("*"):
+        try:
+            total += file.stat().st_size if file.is_file() else 0
+        except OSError:  # removed meanwhile (e.g. an old checkpoint of a training run)
+            continue
+    return total
+
+
+def set_aside_folders(root: str | Path) -> list[Path]:
+    """Run folders set aside for removal under a runs folder (e.g. the app died while deleting)."""
+    trash = Path(root) / DELETED_DIR
+    return list(trash.iterdir()) if trash.is_dir() else []
+
+
+def remove_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            log.warning("could not remove all of %s; the admin cleanup tries again", folder.name)
+
+
+class RunLogger:
+    """The sink that writes events into the run folder's logs and status."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __call__(self, event: Event) -> None:
+        path = self.run.path
+        if isinstance(event, StepEvent):
+            append_csv(path / "metrics.csv", pd.DataFrame(event.columns()))
+        elif isinstance(event, SampleEvent):
+            append_csv(path / "samples.csv", pd.DataFrame(event.columns()))
+        elif isinstance(event, RoundEvent):
+            append_csv(path / "rounds.csv", pd.DataFrame([{
+                "round": event.round, "global_step": event.global_step, "shard_sizes": " ".join(map(str, event.shard_sizes)),
+                "skip_rate": event.skip_rate, "moves": len(event.moves), "seconds": event.seconds}]))
+            if event.moves:
+                append_csv(path / "msr_moves.csv", pd.DataFrame(
+                    [(event.round, event.global_step, *m) for m in event.moves],
+                    columns=["round", "global_step", "sample_id", "from_shard", "to_shard"]))
+        elif isinstance(event, DriftEvent):
+            append_csv(path / "drift.csv", pd.DataFrame(event.rows()))
+        elif isinstance(event, SettingEvent):
+            append_csv(path / "settings.csv", pd.DataFrame([{
+                "global_step": event.global_step, "name": event.name, "value": event.value}]))
+        elif isinstance(event, StatusEvent):
+            fields = {"total_steps": event.total_steps} if event.total_steps else {}
+            self.run.write_status(event.state, round=event.round, global_step=event.global_step,
+                                  message=event.message, **fields)
+
+
+def save_upload(root: str | Path, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """An uploaded dataset as <root>/datasets/<name>.npz (kept if already there: the name holds
+    a hash of its content)."""
+    target = Path(root) / DATASETS_DIR / f"{name}.npz"
+    if not target.exists():
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(target, buffer.getvalue())
+    return target
+
+
+def is_upload(source: str) -> bool:
+    """Whether a data source is a dataset uploaded to the app (see `save_upload`)."""
+    return source.endswith(".npz") and Path(source).parent.name == DATASETS_DIR
+
+
+def check_eval_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"evaluation name {name!r}: use a plain name without slashes or a leading dot.")
+
+
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / "config.json").exists()
+
+
 def list_runs(root: str | Path) -> list[Run]:
     """Every run folder under root, newest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    runs = [Run(p) for p in root.iterdir() if (p / "config.json").exists()]
+    runs = [Run(p) for p in root.iterdir() if is_run_folder(p)]
     return sorted(runs, key=lambda r: (r.path / "config.json").stat().st_mtime, reverse=True)

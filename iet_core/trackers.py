@@ -14,9 +14,6 @@ import numpy as np
 from .config import TRACKERS, ConfigError
 from .telemetry import DriftEvent, Event, RoundEvent, StatusEvent, StepEvent
 
-TRACKER_FOLDER = "tensorboard"  # under the run folder; the trackers that keep local files write there
-
-
 def _available(name: str) -> bool:
     from accelerate.utils import is_tensorboard_available, is_trackio_available, is_wandb_available
 

@@ -15,12 +15,14 @@
 The K proxies of a round run one after another or side by side as one vmapped computation
 (train.execution), or spread over several processes (iet_core.distributed); the round's
 result is the same either way. K = 1 with AGC off is plain
-DDPM. Every random draw of a step comes from a seed derived from
-(seed, round, proxy, step), so a run stopped anywhere and resumed from its checkpoint ends
-with the same weights as one never interrupted.
+DDPM. Every random draw of a step comes from the trainer's own torch.Generator, seeded from
+(seed, round, proxy, step), never from torch's global generator: a run stopped anywhere and
+resumed from its checkpoint ends with the same weights as one never interrupted, and runs
+training side by side in one process do not disturb each other.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -35,21 +37,22 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from . import agc
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TAAConfig, check_skip_lambda
 from .data import ImageDataset, load_dataset
 from .distributed import ProcessGroup
-from .models import build_unet, training_scheduler
+from .models import forward_noise, has_dropout, seeded_global_rng, training_scheduler, unet_config_json
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
-from .runs import Run, WriterLock, append_csv, atomic_write
+from .runs import Run, RunLogger, WriterLock
 from .shards import redistribute, resolve_split, split_shards
 from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
-from .trackers import TRACKER_FOLDER, TrackerSink
+from .trackers import TrackerSink
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
-_PROBE_TAG = 2**31 - 2  # seed tag of the drift telemetry's probe batches
+_DROPOUT_TAG = 2**31 - 2  # seed tag of a step's dropout masks
+_PROBE_TAG = 2**31 - 3  # seed tag of the drift telemetry's probe batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,6 +61,33 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingOutOfMemory(RuntimeError):
     """The device ran out of memory; the message says which settings to lower."""
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint32)[0])
+
+
+def data_order(seed: int, round_: int, proxy: int, shard_size: int, count: int) -> torch.Tensor:
+    """A proxy's sample order in a round (`count` positions in its shard): permutations of the
+    shard, back to back, seeded from (seed, round, proxy)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, round_, proxy, _STREAM_TAG))
+    repeats = math.ceil(count / shard_size)
+    return torch.cat([torch.randperm(shard_size, generator=generator) for _ in range(repeats)])[:count]
+
+
+def draw_inputs(x0: torch.Tensor, num_timesteps: int, generator: torch.Generator, hflip: bool,
+                taa_strength: torch.Tensor | None = None, taa: TAAConfig | None = None):
+    """One step's random inputs for a batch of clean images, in a fixed order from `generator`:
+    random flips, TAA (when given its per-sample strength), timesteps and noise. Returns
+    (x0, t, noise, strength)."""
+    n, device = len(x0), x0.device
+    if hflip:
+        x0 = torch.where(torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5, x0.flip(-1), x0)
+    strength = torch.zeros(n, device=device) if taa_strength is None else taa_strength
+    if taa_strength is not None:
+        x0 = agc.augment(x0, taa_strength, taa, generator)
+    t = torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
+    return x0, t, torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator), strength
 
 
 class TrainControl:
@@ -92,50 +122,14 @@ class TrainControl:
         self._running.wait()
 
     def set_skip_lambda(self, value: float) -> None:
-        if not 0.0 < float(value) <= 1.0:
-            raise ConfigError(f"skip_lambda={value}: use a value in (0, 1].")
+        value = check_skip_lambda(value, "skip_lambda")
         with self._lock:
-            self._pending["skip_lambda"] = float(value)
+            self._pending["skip_lambda"] = value
 
     def take_pending(self) -> dict[str, float]:
         with self._lock:
             pending, self._pending = self._pending, {}
         return pending
-
-
-def derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint32)[0])
-
-
-class RunLogger:
-    """The sink that writes events into the run folder's logs and status."""
-
-    def __init__(self, run: Run):
-        self.run = run
-
-    def __call__(self, event: Event) -> None:
-        path = self.run.path
-        if isinstance(event, StepEvent):
-            append_csv(path / "metrics.csv", pd.DataFrame(event.columns()))
-        elif isinstance(event, SampleEvent):
-            append_csv(path / "samples.csv", pd.DataFrame(event.columns()))
-        elif isinstance(event, RoundEvent):
-            append_csv(path / "rounds.csv", pd.DataFrame([{
-                "round": event.round, "global_step": event.global_step, "shard_sizes": " ".join(map(str, event.shard_sizes)),
-                "skip_rate": event.skip_rate, "moves": len(event.moves), "seconds": event.seconds}]))
-            if event.moves:
-                append_csv(path / "msr_moves.csv", pd.DataFrame(
-                    [(event.round, event.global_step, *m) for m in event.moves],
-                    columns=["round", "global_step", "sample_id", "from_shard", "to_shard"]))
-        elif isinstance(event, DriftEvent):
-            append_csv(path / "drift.csv", pd.DataFrame(event.rows()))
-        elif isinstance(event, SettingEvent):
-            append_csv(path / "settings.csv", pd.DataFrame([{
-                "global_step": event.global_step, "name": event.name, "value": event.value}]))
-        elif isinstance(event, StatusEvent):
-            fields = {"total_steps": event.total_steps} if event.total_steps else {}
-            self.run.write_status(event.state, round=event.round, global_step=event.global_step,
-                                  message=event.message, **fields)
 
 
 class Trainer:
@@ -155,7 +149,7 @@ class Trainer:
         config.validate(num_images=len(self.dataset))
         self.group = group
         self.writer = group is None or group.is_writer  # the one process that writes the run folder
-        trackers = ([TrackerSink(config.train.trackers, run.id, run.path / TRACKER_FOLDER, config.to_dict())]
+        trackers = ([TrackerSink(config.train.trackers, run.id, run.tracker_dir, config.to_dict())]
                     if self.writer and config.train.trackers else [])
         self.sinks: list[Sink] = [RunLogger(run), *trackers, *sinks] if self.writer else []
         self.outbox: list[Event] = []  # a non-writer's step records, sent to the writer each round
@@ -165,14 +159,13 @@ class Trainer:
         self.writer_lock: WriterLock | None = None  # set by prepare_trainer
         self.device = device = resolve_device(config.train.device)
 
-        torch.manual_seed(config.train.seed)  # the same seed starts from the same weights
-        self.unet = build_unet(config.model, config.data.resolution, config.data.channels).to(device).train()
+        self.unet = run.build_unet(seed=config.train.seed).to(device).train()  # the same seed, the same weights
+        self.generator = torch.Generator(device)  # every draw of a step; seeded per step
+        self.dropout = has_dropout(self.unet)
         self.flat = FlatParams(self.unet, channels_last=config.train.channels_last)
         # Compiled for one proxy at a time; side-by-side proxies run the eager module under vmap.
         self.forward = torch.compile(self.unet) if config.train.compile else self.unet
-        alphas_cumprod = training_scheduler(config.model).alphas_cumprod.to(device=device, dtype=torch.float32)
-        self.sqrt_ab = alphas_cumprod.sqrt()
-        self.sqrt_one_minus_ab = (1 - alphas_cumprod).sqrt()
+        self.alphas_cumprod = training_scheduler(config.model).alphas_cumprod.to(device=device, dtype=torch.float32)
         self.num_timesteps = config.model.num_train_timesteps
         self.images = self.dataset.to_model_space().to(device)
         self.ids = self.dataset.ids.to(device)
@@ -308,8 +301,8 @@ class Trainer:
         tc = self.config.train
         positions = torch.from_numpy(np.flatnonzero(self.shard_of == k)).to(self.device)
         steps = tc.steps_for_shard(len(positions))
-        order = self._data_order(k, len(positions), steps * tc.batch_size)
-        return positions[order].view(steps, tc.batch_size), steps
+        order = data_order(tc.seed, self.round, k, len(positions), steps * tc.batch_size)
+        return positions[order.to(self.device)].view(steps, tc.batch_size), steps
 
     def _run_sequential(self) -> bool:
         """Proxies one after another, from where the round stands; False if stopped."""
@@ -345,17 +338,13 @@ class Trainer:
     def _draw(self, k: int, batch: torch.Tensor):
         """Proxy k's inputs for this step, from the step's own seed: clean images (flipped and
         augmented), timesteps, noise and TAA strength."""
-        config, tc = self.config, self.config.train
-        torch.manual_seed(derive_seed(tc.seed, self.round, k, self.local_step))
-        x0 = self.images[batch]
-        if tc.hflip:
-            x0 = torch.where(torch.rand(len(batch), 1, 1, 1, device=self.device) < 0.5, x0.flip(-1), x0)
-        strength = torch.zeros(len(batch), device=self.device)
+        config = self.config
+        self.generator.manual_seed(derive_seed(config.train.seed, self.round, k, self.local_step))
+        strength = None
         if config.method.taa.enabled:
             strength = agc.taa_strength(self.running_ratio[batch], self.skip_lambda, config.method.taa)
-            x0 = agc.augment(x0, strength, config.method.taa)
-        t = torch.randint(0, self.num_timesteps, (len(batch),), device=self.device)
-        return x0, t, torch.randn_like(x0), strength
+        return draw_inputs(self.images[batch], self.num_timesteps, self.generator, config.train.hflip,
+                           strength, config.method.taa)
 
     def _masked_loss(self, prediction, noise, bank, t):
         """Per-sample loss, AGC's keep mask (bank read before its update) and the mean loss
@@ -368,34 +357,43 @@ class Trainer:
             keep = torch.ones_like(seen, dtype=torch.bool)
         return (per_sample * keep).sum() / keep.sum().clamp(min=1), seen, keep
 
+    def _dropout_rng(self, proxy: int):
+        """Dropout draws from torch's global generator (it takes no other): seeded from the step
+        under a process-wide lock, so runs side by side stay independent. A no-op without dropout."""
+        if not self.dropout:
+            return contextlib.nullcontext()
+        tc = self.config.train
+        return seeded_global_rng(derive_seed(tc.seed, self.round, proxy, self.local_step, _DROPOUT_TAG), self.device)
+
     def _step(self, proxies: list[int], batches: torch.Tensor) -> None:
         """One optimizer step for each proxy in `proxies` (one, or all side by side) on the
         dataset positions in batches (J, B)."""
         config, tc = self.config, self.config.train
         x0, t, noise, strength = (torch.stack(v) for v in zip(*(self._draw(k, b) for k, b in zip(proxies, batches))))
-        x_t = self.sqrt_ab[t][..., None, None, None] * x0 + self.sqrt_one_minus_ab[t][..., None, None, None] * noise
+        x_t = forward_noise(x0, noise, self.alphas_cumprod[t])
         rows = slice(proxies[0], proxies[-1] + 1)
         bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-        if len(proxies) == 1:
-            model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
-            with bf16:
-                prediction = self.forward(model_input, t[0]).sample
-            loss, seen, keep = self._masked_loss(prediction, noise[0], self.banks[proxies[0]], t[0])
-            self.flat.zero_grad()
-            loss.backward()
-            loss, seen, keep = loss.detach()[None], seen[None], keep[None]
-        else:
-            def one_proxy(params, x_t, t, noise, bank):
+        with self._dropout_rng(proxies[0]):
+            if len(proxies) == 1:
+                model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
                 with bf16:
-                    prediction = functional_call(self.unet, params, (x_t, t)).sample
-                loss, seen, keep = self._masked_loss(prediction, noise, bank, t)
-                return loss, (loss.detach(), seen, keep)
+                    prediction = self.forward(model_input, t[0]).sample
+                loss, seen, keep = self._masked_loss(prediction, noise[0], self.banks[proxies[0]], t[0])
+                self.flat.zero_grad()
+                loss.backward()
+                loss, seen, keep = loss.detach()[None], seen[None], keep[None]
+            else:
+                def one_proxy(params, x_t, t, noise, bank):
+                    with bf16:
+                        prediction = functional_call(self.unet, params, (x_t, t)).sample
+                    loss, seen, keep = self._masked_loss(prediction, noise, bank, t)
+                    return loss, (loss.detach(), seen, keep)
 
-            grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
-                self.flat.unflatten(self.weights[rows]), x_t, t, noise, self.banks[rows])
-            self.grads[rows] = self.flat.flatten(grads)
+                grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
+                    self.flat.unflatten(self.weights[rows]), x_t, t, noise, self.banks[rows])
+                self.grads[rows] = self.flat.flatten(grads)
 
-        ratio = seen / self.banks[rows].gather(1, t)  # loss / bank[t] before the update, inf while empty
+        ratio = agc.loss_ratio(seen, self.banks[rows], t)  # the bank before the update; inf while empty
         kept = keep.sum(dim=1)
         do_step = (kept > 0)[:, None] if config.method.agc.enabled else None
         clip_grad_norm_(self.grads[rows], tc.grad_clip)
@@ -484,8 +482,7 @@ class Trainer:
             x0 = self.images[pick]
             t = torch.randint(0, self.num_timesteps, (len(pick),), generator=generator).to(self.device)
             noise = torch.randn(x0.shape, generator=generator).to(self.device)
-            x_t = self.sqrt_ab[t][:, None, None, None] * x0 + self.sqrt_one_minus_ab[t][:, None, None, None] * noise
-            probes.append((x_t, t, noise))
+            probes.append((forward_noise(x0, noise, self.alphas_cumprod[t]), t, noise))
         return probes
 
     @torch.no_grad()
@@ -574,12 +571,6 @@ class Trainer:
         for sink in self.sinks:
             sink(event)
 
-    def _data_order(self, k: int, shard_size: int, count: int) -> torch.Tensor:
-        """The proxy's sample order this round: seeded permutations of its shard, back to back."""
-        generator = torch.Generator().manual_seed(derive_seed(self.config.train.seed, self.round, k, _STREAM_TAG))
-        repeats = math.ceil(count / shard_size)
-        return torch.cat([torch.randperm(shard_size, generator=generator) for _ in range(repeats)])[:count].to(self.device)
-
     def _expected_total_steps(self) -> int:
         """The run's last step if the remaining rounds keep this round's shard sizes (MSR may
         change them)."""
@@ -601,7 +592,7 @@ class Trainer:
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(count))), padding=1, pad_value=255)
         buffer = io.BytesIO()
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-        atomic_write(self.run.path / "previews" / f"round-{self.round + 1:04d}.png", buffer.getvalue())
+        self.run.write_preview(self.round, buffer.getvalue())
 
     # -- checkpoints ---------------------------------------------------------------------
     def _state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -630,7 +621,8 @@ class Trainer:
                 "iterations": self.iterations, "execution": self.execution, "saved": time.time()}
         path = self.run.save_checkpoint(self.global_step, {"model": self._state_dict(self.global_weights),
                                                            "ema": self._state_dict(self.global_ema), "state": tensors},
-                                        meta, keep=self.config.train.keep_checkpoints)
+                                        meta, keep=self.config.train.keep_checkpoints,
+                                        unet_config=unet_config_json(self.unet))
         self._write_per_sample()
         self.run.write_status(self.run.status().get("state", "running"), round=self.round, global_step=self.global_step,
                               total_steps=self.total_steps, checkpoint=path.name)
@@ -673,7 +665,7 @@ class Trainer:
                               "visits": visits.astype(np.int64), "skips": skips.astype(np.int64),
                               "skip_rate": np.where(visits > 0, skips / np.maximum(visits, 1), 0.0),
                               "running_ratio": self.running_ratio.cpu().numpy()})
-        atomic_write(self.run.path / "per_sample.csv", frame.to_csv(index=False))
+        self.run.write_per_sample(frame)
 
 
 def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset | None = None) -> tuple[Run, ImageDataset]:

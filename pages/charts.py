@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from iet_core.jobs import RATIO_EDGES, RatioSnapshot
+from iet_core.history import RatioSnapshot, ratio_bin_centres
 
 COLORS = ["#4f46e5", "#d97706", "#059669", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"]
 LOG_AXIS = dict(type="log", dtick=1, minor=dict(showgrid=True))  # labels at powers of ten only
@@ -70,36 +70,6 @@ def kept_figure(steps: pd.DataFrame, settings: list[dict], rounds: list[dict]) -
     return figure
 
 
-def window(snapshots: list[RatioSnapshot], end: int, min_visits: int = 512) -> RatioSnapshot | None:
-    """Snapshot `end` merged with the ones just before it until it holds min_visits visits
-    (one flush alone is a small, noisy sample)."""
-    if not snapshots:
-        return None
-    end = min(max(end, 0), len(snapshots) - 1)
-    merged = snapshots[end]
-    start = end
-    while merged.visits - merged.unseen < min_visits and start > 0:
-        start -= 1
-        merged = snapshots[start].merged(merged)
-    return merged
-
-
-def early_window(snapshots: list[RatioSnapshot], min_visits: int = 512) -> RatioSnapshot | None:
-    """The first window in which the memory bank has seen enough timesteps to give ratios."""
-    merged = None
-    for snapshot in snapshots:
-        merged = snapshot if merged is None else merged.merged(snapshot)
-        if merged.visits - merged.unseen >= min_visits:
-            return merged
-    return merged
-
-
-def skipped_share(snapshot: RatioSnapshot, skip_lambda: float) -> float:
-    """Share of the window's visits whose ratio is below lambda (those AGC skips at lambda)."""
-    below = snapshot.counts[: int(round(skip_lambda / 0.01))].sum()
-    return float(below / max(snapshot.visits, 1))
-
-
 def ratio_histogram(current: RatioSnapshot | None, what_if: float, applied: float | None = None,
                     early: RatioSnapshot | None = None, title: str | None = None) -> go.Figure:
     """The window's loss ratios as shares of its visits, coloured at the what-if lambda: red
@@ -109,8 +79,8 @@ def ratio_histogram(current: RatioSnapshot | None, what_if: float, applied: floa
     the last bar, which is left out of the y range (early in training it dwarfs the rest)."""
     if current is None or current.visits == current.unseen:
         return empty_figure("The loss-ratio histogram appears once the memory bank has seen some timesteps.", 360)
-    group = 5  # 0.05-wide bars read better than the 0.01 bins (the shares use the fine bins)
-    centers = ((RATIO_EDGES[:-1] + RATIO_EDGES[1:]) / 2).reshape(-1, group).mean(1)
+    group = 5  # bars of 5 bins read better than the fine bins (the shares use the fine bins)
+    centers = ratio_bin_centres(group)
     figure = go.Figure()
 
     def density(snapshot: RatioSnapshot) -> np.ndarray:
@@ -206,10 +176,3 @@ def overlay_histograms(series: dict[str, np.ndarray], title: str, x_title: str, 
                          xaxis_range=list(x_range))
     return figure
 
-
-def snapshot_values(snapshot: RatioSnapshot | None) -> np.ndarray:
-    """A binned snapshot as representative values (bin centres repeated), for overlay_histograms."""
-    if snapshot is None:
-        return np.zeros(0)
-    centers = (RATIO_EDGES[:-1] + RATIO_EDGES[1:]) / 2
-    return np.repeat(centers, snapshot.counts)

@@ -20,7 +20,8 @@ from PIL import Image
 
 from iet_core.config import ConfigError
 from iet_core.data import ImageDataset
-from iet_core.jobs import JobManager, new_owner_token
+from iet_core.jobs import JobManager
+from iet_core.owners import new_owner_token
 
 SESSION_KEY = "iet-agc-app-session"
 SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}

@@ -6,7 +6,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import ConfigError, EvalConfig
+from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig
 from iet_core.evaluate import evaluate_run, flips_in_training, load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
@@ -45,14 +45,13 @@ def compare_row(ctx: common.AppContext, run_id: str, summary: dict) -> dict:
     """One run's numbers, formatted for the table ("–": not evaluated or not available). A copy
     share always comes with its sample count, interval, checkpoint step, weights and quality."""
     config = ctx.jobs.run(run_id).config
-    telemetry = ctx.jobs.telemetry(run_id)
-    steps = telemetry.steps()
-    stats = telemetry.per_sample()
+    history = ctx.jobs.history(run_id)
+    steps = history.steps()
     row = {"run": config.name, "mode": config.method.mode, "state": ctx.jobs.status(run_id).get("state"),
            "data": f"{config.data.subset or 'all'} × {config.data.source.split('/')[-1]} {config.data.resolution}px",
            "trained steps": int(steps["global_step"].max() + 1) if len(steps) else 0,
            "final loss": f"{steps['loss'].tail(max(1, len(steps) // 20)).mean():.4f}" if len(steps) else "–",
-           "skipped": percent(stats["skips"].sum() / max(stats["visits"].sum(), 1) if len(stats) else None),
+           "skipped": percent(history.summary()["skipped_share"]),
            "id": run_id[-6:]}
     if summary:
         count, total = summary["memorized_count"], summary["num_samples"]
@@ -91,11 +90,11 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
     summaries = [saved_summary(ctx, r) for r in run_ids]
     rows = [compare_row(ctx, r, summary) for r, summary in zip(run_ids, summaries)]
     names = {r: f"{row['run']} ({row['mode']}, {row['id']})" for r, row in zip(run_ids, rows)}
-    steps = {names[r]: round_axis(ctx.jobs.telemetry(r).steps(max_points=3000)) for r in run_ids}
+    steps = {names[r]: round_axis(ctx.jobs.history(r).steps(max_points=3000)) for r in run_ids}
     ratios, copies = {}, {}
     for r in run_ids:
-        snapshots = ctx.jobs.telemetry(r).snapshots()
-        ratios[names[r]] = charts.snapshot_values(charts.window(snapshots, len(snapshots) - 1, 2048))
+        latest = ctx.jobs.history(r).window(1.0, min_visits=2048)
+        ratios[names[r]] = latest.values() if latest is not None else np.zeros(0)
         try:
             copies[names[r]] = load_eval(ctx.jobs.run(r)).table["memorization_ratio"].to_numpy()
         except ConfigError:
@@ -105,7 +104,7 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
             charts.overlay_lines(steps, "rounds", "kept_fraction", "Kept share of each batch", "kept"),
             charts.overlay_histograms(ratios, "Loss ratio at the end of training", "loss / bank[t]", (0, 3), 0.05),
             charts.overlay_histograms(copies, "Nearest / second-nearest distance of samples", "ratio", (0, 1),
-                                      0.025, line=EvalConfig.memorization_threshold),
+                                      0.025, line=MEMORIZATION_THRESHOLD),
             [(common.image_file(common.read_image(paths[-1])), names[r])
              for r in run_ids if (paths := ctx.jobs.run(r).preview_paths())])
 
@@ -127,7 +126,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                          wrap=False, elem_id="compare-table")
     notes = gr.Markdown(elem_id="compare-notes")
     gr.Markdown("<span class='explain'>**copies**: share of generated samples whose nearest training image is less "
-                "than 1/3 as far as the second nearest (lower is better), with the number of samples and a 95% "
+                "than a third as far as the second nearest (lower is better), with the number of samples and a 95% "
                 "interval: with 64 samples, gaps under ~15 points are noise · **eval step**: the checkpoint "
                 "evaluated · **quality**: FID or the offline feature FD, lower is better · **skipped**: share of "
                 "training visits AGC skipped.</span>")

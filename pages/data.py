@@ -15,6 +15,7 @@ import pandas as pd
 
 from iet_core.config import DataConfig
 from iet_core.data import DataError, load_dataset
+from iet_core.runs import is_upload, save_upload
 from pages import common
 
 TITLE, PATH = "1 · Data", "data"
@@ -42,7 +43,6 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
     first = min(paths, key=lambda p: p.name)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", first.stem).strip("-")[:32] or "upload"
     more = f"-and-{len(paths) - 1}-more" if len(paths) > 1 else ""
-    target = runs_root / "datasets" / f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}.npz"
     with tempfile.TemporaryDirectory() as tmp:
         if archives:
             source = archives[0]
@@ -52,26 +52,18 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
             for path in paths:
                 shutil.copy2(path, source / path.name)
         dataset = load_dataset(DataConfig(source=str(source), resolution=resolution, channels=channels, subset=None))
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"images": dataset.images.numpy()}
-        if dataset.labels is not None:
-            arrays["labels"] = dataset.labels.numpy()
-        partial = target.with_suffix(".tmp.npz")
-        np.savez_compressed(partial, **arrays)
-        partial.replace(target)
-    return str(target), dataset.rejected
-
-
-def is_upload(config: DataConfig) -> bool:
-    return config.source.endswith(".npz") and Path(config.source).parent.name == "datasets"
+    arrays = {"images": dataset.images.numpy()}
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels.numpy()
+    name = f"{stem}{more}-{resolution}px-{channels}ch-{digest.hexdigest()[:8]}"
+    return str(save_upload(runs_root, name, arrays)), dataset.rejected
 
 
 def source_label(config: DataConfig) -> str:
     """Where the images come from, in words (an upload by its file name: never a server path)."""
     if config.source.startswith("hf:"):
         return f"Hugging Face dataset {config.source[3:]} ({config.hf_split})"
-    if is_upload(config):
+    if is_upload(config.source):
         return f"uploaded: {Path(config.source).name}"
     return "built-in handwritten digits" if config.source == "digits" else Path(config.source).name
 
@@ -149,7 +141,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def restore(session):
         """Show the session's data choice (or the default digits) when the page opens."""
         chosen = DataConfig(**(session or {}).get("data") or {})
-        choice = UPLOAD if is_upload(chosen) else HUB if chosen.source.startswith("hf:") else BUILTIN
+        choice = UPLOAD if is_upload(chosen.source) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
             dataset = load_dataset(chosen)
         except DataError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from iet_core.jobs import RatioSnapshot, bin_ratios
+from iet_core.history import RatioSnapshot
 from pages import charts, common
 
 TITLE, PATH = "6 · Learn", "learn"
@@ -18,7 +18,7 @@ NEAREST_SVG = """
   <rect x="340" y="60" width="24" height="24" fill="#4f46e5"/><text x="310" y="50">2nd nearest</text>
   <line x1="92" y1="95" x2="108" y2="95" stroke="#111" stroke-width="2"/><text x="90" y="84">d1</text>
   <line x1="92" y1="92" x2="340" y2="74" stroke="#111" stroke-dasharray="5 4" stroke-width="2"/>
-  <text x="220" y="105">d2</text><text x="200" y="180">copy when d1 / d2 &lt; 1/3</text>
+  <text x="220" y="105">d2</text><text x="200" y="180">copy when d1 / d2 &lt; ⅓</text>
 </svg>"""
 
 IET_SVG = """
@@ -50,8 +50,7 @@ def illustrative_histogram():
     """A made-up ratio distribution: most visits near 1, a memorized bump at low ratios."""
     rng = np.random.default_rng(0)
     ratios = np.concatenate([rng.lognormal(0.0, 0.35, 4000), rng.lognormal(np.log(0.3), 0.3, 600)])
-    counts, unseen = bin_ratios(ratios)
-    snapshot = RatioSnapshot(0, 0, 0, 0, counts, unseen, int((ratios < 0.5).sum()))
+    snapshot = RatioSnapshot.of(ratios, skipped=int((ratios < 0.5).sum()))
     return charts.ratio_histogram(snapshot, 0.5, applied=0.5, title="Illustration: loss ratios of training visits")
 
 
@@ -77,7 +76,7 @@ nearest training image.
 For each generated sample, find the nearest training image (distance *d1*) and the second nearest (*d2*). When
 *d1* is less than a third of *d2*, the sample sits right on top of one training image: a **copy**. The share of
 copies among many samples is the memorization ratio; **MQ** is the reference code's variant, and **FID** checks
-that quality does not suffer. → [Memorization](memorization): the histogram with the 1/3 line.
+that quality does not suffer. → [Memorization](memorization): the histogram with the one-third line.
 """)
     with gr.Row():
         gr.HTML(iet_svg())

@@ -3,12 +3,11 @@ image; the share of copies, MQ, FID when available, and the most-copied training
 their skip history from training."""
 from __future__ import annotations
 
-import shutil
 
 import gradio as gr
 import pandas as pd
 
-from iet_core.config import ConfigError, EvalConfig
+from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
 from iet_core.evaluate import evaluate_run, load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
@@ -122,7 +121,7 @@ def saved_view(ctx: common.AppContext, run_id: str) -> tuple:
         return result_view(ctx, run_id, load_eval(ctx.jobs.run(run_id)))
     except ConfigError:
         return ("No evaluation of this run yet: press *Generate and measure*.", "",
-                charts.memorization_histogram([], EvalConfig.memorization_threshold), "", [], [],
+                charts.memorization_histogram([], MEMORIZATION_THRESHOLD), "", [], [],
                 pd.DataFrame(columns=COPIED_COLUMNS))
 
 
@@ -130,7 +129,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     session = common.session_state(ctx)
     common.page_header("Is the model copying?", "Generate samples and find each one's nearest training image. A "
                        "sample much closer to its nearest training image than to the second nearest (ratio below "
-                       "1/3) is counted as a **copy**. Pairs are sorted most-copied first.")
+                       "a third) is counted as a **copy**. Pairs are sorted most-copied first.")
     picker, refresh_list = common.run_picker()
     with gr.Row():
         num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",
@@ -144,7 +143,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                           elem_id="memorization-summary")
     gr.Markdown("### The top copies\nEach generated sample (left) next to the training image nearest to it "
                 "(right), the closest copies first. The ratio is the distance to the nearest training image over the "
-                "distance to the second nearest: below 1/3, the sample is counted as a copy.")
+                "distance to the second nearest: below a third, the sample is counted as a copy.")
     presentation = gr.HTML(elem_id="presentation-view")
     with gr.Row():
         histogram = gr.Plot(show_label=False, scale=1)
@@ -190,7 +189,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             raise gr.Error("Pick a run first.", print_exception=False)
         result = load_eval(ctx.jobs.run(run_id))
         target = common.download_dir(run_id) / f"{run_id}-{result.path.name}-table.csv"
-        shutil.copy2(result.path / "table.csv", target)
+        result.table.to_csv(target, index=False)
         return gr.update(value=str(target), visible=True)
 
     export_table.click(table_csv, picker, download, api_visibility="private")

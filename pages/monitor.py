@@ -11,10 +11,10 @@ import shutil
 from dataclasses import dataclass
 
 import gradio as gr
-import numpy as np
 
 from iet_core.config import RunConfig
-from iet_core.jobs import JobError, RatioSnapshot
+from iet_core.history import RunHistory
+from iet_core.jobs import JobError
 from pages import charts, common
 
 TITLE, PATH = "3 · Monitor", "monitor"
@@ -25,17 +25,9 @@ BELOW_SHOWN = 18  # training images shown below a what-if lambda
 
 # -- view functions ------------------------------------------------------------------------
 
-def current_lambda(telemetry, config: RunConfig) -> float:
+def current_lambda(history: RunHistory, config: RunConfig) -> float:
     """The lambda in force: the latest step's, or the configured one before any step."""
-    last = telemetry.last()
-    return float(last["skip_lambda"]) if last else config.method.agc.skip_lambda
-
-
-def scrub_window(snapshots: list[RatioSnapshot], scrub: float) -> RatioSnapshot | None:
-    """The histogram window at a position on the 0..100 history slider (100 = latest)."""
-    if not snapshots:
-        return None
-    return charts.window(snapshots, int(round(scrub / 100 * (len(snapshots) - 1))))
+    return history.skip_lambda(config.method.agc.skip_lambda)
 
 
 @dataclass
@@ -46,46 +38,41 @@ class HistogramView:
     below_captions: tuple
 
 
-def histogram_view(telemetry, config: RunConfig, scrub: float, overlay: bool, what_if: float) -> HistogramView:
+def histogram_view(history, config: RunConfig, scrub: float, overlay: bool, what_if: float) -> HistogramView:
     """The ratio histogram coloured at the what-if lambda, the what-if text, and the training
     images recently visited below the what-if lambda."""
-    snapshots = telemetry.snapshots()
-    current = scrub_window(snapshots, scrub)
+    current = history.window(scrub / 100)
     agc = config.method.agc.enabled
-    applied = current_lambda(telemetry, config) if agc else None
-    early = charts.early_window(snapshots) if overlay and len(snapshots) > 1 else None
+    applied = current_lambda(history, config) if agc else None
+    early = history.early_window() if overlay else None
     figure = charts.ratio_histogram(current, what_if, applied, early)
     if current is None or current.visits == current.unseen:
         return HistogramView(figure, "No ratios yet.", (), ())
-    share_new = charts.skipped_share(current, what_if)
+    share_new = current.share_below(what_if)
     if agc:
-        now = f"AGC skips {100 * charts.skipped_share(current, applied):.1f}% at the λ in force, {applied:.2f}"
+        now = f"AGC skips {100 * current.share_below(applied):.1f}% at the λ in force, {applied:.2f}"
     else:
         now = "This run trains without AGC: nothing is skipped, these are the visits AGC would skip"
     text = (f"<span class='big-number'>{100 * share_new:.1f}%</span> of visits below the what-if "
             f"λ = **{what_if:.2f}**  \n{now} (steps {current.first_step}–{current.last_step}).")
-    ids, captions = visits_below(telemetry, what_if)
+    ids, captions = visits_below(history, what_if)
     return HistogramView(figure, text, ids, captions)
 
 
-def visits_below(telemetry, value: float, limit: int = BELOW_SHOWN) -> tuple[tuple, tuple]:
+def visits_below(history, value: float, limit: int = BELOW_SHOWN) -> tuple[tuple, tuple]:
     """Training images recently visited with a ratio below `value`, most often first, captioned
     "times below / visits"."""
-    recent = telemetry.recent_visits_frame()
-    below = recent[recent["ratio"] < value]["sample_id"].value_counts().head(limit)
-    seen = recent["sample_id"].value_counts()
-    return tuple(below.index), tuple(f"{n}/{seen[i]}" for i, n in below.items())
+    below = history.visits_below(value, limit)
+    return tuple(below["sample_id"]), tuple(f"{r.below}/{r.visits}" for r in below.itertuples())
 
 
-def most_skipped(telemetry, agc: bool) -> tuple[str, tuple, tuple]:
+def most_skipped(history, agc: bool) -> tuple[str, tuple, tuple]:
     """The gallery's label and the training images to show, as (label, ids, captions)."""
-    stats = telemetry.per_sample()
-    if agc and len(stats) and stats["skips"].sum() > 0:
-        top = stats[stats["skips"] > 0].sort_values(["skips", "skip_rate"], ascending=False).head(20)
+    skipped, top = history.most_skipped()
+    if agc and skipped:
         return ("Most-skipped training images (skipped / visits)", tuple(top["sample_id"]),
                 tuple(f"{r.skips}/{r.visits}" for r in top.itertuples()))
     # Nothing skipped (yet, or no AGC): show what AGC would skip first.
-    top = stats[np.isfinite(stats["last_ratio"])].sort_values("last_ratio").head(20) if len(stats) else stats
     return ("Lowest loss ratios: what AGC would skip first (nothing skipped so far)", tuple(top["sample_id"]),
             tuple(f"ratio {r.last_ratio:.2f}" for r in top.itertuples()))
 
@@ -102,14 +89,13 @@ def config_with_lambda(config: RunConfig, value: float) -> str:
             f"machine).\n\n```json\n{checked.to_json()}\n```")
 
 
-def pinned_view(telemetry, config: RunConfig, pins: list[float]) -> list[tuple[str, list]]:
+def pinned_view(history, config: RunConfig, pins: list[float]) -> list[tuple[str, list]]:
     """For each pinned lambda: a line with its skipped share and the images below it."""
-    snapshots = telemetry.snapshots()
-    current = scrub_window(snapshots, 100)
+    current = history.window()
     views = []
     for value in pins:
-        share = charts.skipped_share(current, value) if current is not None else 0.0
-        ids, captions = visits_below(telemetry, value, limit=8)
+        share = current.share_below(value) if current is not None else 0.0
+        ids, captions = visits_below(history, value, limit=8)
         views.append((f"**λ = {value:.2f}**: {100 * share:.1f}% of recent visits below", list(zip(ids, captions))))
     return views
 
@@ -119,7 +105,7 @@ def status_view(ctx: common.AppContext, run_id: str) -> tuple[str, dict]:
     status = ctx.jobs.status(run_id)
     config = ctx.jobs.run(run_id).config
     agc = config.method.agc.enabled
-    skip_lambda = current_lambda(ctx.jobs.telemetry(run_id), config) if agc else None
+    skip_lambda = current_lambda(ctx.jobs.history(run_id), config) if agc else None
     return common.status_text(status, skip_lambda), common.control_states(status, agc)
 
 
@@ -131,9 +117,9 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     out = {"status": status_line, "controls": controls}
     run = ctx.jobs.run(run_id)
     config = run.config
-    telemetry = ctx.jobs.telemetry(run_id)
+    history = ctx.jobs.history(run_id)
     state = ctx.jobs.status(run_id).get("state")
-    key = (run_id, telemetry.version, state, scrub, overlay, what_if)
+    key = (run_id, history.version, state, scrub, overlay, what_if)
     if view_state.get("key") == key:
         out["view"] = view_state
         return out
@@ -147,21 +133,21 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
 
     if view_state.get("key") and view_state["key"][2] != state:  # a new state shows in the run list's labels
         out["relabel"] = True
-    steps, settings, rounds = telemetry.steps(max_points=2000), telemetry.settings(), telemetry.rounds()
+    steps, settings, rounds = history.steps(max_points=2000), history.settings(), history.rounds()
     out["loss"] = charts.loss_figure(steps, settings, rounds)
     out["kept"] = charts.kept_figure(steps, settings, rounds)
-    view = histogram_view(telemetry, config, scrub, overlay, what_if)
+    view = histogram_view(history, config, scrub, overlay, what_if)
     out["histogram"], out["what_if_text"] = view.figure, view.text
     if changed("what_if", [list(view.below_ids), list(view.below_captions)]):
         out["what_if_images"] = common.training_images(ctx, run_id, view.below_ids, view.below_captions)
-    plan = telemetry.round_plan() or {"round": 0, "steps_per_proxy": None}
-    out["shards"] = charts.shard_progress(telemetry.proxies(), config.method.num_shards, plan["round"],
+    plan = history.round_plan() or {"round": 0, "steps_per_proxy": None}
+    out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, plan["round"],
                                           plan["steps_per_proxy"])
     paths = run.preview_paths()
     if changed("previews", [p.name for p in paths]):
         out["previews"] = [(common.image_file(common.read_image(path)), f"round {int(path.stem.split('-')[-1])}")
                            for path in reversed(paths)]
-    label, ids, captions = most_skipped(telemetry, config.method.agc.enabled)
+    label, ids, captions = most_skipped(history, config.method.agc.enabled)
     if changed("skipped", [label, list(ids), list(captions)]):
         out["skipped"] = (label, common.training_images(ctx, run_id, ids, captions))
     out["view"] = {"key": key, "shown": shown}
@@ -174,10 +160,7 @@ def checkpoint_zip(run) -> str:
     checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         raise gr.Error("This run has no checkpoint yet: it saves one after every round and when stopped.")
-    folder = common.download_dir(run.id)
-    staging = folder / f"{run.id}-{checkpoint.name}"
-    shutil.copytree(checkpoint, staging / checkpoint.name)
-    shutil.copy2(run.path / "config.json", staging / "config.json")
+    staging = run.bundle_checkpoint(common.download_dir(run.id) / f"{run.id}-{checkpoint.name}")
     return shutil.make_archive(str(staging), "zip", staging)
 
 
@@ -190,7 +173,7 @@ def pipeline_zip(run) -> str:
 
 
 def metrics_csv(run) -> str:
-    source = run.path / "metrics.csv"
+    source = run.metrics_path
     if not source.exists():
         raise gr.Error("This run has not logged any steps yet.")
     target = common.download_dir(run.id) / f"{run.id}-metrics.csv"
@@ -295,7 +278,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         if not run_id or view_state.get("key", (None,))[0] == run_id:
             return [gr.skip()] * (len(tick_outputs) + 2)
         config = ctx.jobs.run(run_id).config
-        now["value"] = current_lambda(ctx.jobs.telemetry(run_id), config)
+        now["value"] = current_lambda(ctx.jobs.history(run_id), config)
         return [*refresh(run_id, 100, True, now, {}), 100, now["value"]]
 
     picker.change(select, [picker, what_if_now, view], [*tick_outputs, scrub, what_if], concurrency_limit=None,
@@ -305,7 +288,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         now["value"] = float(value)
         if not run_id:
             return gr.skip(), gr.skip(), gr.skip()
-        shown = histogram_view(ctx.jobs.telemetry(run_id), ctx.jobs.run(run_id).config, scrub_value, overlay_on,
+        shown = histogram_view(ctx.jobs.history(run_id), ctx.jobs.run(run_id).config, scrub_value, overlay_on,
                                float(value))
         return shown.figure, shown.text, common.training_images(ctx, run_id, shown.below_ids, shown.below_captions)
 
@@ -327,7 +310,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def show_pins(run_id, values):
         if not run_id or not values:
             return [gr.update(visible=False), *[""] * MAX_PINS, *[[]] * MAX_PINS]
-        views = pinned_view(ctx.jobs.telemetry(run_id), ctx.jobs.run(run_id).config, values)
+        views = pinned_view(ctx.jobs.history(run_id), ctx.jobs.run(run_id).config, values)
         views += [("", [])] * (MAX_PINS - len(views))
         return [gr.update(visible=True), *[text for text, _ in views],
                 *[common.training_images(ctx, run_id, [i for i, _ in items], [c for _, c in items])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from iet_core.config import MSR_POLICIES, DataConfig, RunConfig, demo_config, method_for_mode
-from iet_core.models import PRESETS as MODEL_PRESETS
+from iet_core.config import MODEL_PRESETS, MSR_POLICIES, DataConfig, RunConfig, demo_config, method_for_mode
 from pages import common
 from pages.data import source_label
 

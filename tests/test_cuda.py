@@ -1,5 +1,5 @@
-"""CUDA-only paths: vmapped proxies in bf16, exact resume, the out-of-memory message, the
-compiled step and evaluation on the GPU. Deselected where no CUDA GPU is available (conftest.py);
+"""CUDA-only paths: vmapped proxies in bf16, exact resume, the out-of-memory message,
+evaluation on the GPU and the compiled step (last: compiling takes longest). Deselected where no CUDA GPU is available (conftest.py);
 `python bench/gpu_check.py` runs them on one, and its dry run on the CPU as a stand-in."""
 import numpy as np
 import pytest
@@ -62,7 +62,8 @@ def test_resume_on_cuda_gives_the_same_weights(cuda_device, tmp_path):
     again = train(config, runs_root=tmp_path / "b")
     difference = float((model_vector(straight) - model_vector(again)).abs().max())
     assert difference == 0, (f"two identical runs differ by up to {difference:.2e}: training on {cuda_device} is "
-                             "not deterministic, so no resume can be exact")
+                             "not deterministic (cuDNN's convolution backward and index_add_ add with atomics), so "
+                             "no resume can be exact without torch.use_deterministic_algorithms")
     control = TrainControl()
     run, dataset = create_run(config, tmp_path / "c")
     stop = lambda event: isinstance(event, StepEvent) and event.global_step[-1] >= 7 and control.stop()
@@ -93,16 +94,6 @@ def test_out_of_memory_stops_with_what_to_lower(cuda_device, tmp_path):
         torch.cuda.empty_cache()
 
 
-def test_compiled_step_on_cuda_trains_the_same_model(cuda_device, tmp_path):
-    if cuda_device.type != "cuda":
-        pytest.skip("compiling for the CPU is tested in test_train.py; this is the CUDA (Triton) path")
-    config = on(cuda_device, rounds=2, local_steps=3, execution="sequential")
-    eager = train(config, runs_root=tmp_path / "eager")
-    config.train.compile = True
-    compiled = train(config, runs_root=tmp_path / "compiled")
-    assert update_error(compiled, eager, config) < 1e-2
-
-
 def test_evaluation_on_cuda_finds_the_cpu_neighbours(cuda_device, tmp_path):
     """Samples drawn on the device, then measured there and on the CPU: the same nearest
     training images (the search ends in exact integer distances) and the same ratios."""
@@ -121,3 +112,13 @@ def test_evaluation_on_cuda_finds_the_cpu_neighbours(cuda_device, tmp_path):
         cpu[["nearest_id", "second_id", "nearest_flipped", "memorized"]])
     np.testing.assert_allclose(gpu["memorization_ratio"], cpu["memorization_ratio"], rtol=1e-12)
     assert gpu["memorized"].tail(8).all()
+
+
+def test_compiled_step_on_cuda_trains_the_same_model(cuda_device, tmp_path):
+    if cuda_device.type != "cuda":
+        pytest.skip("compiling for the CPU is tested in test_train.py; this is the CUDA (Triton) path")
+    config = on(cuda_device, rounds=2, local_steps=3, execution="sequential")
+    eager = train(config, runs_root=tmp_path / "eager")
+    config.train.compile = True
+    compiled = train(config, runs_root=tmp_path / "compiled")
+    assert update_error(compiled, eager, config) < 1e-2

@@ -68,3 +68,23 @@ def test_each_process_gets_a_contiguous_block_of_proxies():
     assert [list(b) for b in blocks] == [[0, 1], [2, 3, 4], [5, 6, 7]]
     with pytest.raises(ConfigError, match="at most 2 processes"):
         ProcessGroup(0, 3).block(2)
+
+
+def test_two_processes_match_the_plain_reference_round(tmp_path):
+    from test_train import reference_config, reference_error
+
+    from iet_core.data import load_dataset
+    from iet_core.shards import split_shards
+
+    config = reference_config()
+    (tmp_path / "cfg.json").write_text(config.to_json())
+    two = launch("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    (run,) = list_runs(tmp_path / "runs")
+    dataset = load_dataset(config.data)
+    shard_of = split_shards(len(dataset), 4, config.method.shard_split, dataset.labels.numpy(), config.train.seed)
+    error, banks, skips = reference_error(config, run, shard_of, dataset.to_model_space())
+    assert error < 1e-2, error
+    state = run.load_checkpoint()[0]["state"]
+    torch.testing.assert_close(state["banks"], banks, rtol=1e-4, atol=1e-6)
+    assert torch.equal(state["skips"].sum(0), skips)

@@ -1,6 +1,7 @@
 import json
+import os
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from iet_core.cli import main
 from iet_core.config import ModelConfig
 from iet_core.metrics import proportion_interval
 from iet_core.evaluate import evaluate_images, evaluate_run, list_evals, load_eval, save_eval
+from iet_core.runs import checkpoint_step
 from iet_core.models import build_unet, training_scheduler
 from iet_core.sample import generate
 
@@ -22,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A real run: one round of the tiny model on 12 8x8 digits, trained with flips."""
-    return train(tiny_config("iet-agc", rounds=1, hflip=True), runs_root=tmp_path_factory.mktemp("runs"))
+    """A real run: two rounds of the tiny model on 12 8x8 digits, trained with flips (a
+    checkpoint after each round)."""
+    return train(tiny_config("iet-agc", rounds=2, hflip=True), runs_root=tmp_path_factory.mktemp("runs"))
 
 
 def small_dataset() -> ImageDataset:
@@ -104,14 +107,23 @@ def test_evaluate_run_samples_the_checkpoint_and_saves(trained_run):
     assert ema.summary["weights"] == "ema" and not np.array_equal(ema.generated, result.generated)
 
 
-def test_evaluate_cli_prints_the_summary(trained_run):
-    out = subprocess.run([sys.executable, "-m", "iet_core", "evaluate", str(trained_run.path), "--num-samples", "8",
-                          "--steps", "5", "--name", "cli"], cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_evaluate_cli_prints_the_summary(trained_run, tmp_path):
+    """The installed console command, outside the repository, on an earlier kept checkpoint."""
+    command = shutil.which("iet-core")
+    assert command, "the package is not installed: pip install -r requirements-dev.txt -e ."
+    first, latest = [checkpoint_step(p) for p in trained_run.checkpoints()]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, wherever the package was installed from
+    out = subprocess.run([command, "evaluate", str(trained_run.path), "--num-samples", "8", "--steps", "5", "--name",
+                          "cli", "--step", str(first), "--threads", "1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "copies by ratio (L2 nearest / L2 second nearest < 0.333): " in out.stdout and "95% CI" in out.stdout
     assert "copies by distance" in out.stdout and "copies by mq" in out.stdout and "MQ share below" in out.stdout
     summary = json.loads((trained_run.path / "eval" / "cli" / "summary.json").read_text())
-    assert summary["num_samples"] == 8 and summary["steps"] == 5
+    assert summary["num_samples"] == 8 and summary["steps"] == 5 and summary["checkpoint_step"] == first < latest
+    missing = subprocess.run([command, "evaluate", str(trained_run.path), "--step", str(latest + 1)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and f"kept steps: {first}, {latest}" in missing.stderr
 
 
 def test_evaluate_refuses_other_data_than_the_run_trained_on(trained_run):

@@ -6,9 +6,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import tiny_config
-from iet_core.jobs import JobError, JobManager, RunTelemetry, bin_ratios
+from iet_core.config import ConfigError
+from iet_core.history import RunHistory, bin_ratios
+from iet_core.jobs import JobError, JobManager
 from iet_core.runs import Run
 from iet_core.telemetry import SampleEvent, StepEvent
 
@@ -72,7 +75,7 @@ def test_stop_then_resume_continues_from_the_checkpoint_with_one_history(tmp_pat
     wait_until(lambda: jobs.status(run_id)["state"] == "paused", what="the trainer to pause")
     jobs.set_skip_lambda(run_id, 0.35, ME)
     jobs.resume(run_id, ME)
-    wait_until(lambda: len(jobs.telemetry(run_id).rounds()) >= 1, what="the first round")
+    wait_until(lambda: len(jobs.history(run_id).rounds()) >= 1, what="the first round")
     jobs.stop(run_id, ME)
     assert jobs.wait(run_id, 120) == "stopped"
     run = Run.open(tmp_path / run_id)
@@ -80,31 +83,31 @@ def test_stop_then_resume_continues_from_the_checkpoint_with_one_history(tmp_pat
     total = 4 * 2 * 10
     assert 0 < stopped_at < total and run.latest_checkpoint() is not None
     # Read back from the folder (a restarted app), the progress bars show the round it stopped in.
-    plan = JobManager(tmp_path).telemetry(run_id).round_plan()
+    plan = JobManager(tmp_path).history(run_id).round_plan()
     assert plan == {"round": run.status()["round"], "steps_per_proxy": [10, 10]} and plan["round"] >= 1
 
     jobs.resume(run_id, ME)  # a stopped run continues from its checkpoint
     assert jobs.wait(run_id, 180) == "finished"
-    steps = jobs.telemetry(run_id).steps()
+    steps = jobs.history(run_id).steps()
     assert steps["global_step"].tolist() == list(range(total))  # every step once, across the restart
     assert (steps["skip_lambda"] == np.float32(0.35)).all()  # set before the first step, kept by the checkpoint
-    settings = jobs.telemetry(run_id).settings()
+    settings = jobs.history(run_id).settings()
     assert [(s["name"], s["global_step"]) for s in settings] == [("skip_lambda", 0)]
     with pytest.raises(JobError, match="finished"):
         jobs.resume(run_id, ME)
 
 
 @pytest.mark.parametrize("execution", ["sequential", "batched"])  # batched proxies interleave global steps
-def test_live_telemetry_matches_the_run_folder_after_a_restart(tmp_path, execution):
+def test_live_history_matches_the_run_folder_after_a_restart(tmp_path, execution):
     jobs = JobManager(tmp_path)
     run_id = jobs.submit(tiny_config("iet-agc+", rounds=3, execution=execution), ME)
     assert jobs.wait(run_id, 120) == "finished"
-    live = jobs.telemetry(run_id)
+    live = jobs.history(run_id)
 
     restarted = JobManager(tmp_path)  # a new app process: only the folder is left
     assert [(r["run_id"], r["state"], r["mode"]) for r in restarted.list_runs()] == [(run_id, "finished", "iet-agc+")]
-    stored = restarted.telemetry(run_id)
-    assert stored is restarted.telemetry(run_id)  # cached until the folder changes
+    stored = restarted.history(run_id)
+    assert stored is restarted.history(run_id)  # cached until the folder changes
     columns = ["global_step", "round", "proxy", "local_step", "loss", "kept_fraction"]
     assert np.allclose(live.steps()[columns].to_numpy(float), stored.steps()[columns].to_numpy(float))
     assert len(live.snapshots()) == len(stored.snapshots()) > 0
@@ -158,7 +161,7 @@ def test_lambda_cannot_be_set_on_runs_without_agc_or_out_of_range(tmp_path):
     assert jobs.wait(run_id, 120) == "stopped"
     agc = jobs.submit(tiny_config("iet-agc"), ME)
     jobs.pause(agc, ME)
-    with pytest.raises(JobError, match=r"\(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
         jobs.set_skip_lambda(agc, 1.5, ME)
     jobs.shutdown()
     assert jobs.status(agc)["state"] == "stopped"
@@ -176,8 +179,8 @@ def _events(step0: int, n: int, ratios: np.ndarray):
     return step, sample
 
 
-def test_telemetry_store_stays_bounded_and_keeps_exact_counts():
-    store = RunTelemetry(max_steps=100, max_snapshots=8, recent_visits=50)
+def test_history_store_stays_bounded_and_keeps_exact_counts():
+    store = RunHistory(max_steps=100, max_snapshots=8, recent_visits=50)
     rng = np.random.default_rng(0)
     total_visits = 0
     for flush in range(40):
@@ -198,7 +201,7 @@ def test_telemetry_store_stays_bounded_and_keeps_exact_counts():
 
 
 def test_thinning_keeps_every_proxy_of_side_by_side_training():
-    store = RunTelemetry(max_steps=40)
+    store = RunHistory(max_steps=40)
     for local in range(0, 100, 5):  # 4 proxies step together: global step = 4 x local step + proxy
         for proxy in range(4):
             steps = np.arange(local, local + 5)
@@ -284,3 +287,22 @@ def test_admin_cleanup_removes_old_runs_only(tmp_path):
     assert not leftover.exists()
     assert [r["run_id"] for r in jobs.list_runs()] == [new]
     assert os.path.isdir(tmp_path / new)
+
+
+def test_two_jobs_at_once_end_bit_identical_to_solo_runs(tmp_path):
+    """Each trainer draws from its own generator: two runs training side by side in one process
+    (their initialisations and steps interleaved) end with exactly the weights of solo runs."""
+    from iet_core.train import train
+
+    configs = [tiny_config("iet-agc", rounds=2, seed=1), tiny_config("iet-agc+", rounds=2, seed=2, hflip=True)]
+    jobs = JobManager(tmp_path / "together", max_running=2)
+    together = [jobs.submit(config, ME) for config in configs]
+    assert jobs.running_count() == 2
+    assert [jobs.wait(run_id, 180) for run_id in together] == ["finished", "finished"]
+    for config, run_id in zip(configs, together):
+        solo = train(config, runs_root=tmp_path / "solo").load_checkpoint()[0]
+        shared = Run.open(tmp_path / "together" / run_id).load_checkpoint()[0]
+        for group in ("model", "ema", "state"):
+            for name, tensor in solo[group].items():  # exactly equal (NaN: images not seen yet)
+                torch.testing.assert_close(shared[group][name], tensor, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{run_id} {group}.{name}")

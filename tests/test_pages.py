@@ -52,17 +52,17 @@ def test_a_finished_baseline_offers_only_delete_and_says_nothing_is_skipped(ctx,
     status_line, controls = monitor.status_view(ctx, baseline)
     assert "finished" in status_line
     assert controls == {"pause": False, "resume": False, "stop": False, "delete": True, "apply": False}
-    view = monitor.histogram_view(ctx.jobs.telemetry(baseline), ctx.jobs.run(baseline).config, 100, False, 0.4)
+    view = monitor.histogram_view(ctx.jobs.history(baseline), ctx.jobs.run(baseline).config, 100, False, 0.4)
     assert "without AGC" in view.text and "0.40" in view.text
     names = [trace.name for trace in view.figure.data]
     assert "would be skipped with AGC (this run skips nothing)" in names and not any("skipped (ratio" in n for n in names)
 
 
 def test_the_histogram_is_coloured_at_the_what_if_lambda(ctx, agc_run):
-    telemetry, config = ctx.jobs.telemetry(agc_run), ctx.jobs.run(agc_run).config
-    applied = monitor.current_lambda(telemetry, config)
-    in_force = monitor.histogram_view(telemetry, config, 100, False, applied)
-    higher = monitor.histogram_view(telemetry, config, 100, False, 0.9)
+    history, config = ctx.jobs.history(agc_run), ctx.jobs.run(agc_run).config
+    applied = monitor.current_lambda(history, config)
+    in_force = monitor.histogram_view(history, config, 100, False, applied)
+    higher = monitor.histogram_view(history, config, 100, False, 0.9)
     assert [t.name for t in in_force.figure.data][-1] == "skipped (ratio < λ)"
     assert [t.name for t in higher.figure.data][-1] == "would be skipped at the what-if λ"
     below = lambda figure: float(np.sum(figure.data[-1].y))  # the share drawn left of the what-if line
