@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +7,7 @@ from diffusers import DDPMPipeline
 
 from helpers import tiny_config
 from iet_core import ConfigError, Run, TrainControl, Trainer, train
+from iet_core.history import RunHistory
 from iet_core.models import build_unet, training_scheduler
 from iet_core.telemetry import DriftEvent, RoundEvent, RoundStartEvent, SampleEvent, StepEvent
 from iet_core.train import create_run, data_order, derive_seed, prepare_trainer
@@ -342,6 +344,9 @@ def test_drift_telemetry_measures_the_proxies_real_weights(tmp_path):
     logged = run.drift()
     assert len(logged) == 4 and np.allclose(logged["loss_on_1"], [row[1] for e in drift for row in e.probe_loss])
     assert np.allclose(logged["distance_to_others"], [e.distances[0][1] for e in drift for _ in range(2)])
+    # The run's history reads them back as the events that wrote them.
+    assert [e for e in run.read_events() if isinstance(e, DriftEvent)] == drift
+    pd.testing.assert_frame_equal(RunHistory.from_run(run).drift(), logged)
 
 
 def test_each_proxy_warms_up_from_lr_zero_over_a_share_of_its_first_round(tmp_path):
