@@ -135,3 +135,13 @@ def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations
     evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
     _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
     assert "weights" not in notes and "sample counts" not in notes
+
+
+def test_the_monitor_draws_the_proxies_drift_per_round(ctx, agc_run):
+    drift = monitor.tick(ctx, agc_run, 100, True, 0.5, {})["drift"]
+    rows = ctx.jobs.history(agc_run).drift()
+    assert len(rows) == 3 * 2  # three rounds, two proxies
+    moved = next(trace for trace in drift.data if trace.name == "from the other proxies")
+    expected = 100 * rows.groupby("round").distance_to_others.mean() / rows.groupby("round").start_norm.mean()
+    np.testing.assert_allclose(moved.y, expected.to_numpy())
+    assert {"own shard", "other shards", "averaged model"} <= {trace.name for trace in drift.data}
