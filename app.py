@@ -2,6 +2,7 @@
 
     python app.py                       # http://127.0.0.1:7860, runs kept in ./runs
     python app.py --runs-dir /data/runs --max-jobs 1 --port 7860
+    python app.py --data-dir /data/images        # users may also train on folders in there
 
 The same file is a Hugging Face Space's entry point (see README). Training runs in background
 threads owned by a JobManager; pages only poll it, so closing or refreshing a tab never stops
@@ -22,10 +23,16 @@ from pathlib import Path
 
 import gradio as gr
 
+from iet_core.data import SourcePolicy
 from iet_core.jobs import JobManager
+from iet_core.runs import DATASETS_DIR
 from pages import common, compare, data, learn, memorization, monitor, start, train
 
 DEFAULT_RUNS_DIR = "runs"
+MAX_UPLOAD_MB = 200  # one uploaded file, refused by the server before it is stored
+# Gradio's own copies of uploads and downloads: every 10 minutes, remove those over an hour old
+# (uploaded data is kept as an .npz in the runs folder, so the originals are not needed).
+CACHE_CLEANUP = (600, 3600)
 # System fonts only: the default theme fonts are fetched from Google, which a classroom
 # machine or an offline laptop cannot reach.
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber",
@@ -39,12 +46,18 @@ CSS = """
 
 
 def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int | None = None,
-              max_disk_per_user_mb: float | None = None) -> tuple[gr.Blocks, common.AppContext]:
-    """The Gradio app and its context (job manager, runs folder) for a runs folder."""
+              max_disk_per_user_mb: float | None = None, data_dirs: tuple[str | Path, ...] = (),
+              claim_cli_runs: bool = False, max_live_jobs: int | None = None, max_steps_per_run: int | None = None,
+              max_eval_work: int = common.MAX_EVAL_WORK) -> tuple[gr.Blocks, common.AppContext]:
+    """The Gradio app and its context (job manager, runs folder) for a runs folder. Users may
+    train on built-in data, Hub datasets, their uploads and the admin's `data_dirs`."""
     max_bytes = None if max_disk_per_user_mb is None else int(max_disk_per_user_mb * 2**20)
-    jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes)
-    ctx = common.AppContext.create(runs_root, jobs)
-    with gr.Blocks(title="Memorization in diffusion models · IET-AGC") as demo:
+    sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs)
+    jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes,
+                      sources=sources, claim_unowned=claim_cli_runs, max_live_jobs=max_live_jobs,
+                      max_steps_per_run=max_steps_per_run)
+    ctx = common.AppContext.create(runs_root, jobs, max_eval_work=max_eval_work)
+    with gr.Blocks(title="Memorization in diffusion models · IET-AGC", delete_cache=CACHE_CLEANUP) as demo:
         start.build(ctx, demo)
     for module in (data, train, monitor, memorization, compare, learn):
         with demo.route(module.TITLE, module.PATH) as page:
@@ -55,6 +68,7 @@ def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int |
 def launch(demo: gr.Blocks, **kwargs):
     """Launch with the app's look and without anything that reaches the network."""
     kwargs.setdefault("share", False)
+    kwargs.setdefault("max_file_size", MAX_UPLOAD_MB * 2**20)
     return demo.queue(default_concurrency_limit=4).launch(theme=THEME, css=CSS, footer_links=["api"], **kwargs)
 
 
@@ -69,21 +83,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-disk-per-user-mb", type=float,
                         default=float(os.environ.get("IET_MAX_DISK_PER_USER_MB", "5000")),
                         help="disk one browser session's runs may use (env IET_MAX_DISK_PER_USER_MB; default 5000)")
+    parser.add_argument("--data-dir", action="append", default=[],
+                        help="admin: a folder of datasets users may train on by path (repeatable; otherwise only "
+                             "built-in data, Hub ids and uploads)")
+    parser.add_argument("--claim-cli-runs", action="store_true",
+                        help="admin: let any user resume or evaluate runs made with the command line (they have no owner)")
+    parser.add_argument("--max-live-jobs", type=int, default=int(os.environ.get("IET_MAX_LIVE_JOBS", "20")),
+                        help="runs training or queued at once, all users together (env IET_MAX_LIVE_JOBS; default 20)")
+    parser.add_argument("--max-steps-per-run", type=int, default=int(os.environ.get("IET_MAX_STEPS_PER_RUN", "1000000")),
+                        help="training steps one run may ask for (env IET_MAX_STEPS_PER_RUN; default 1,000,000)")
+    parser.add_argument("--max-eval-work", type=int, default=common.MAX_EVAL_WORK,
+                        help=f"samples x sampling steps one evaluation may ask for (default {common.MAX_EVAL_WORK:,})")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                        help=f"largest file a user may upload (default {MAX_UPLOAD_MB})")
     parser.add_argument("--cleanup-days", type=float, default=float(os.environ.get("IET_CLEANUP_DAYS", "0")) or None,
                         help="admin: at start, delete runs not updated for this many days (env IET_CLEANUP_DAYS)")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a Space sets its own)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
     args = parser.parse_args(argv)
     demo, ctx = build_app(args.runs_dir, max_jobs=args.max_jobs, max_runs_per_user=args.max_runs_per_user,
-                          max_disk_per_user_mb=args.max_disk_per_user_mb)
+                          max_disk_per_user_mb=args.max_disk_per_user_mb, data_dirs=tuple(args.data_dir),
+                          claim_cli_runs=args.claim_cli_runs, max_live_jobs=args.max_live_jobs,
+                          max_steps_per_run=args.max_steps_per_run, max_eval_work=args.max_eval_work)
     if args.cleanup_days:
         removed = ctx.jobs.cleanup(args.cleanup_days)
         print(f"cleanup: removed {len(removed)} run(s) not updated for {args.cleanup_days:g} days")
-    # On Ctrl+C or SIGTERM (a Space restarting) the server closes, then running jobs stop;
-    # stopping saves a checkpoint, so they resume after the restart.
+    # On Ctrl+C or SIGTERM (a Space restarting) the server closes, then evaluations are cancelled
+    # and waited for (torch must not be running in a thread while Python shuts down), then
+    # running jobs stop; stopping saves a checkpoint, so they resume after the restart.
     atexit.register(ctx.jobs.shutdown)
+    atexit.register(ctx.evaluations.close)  # runs first: atexit calls in reverse order
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    launch(demo, server_name=args.host, server_port=args.port)
+    launch(demo, server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
    few rounds how many of 64 samples are memorized; prints the training time until the share
    passes 50% (evaluation time not counted).
 
-    python bench/demo_speed.py --repeats 20
+    python bench/demo_speed.py --repeats 20 --choices demo 12px 8px batch32 compile
     python bench/demo_speed.py --until-memorized --resolution 16 --check-every 3
 """
 from __future__ import annotations
@@ -33,13 +33,13 @@ from iet_core.sample import generate  # noqa: E402
 from iet_core.telemetry import CheckpointEvent  # noqa: E402
 from iet_core.train import Trainer, TrainControl, create_run, train  # noqa: E402
 
-# name: (preset, resolution, batch size, compile); the first is today's demo
+# name: (preset, resolution, batch size, torch.compile); "demo" is today's demo
 CHOICES = {
-    "demo today (tiny, 16px, batch 64)": ("tiny", 16, 64, False),
-    "torch.compile": ("tiny", 16, 64, True),
+    "demo": ("tiny", 16, 64, False),
+    "compile": ("tiny", 16, 64, True),
     "12px": ("tiny", 12, 64, False),
     "8px": ("tiny", 8, 64, False),
-    "batch 32": ("tiny", 16, 32, False),
+    "batch32": ("tiny", 16, 32, False),
 }
 
 
@@ -51,15 +51,16 @@ def demo(mode: str, preset: str, resolution: int, batch_size: int, compile_: boo
 
 
 def step_times(args) -> dict:
+    choices = {name: CHOICES[name] for name in args.choices}
     with tempfile.TemporaryDirectory() as tmp:
         trainers, steps = {}, {}
-        for name, choice in CHOICES.items():
+        for name, choice in choices.items():
             run, dataset = create_run(demo("ddpm", *choice, args.device), Path(tmp) / str(len(trainers)))
             trainer = trainers[name] = Trainer(run, dataset)
             trainer._start_round()
             trainer.flat.bind(trainer.weights[0], trainer.grads[0])
             steps[name] = lambda t=trainer, b=choice[2]: t._step([0], torch.randint(0, len(t.images), (1, b)))
-        times = {name: [] for name in CHOICES}
+        times = {name: [] for name in choices}
         for i in range(args.warmup + args.repeats):
             for name, step in steps.items():
                 start = time.perf_counter()
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-rounds", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles there)")
+    parser.add_argument("--choices", nargs="+", default=list(CHOICES), choices=list(CHOICES), metavar="CHOICE",
+                        help="which to time, the first as the reference (default: all; compile takes minutes to compile on a CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="bench/results/demo_speed.json")
     args = parser.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
     else:
         rows = step_times(args)
-        base = rows[next(iter(CHOICES))]["median_ms"]
+        base = rows[args.choices[0]]["median_ms"]
         rounds = demo_config("ddpm").train.rounds
         print(f"{args.repeats} interleaved steps per choice on {args.device} ({threads} threads); "
               "projected: both demo runs, steps x step time + rounds x (preview + checkpoint)")
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             extra = rounds * (row["preview_s"] + row["checkpoint_s"])
             row["projected_min"] = {steps: 2 * (steps * row["median_ms"] / 1000 + extra) / 60 for steps in (3000, 2000, 1500)}
             projected = "  ".join(f"{s} steps {m:4.1f} min" for s, m in row["projected_min"].items())
-            print(f"{name:36s} {row['median_ms']:7.1f} ms/step  x{row['ratio_to_demo']:.2f}  "
+            print(f"{name:8s} {'-'.join(map(str, CHOICES[name]))}  {row['median_ms']:7.1f} ms/step  x{row['ratio_to_demo']:.2f}  "
                   f"preview {row['preview_s']:.2f} s, checkpoint {row['checkpoint_s']:.2f} s per round  | {projected}")
         result = {"device": args.device, "threads": threads, "repeats": args.repeats, "choices": rows}
     out = Path(args.json)

@@ -45,7 +45,10 @@ GRACE_SECONDS = 20  # after SIGINT at the budget: time to save a checkpoint and 
 PILOT_LOCAL_STEPS = 750  # per proxy per round: long local training, as in the reference (issue 12)
 PILOT_SHARDS = 4
 PILOT_MODES = ("ddpm", "iet-agc")
-SHARED_GPU_SPEED = 0.6  # a guess: the share of the demo's speed each of the pilot's two processes gets
+# The pilot's speed per mode, as a share of the demo's steps per second: a cautious guess for two
+# processes sharing the GPU (a round cut short by the budget leaves nothing to evaluate).
+SHARED_GPU_SPEED = 0.5
+FALLBACK_STEPS_PER_SECOND = 10.0  # the pilot's sizing when the demo measured no speed
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Sizes:
     pilot_local_steps: int
     pilot_reserve: float  # seconds of the pilot's budget not training: start-up, evaluation, report
     report_reserve: float  # seconds left after stopping the pilot's training, to evaluate its checkpoints
+    size_pilot: bool  # size the pilot's rounds by the demo's speed (else one round of pilot_local_steps)
     stand_in: dict[str, str] = field(default_factory=dict)  # environment of the tests part
 
 
@@ -78,14 +82,15 @@ GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=510,
                    "train.lr=5e-4", "train.precision=bf16", "train.device=cuda"],
             demo_subset=256, demo_seconds=80, demo_samples=256, demo_sample_steps=50,
             pilot_subset=600, pilot_heldout=246, pilot_samples=512, pilot_sample_steps=50, pilot_classifier_steps=300,
-            pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=80, report_reserve=40)
+            pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=80, report_reserve=40, size_pilot=True)
 DRY_RUN = Sizes(budgets={"tests": 300, "bench": 300, "demo": 300}, total=1500,
                 bench=["--smoke", "--repeats", "1"],
                 model=["model.preset=tiny", "data.resolution=8", "data.channels=3", "train.batch_size=8",
                        "train.lr=1e-3", "train.device=cpu"],
                 demo_subset=32, demo_seconds=2, demo_samples=16, demo_sample_steps=5,
                 pilot_subset=40, pilot_heldout=20, pilot_samples=16, pilot_sample_steps=2, pilot_classifier_steps=5,
-                pilot_local_steps=2, pilot_reserve=60, report_reserve=30, stand_in={"IET_CUDA_TESTS_DEVICE": "cpu"})
+                pilot_local_steps=2, pilot_reserve=60, report_reserve=30, size_pilot=False,
+                stand_in={"IET_CUDA_TESTS_DEVICE": "cpu"})
 
 
 class Check:
@@ -170,12 +175,8 @@ class Check:
         """Baseline and IET-AGC side by side (two processes share the GPU), each in its own
         folder; a mode stopped at the budget is evaluated afterwards from the checkpoints it has."""
         s = self.sizes
-        rate = self.results["parts"].get("demo", {}).get("steps_per_second")
-        local_steps, rounds = s.pilot_local_steps, 1
-        if rate and s is GPU:  # as many rounds as fit; fewer local steps only if not even one round does
-            capacity = rate * SHARED_GPU_SPEED * max(0.0, budget - s.pilot_reserve)  # optimizer steps per mode
-            rounds = max(1, int(capacity // (PILOT_SHARDS * local_steps)))
-            local_steps = min(local_steps, max(50, int(capacity // PILOT_SHARDS) // 50 * 50))
+        rate = self.results["parts"].get("demo", {}).get("steps_per_second") or FALLBACK_STEPS_PER_SECOND
+        rounds, local_steps = pilot_size(rate, budget - s.pilot_reserve) if s.size_pilot else (1, s.pilot_local_steps)
         steps = rounds * PILOT_SHARDS * local_steps
         command = [sys.executable, "-m", "iet_core.experiments", "--seeds", "0", "--shards", str(PILOT_SHARDS),
                    "--rounds", str(rounds), "--steps", str(steps), "--eval-points", str(rounds),
@@ -206,6 +207,16 @@ class Check:
     def save(self) -> None:
         (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=2))
         (self.out / "gpu_check.md").write_text(markdown(self.results))
+
+
+def pilot_size(steps_per_second: float, seconds: float) -> tuple[int, int]:
+    """Rounds and local steps per proxy for the pilot's training time: as many rounds of
+    PILOT_LOCAL_STEPS as fit, or one shorter round (a multiple of 50, at least 50) if none does."""
+    capacity = steps_per_second * SHARED_GPU_SPEED * max(0.0, seconds)  # optimizer steps per mode
+    rounds = int(capacity // (PILOT_SHARDS * PILOT_LOCAL_STEPS))
+    if rounds:
+        return rounds, PILOT_LOCAL_STEPS
+    return 1, max(50, int(capacity // PILOT_SHARDS) // 50 * 50)
 
 
 def finished_by(process: subprocess.Popen, when: float) -> bool:

@@ -7,7 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
-from .config import MODES, TRACKERS, ConfigError, RunConfig, demo_config, method_for_mode
+from .config import MODES, RECIPES, TRACKERS, ConfigError, RunConfig, method_for_mode, recipe_config
 
 # Shortcut flags for the settings people change most; `--set section.name=value` reaches all.
 SHORTCUTS = {
@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"config file {path} does not exist: write one with `python -m iet_core config > {path.name}`.")
         config = RunConfig.load(path)
     else:
-        config = demo_config(args.mode or "ddpm") if args.recipe == "demo" else RunConfig(method=method_for_mode(args.mode or "ddpm"))
+        config = recipe_config(args.recipe, args.mode or "ddpm")
     tree = config.to_dict()
     if args.mode and args.config:  # the mode's switches over the file's method, keeping its K if it has one
         shards = config.method.num_shards if config.method.num_shards > 1 else 4
@@ -82,9 +82,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a JSON config file (see `python -m iet_core config`)")
-    parser.add_argument("--recipe", choices=("demo", "reference"), default="demo",
-                        help="starting settings when no --config: 'demo' trains on CPU in minutes; "
-                             "'reference' uses the paper code's defaults")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="demo",
+                        help="starting settings when no --config (iet_core.config.RECIPES): 'demo' trains on CPU "
+                             "in minutes; 'reference' uses the paper code's defaults")
     parser.add_argument("--mode", choices=MODES, help="ddpm (baseline), iet, iet-agc or iet-agc+")
     parser.add_argument("--name", help="run name")
     for flag, (_, help_text) in SHORTCUTS.items():

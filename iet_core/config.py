@@ -477,15 +477,67 @@ def _coerce(value: Any, annotation: str, where: str):
     return value
 
 
+# Recipes: where a run starts, as plain data: settings over RunConfig's defaults (the paper
+# code's), shaped like RunConfig.to_dict(). The CLI's --recipe, the app's Train presets, the
+# experiments and the tests start from them. `base`: the recipe this one changes; `name`: the
+# run's name ("{mode}" is filled in); `share_steps`: the K proxies share each round's
+# `local_steps`, so every mode trains the same number of steps.
+RECIPES: dict[str, dict] = {
+    "reference": {},
+    # Memorizes on 2 CPU cores within minutes: 64 digits at 16x16, tiny UNet, 3,000 steps of
+    # batch 64 in every mode. Warmup as the reference (each proxy over 15% of its first round),
+    # not a fixed count, which warmed IET's short-round proxies over 4 rounds and the baseline over 1.
+    "demo": {"name": "demo-{mode}", "share_steps": True, "model": {"preset": "tiny"},
+             "train": {"rounds": 30, "local_steps": 100, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw",
+                       "ema_decay": 0.995, "hflip": False}},
+    # The demo stopped at 20 of its 30 rounds for a class, in local epochs (the same compute
+    # whatever K is): at 2,000 steps the baseline memorized 78% of its samples in all three
+    # seeds of docs/results.md, in about 7 minutes on 2 CPU cores.
+    "classroom": {"base": "demo", "train": {"rounds": 20, "local_steps": None, "local_epochs": 100}},
+    "quick": {"base": "demo", "train": {"rounds": 4, "local_steps": None, "local_epochs": 40}},
+    "gpu-small": {"base": "demo", "model": {"preset": "small"},
+                  "train": {"rounds": 20, "local_steps": None, "local_epochs": 200, "batch_size": 128, "lr": 5e-4}},
+    "paper": {"model": {"preset": "ddpm-cifar10"}, "method": {"num_shards": 10},
+              "train": {"rounds": 10, "local_steps": None, "local_epochs": 100}},
+    # Seconds per run: 12 digits at 8x8, 2 rounds of 3 steps (the tests' recipe).
+    "smoke": {"base": "demo", "name": "smoke-{mode}", "share_steps": False, "method": {"num_shards": 2},
+              "data": {"resolution": 8, "subset": 12},
+              "train": {"rounds": 2, "local_steps": 3, "batch_size": 4, "warmup_steps": 2, "preview_samples": 0,
+                        "log_every": 2}},
+}
+
+
+def _merged(tree: dict, changes: dict) -> dict:
+    out = dict(tree)
+    for key, value in changes.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def _recipe_tree(recipe: str) -> dict:
+    _check(recipe in RECIPES, f"recipe={recipe!r} is unknown: choose one of {', '.join(RECIPES)}.")
+    own = dict(RECIPES[recipe])
+    base = own.pop("base", None)
+    return _merged(_recipe_tree(base) if base else {}, own)
+
+
+def recipe_config(recipe: str, mode: str = "ddpm", num_shards: int | None = None) -> RunConfig:
+    """A recipe's config for a paper mode (K = num_shards, else the recipe's, else 4)."""
+    tree = _recipe_tree(recipe)
+    share_steps = tree.pop("share_steps", False)
+    name = tree.pop("name", RunConfig.name).format(mode=mode)
+    method = method_for_mode(mode, num_shards or (tree.get("method") or {}).get("num_shards") or 4)
+    config = RunConfig.from_dict(_merged(RunConfig().to_dict(), tree))
+    config.name, config.method = name, method
+    if share_steps and config.train.local_steps is not None:
+        config.train.local_steps //= method.num_shards
+    return config
+
+
 def demo_config(mode: str = "ddpm", **train_overrides: Any) -> RunConfig:
-    """A recipe that memorizes on 2 CPU cores within minutes: 64 digits at 16x16, tiny UNet,
-    3,000 steps of batch 64 in every mode (K proxies share each round's 100 steps)."""
-    method = method_for_mode(mode, num_shards=4)
-    # Warmup as the reference: each proxy over 15% of its first round (not a fixed step count,
-    # which would warm IET's short-round proxies over several rounds and the baseline over one).
-    train = TrainConfig(rounds=30, local_steps=100 // method.num_shards, batch_size=64, lr=1e-3, optimizer="adamw",
-                        ema_decay=0.995, hflip=False)
+    """The "demo" recipe: memorizes on 2 CPU cores within minutes (64 digits at 16x16, tiny
+    UNet, 3,000 steps of batch 64 in every mode)."""
+    config = recipe_config("demo", mode)
     for key, value in train_overrides.items():
-        setattr(train, key, value)
-    return RunConfig(name=f"demo-{mode}", data=DataConfig(), model=ModelConfig(preset="tiny"),
-                     method=method, train=train)
+        setattr(config.train, key, value)
+    return config

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, RunConfig
+from .config import MAX_IMAGES, ConfigError, RunConfig
+from .data import SourcePolicy
 from .history import RunHistory
 from .owners import JobError, Quota, check_recorded_owner, owner_digest, same_owner, set_aside_stale
-from .runs import Run, is_run_folder, list_runs, remove_folders
+from .neighbours import resolve_device
+from .runs import DATASETS_DIR, Run, is_run_folder, list_runs, remove_folders
 from .telemetry import Event
 from .train import TrainControl, train
 
@@ -74,12 +76,21 @@ class JobManager:
     """Training jobs keyed by run id: queue, threads, control, and each run's history."""
 
     def __init__(self, runs_root: str | Path, max_running: int = 1, cache_size: int = 8,
-                 max_runs_per_owner: int | None = None, max_bytes_per_owner: int | None = None):
+                 max_runs_per_owner: int | None = None, max_bytes_per_owner: int | None = None,
+                 sources: SourcePolicy | None = None, claim_unowned: bool = False,
+                 max_live_jobs: int | None = None, max_steps_per_run: int | None = None):
+        """`sources`: the data users may train on (default: built-ins, Hub ids and uploads kept
+        in the runs folder). `claim_unowned`: runs made outside the app may be resumed and
+        evaluated from it. `max_live_jobs` (training or queued) and `max_steps_per_run` hold
+        for all users together, so fresh owner tokens cannot get around them."""
         if max_running < 1:
             raise ConfigError(f"max_running={max_running}: allow at least 1 concurrent job.")
         self.quota = Quota(max_runs_per_owner, max_bytes_per_owner)
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.sources = sources or SourcePolicy.allowing(self.runs_root / DATASETS_DIR)
+        self.claim_unowned = claim_unowned
+        self.max_live_jobs, self.max_steps_per_run = max_live_jobs, max_steps_per_run
         self.max_running = max_running
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
@@ -89,9 +100,15 @@ class JobManager:
 
     # -- starting --------------------------------------------------------------------------
     def submit(self, config: RunConfig, owner: str, run_id: str | None = None) -> str:
-        """Create the run folder now (so it is listed at once) and queue its training."""
+        """Check everything that can be checked without the data (settings, data source,
+        device, size, room), then create the run folder (so it is listed at once) and queue
+        its training."""
         config.validate()
+        self.sources.check(config.data.source)
+        resolve_device(config.train.device)
+        self._check_size(config)
         with self._lock:
+            self._check_room()
             self.quota.check(self.runs_root, owner)
             run = Run.create(self.runs_root, config, run_id=run_id)
             run.write_owner(owner_digest(owner))
@@ -109,12 +126,42 @@ class JobManager:
                     job.control.resume()
                     return
                 raise JobError(f"run {run_id} is {job.state}; only a paused or stopped run can be resumed.")
-            run = self._open(run_id)
-            check_recorded_owner(run, owner, "resume")
+            run = self.check_owner(run_id, owner, "resume")
+            holder = run.describe_writer()
+            if holder is not None:
+                raise JobError(f"run {run_id} is being trained by {holder}: stop it there first.")
+            self._check_room()
             state = run.status().get("state")
             if state == "finished":
                 raise JobError(f"run {run_id} has finished; start a new run to train longer.")
             self._enqueue(Job(run=run, owner=owner, resume=True, control=TrainControl()))
+
+    def check_owner(self, run_id: str, owner: str, action: str) -> Run:
+        """The run, if `owner` started it. Runs made outside the app (no recorded owner) pass
+        only when the admin lets the app claim them."""
+        run = self._open(run_id)
+        if run.owner() is None and not self.claim_unowned:
+            raise JobError(f"run {run_id} was made outside the app (with the command line); the app may {action} "
+                           "such runs only when its admin allows it (--claim-cli-runs).")
+        check_recorded_owner(run, owner, action)
+        return run
+
+    def _check_size(self, config: RunConfig) -> None:
+        if self.max_steps_per_run is None:
+            return
+        images = min(config.data.subset or MAX_IMAGES, MAX_IMAGES)  # an upper bound before the data is read
+        shards = config.method.num_shards
+        steps = config.train.rounds * shards * config.train.steps_for_shard(-(-images // shards))
+        if steps > self.max_steps_per_run:
+            raise JobError(f"this run asks for up to {steps:,} training steps and this server allows "
+                           f"{self.max_steps_per_run:,} per run: lower train.rounds or train.local_steps.")
+
+    def _check_room(self) -> None:
+        with self._lock:
+            live = sum(1 for job in self._jobs.values() if not job.done)
+            if self.max_live_jobs is not None and live >= self.max_live_jobs:
+                raise JobError(f"{live} runs are training or waiting on this server, its limit: "
+                               "try again when one has finished.")
 
     def _enqueue(self, job: Job) -> None:
         with self._lock:
@@ -133,7 +180,7 @@ class JobManager:
 
     def _work(self, job: Job) -> None:
         try:
-            train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)])
+            train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)], holder="the app")
         except Exception as err:  # the trainer has marked the run failed; keep the reason for the UI
             job.error = f"{type(err).__name__}: {err}"
             log.exception("training run %s failed", job.run.id)
@@ -244,11 +291,14 @@ class JobManager:
         if job is None or job.done:
             status = dict(self.run(run_id).status())
             status.update(run_id=run_id, queue_position=None, live=False)
-            if job is None and status.get("state") in ("running", "paused"):
-                # The folder says training, but no job of this app trains it: the app stopped
-                # without stopping the run (killed, crashed), or another process trains it.
-                status.update(state="interrupted", message="training was interrupted (or runs in another process); "
-                                                            "Resume continues from its last checkpoint")
+            holder = self.run(run_id).describe_writer() if job is None else None
+            if holder is not None:  # another process (the command line) trains it
+                status.update(state="running", message=f"trained by {holder}; steer it there")
+            elif job is None and status.get("state") in ("running", "paused"):
+                # The folder says training, but nothing trains it: the app or the command line
+                # stopped without stopping the run (killed, crashed).
+                status.update(state="interrupted", message="training was interrupted; Resume continues from its "
+                                                            "last checkpoint")
             if job is not None and job.error:
                 status.update(state="failed", error=job.error, message=status.get("message") or job.error)
             return status
@@ -291,15 +341,12 @@ class JobManager:
         for run in list_runs(self.runs_root):
             try:
                 config = run.config
-            except FileNotFoundError:  # deleted since the folder was listed
-                continue
-            except ConfigError:  # a folder with a broken config: list it so the user sees it
-                rows.append({"run_id": run.id, "name": run.id, "mode": "?", "state": "broken", "queue_position": None,
-                             "round": 0, "rounds": 0})
-                continue
-            try:
                 status = self.status(run.id)
-            except JobError:  # deleted since the folder was listed
+            except (FileNotFoundError, JobError):  # deleted since the folder was listed
+                continue
+            except (ConfigError, OSError, ValueError, TypeError) as err:  # listed, so the user sees it
+                rows.append({"run_id": run.id, "name": run.id, "mode": "?", "state": "damaged", "queue_position": None,
+                             "round": 0, "rounds": 0, "message": f"this run's files cannot be read: {err}"})
                 continue
             rows.append({"run_id": run.id, "name": config.name, "mode": config.method.mode, "state": status.get("state"),
                          "queue_position": status.get("queue_position"), "round": status.get("round", 0),

@@ -200,7 +200,9 @@ class Run:
 
     @property
     def config(self) -> RunConfig:
-        return RunConfig.load(self.path / "config.json")
+        """The run's settings, checked as when it was made: a folder whose config no longer
+        validates (edited by hand, or out of today's bounds) is damaged, not trusted."""
+        return RunConfig.load(self.path / "config.json").validate()
 
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:

@@ -5,20 +5,24 @@
     owner = "any-random-string-you-keep"          # identifies you as the run's owner
     run = client.predict(config_json, owner, api_name="/start_run")
     client.predict(run["run_id"], api_name="/run_status")
-    client.predict(run["run_id"], 64, 20, api_name="/evaluate_run")
+    client.predict(run["run_id"], 64, 20, owner, api_name="/evaluate_run")
 
 The pages call the same JobManager methods; this module only adapts types.
 """
 from __future__ import annotations
 
-import gradio as gr
+from typing import Callable
 
-from iet_core.config import EvalConfig, RunConfig
+import gradio as gr
+from gradio.context import LocalContext
+
+from iet_core.config import ConfigError, EvalConfig, RunConfig
 from iet_core.evaluate import evaluate_run, load_eval
+from iet_core.owners import owner_digest
 from pages.common import AppContext, user_errors
 from pages.train import demo_run_config
 
-EVAL_CONCURRENCY = "evaluation"  # one evaluation at a time (UI and API alike): it is heavy
+EVAL_CONCURRENCY = "evaluation"  # UI and API evaluations share one gate (AppContext.evaluations)
 
 
 def run_summary(ctx: AppContext, run_id: str) -> dict:
@@ -31,10 +35,47 @@ def run_summary(ctx: AppContext, run_id: str) -> dict:
 
 
 def evaluation_config(ctx: AppContext, run_id: str, num_samples: int, steps: int) -> EvalConfig:
+    """The run's eval settings with these counts, within what this server allows one evaluation."""
+    counts = RunConfig.from_dict({"eval": {"num_samples": num_samples, "steps": steps}}).eval
     config = ctx.jobs.run(run_id).config.eval
-    config.num_samples, config.steps = int(num_samples), int(steps)
+    config.num_samples, config.steps = counts.num_samples, counts.steps
     config.validate()
+    work = config.num_samples * config.steps
+    if work > ctx.max_eval_work:
+        raise ConfigError(f"{config.num_samples} samples x {config.steps} steps = {work:,} sampling steps; this server "
+                          f"allows {ctx.max_eval_work:,} per evaluation: ask for fewer samples or steps (the command "
+                          "line has no such limit).")
     return config
+
+
+def client_gone() -> Callable[[], bool]:
+    """Whether the client of the event being handled has left (closed the tab or the
+    connection, or cancelled). Gradio marks such an event dead but cannot stop the thread
+    running it, so long handlers ask this and stop themselves."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    seen = False
+
+    def gone() -> bool:
+        nonlocal seen
+        if queue is None or event_id is None:  # called outside an event (tests)
+            return False
+        for events in list(queue.active_jobs):
+            for event in events or ():
+                if event._id == event_id:
+                    seen = True
+                    return not event.alive
+        return seen  # no longer active once seen: cancelled
+    return gone
+
+
+def run_evaluation(ctx: AppContext, run_id: str, config: EvalConfig, owner: str, progress=None):
+    """Evaluate a run for its owner through the server's evaluation gate, stopping early when
+    the client leaves or the server stops."""
+    ctx.jobs.check_owner(run_id, owner, "evaluate")
+    with ctx.evaluations.slot(owner_digest(owner), client_gone()) as cancelled:
+        return evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id), progress=progress,
+                            cancelled=cancelled)
 
 
 def register(ctx: AppContext) -> None:
@@ -86,9 +127,11 @@ def register(ctx: AppContext) -> None:
         return run_summary(ctx, run_id)
 
     @user_errors
-    def evaluate(run_id: str, num_samples: int, steps: int) -> dict:
-        """Sample the run and measure memorization; returns the summary and the per-sample table."""
-        result = evaluate_run(ctx.jobs.run(run_id), evaluation_config(ctx, run_id, num_samples, steps))
+    def evaluate(run_id: str, num_samples: int, steps: int, owner: str) -> dict:
+        """Sample a run you own and measure memorization; returns the summary and the per-sample table.
+        One evaluation per owner at a time; it stops when the client disconnects."""
+        config = evaluation_config(ctx, run_id, num_samples, steps)
+        result = run_evaluation(ctx, run_id, config, _owner(owner))
         return {"summary": result.summary, "table": result.table.to_dict("records")}
 
     @user_errors
@@ -100,7 +143,7 @@ def register(ctx: AppContext) -> None:
     for fn in (start_run, run_status, list_runs, pause_run, resume_run, stop_run, delete_run, set_skip_lambda,
                latest_evaluation):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
-    gr.api(evaluate, api_name="evaluate_run", concurrency_limit=1, concurrency_id=EVAL_CONCURRENCY)
+    gr.api(evaluate, api_name="evaluate_run", concurrency_limit=ctx.evaluations.capacity, concurrency_id=EVAL_CONCURRENCY)
 
 
 def _owner(owner: str) -> str:

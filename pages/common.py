@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -19,15 +20,20 @@ import numpy as np
 from PIL import Image
 
 from iet_core.config import ConfigError
+from iet_core.evaluate import EvaluationGate
+from iet_core.sample import Cancelled
 from iet_core.data import ImageDataset
 from iet_core.jobs import JobManager
 from iet_core.owners import new_owner_token
 
+# Samples x sampling steps one evaluation may ask of the server (64 samples of 1,000 DDPM
+# steps); admins change it with --max-eval-work.
+MAX_EVAL_WORK = 64_000
 SESSION_KEY = "iet-agc-app-session"
 SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}
 # Plain symbols that every system font has (emoji need a colour-emoji font).
 STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping": "■", "stopped": "■",
-               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!"}
+               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!", "damaged": "✗"}
 
 
 @dataclass
@@ -35,18 +41,20 @@ class AppContext:
     jobs: JobManager
     runs_root: Path
     secret: str  # encrypts the browser session; kept in the runs folder so sessions survive restarts
+    evaluations: EvaluationGate = field(default_factory=EvaluationGate)
+    max_eval_work: int = MAX_EVAL_WORK
     _datasets: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     _datasets_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def create(cls, runs_root: str | Path, jobs: JobManager) -> "AppContext":
+    def create(cls, runs_root: str | Path, jobs: JobManager, max_eval_work: int = MAX_EVAL_WORK) -> "AppContext":
         root = Path(runs_root)
         root.mkdir(parents=True, exist_ok=True)
         secret_file = root / ".app-secret"
         if not secret_file.exists():
             secret_file.write_text(secrets.token_urlsafe(24))
             secret_file.chmod(0o600)
-        return cls(jobs=jobs, runs_root=root, secret=secret_file.read_text().strip())
+        return cls(jobs=jobs, runs_root=root, secret=secret_file.read_text().strip(), max_eval_work=max_eval_work)
 
     def dataset(self, run_id: str) -> ImageDataset:
         """A run's training images (a few kept in memory: galleries need them on every update)."""
@@ -79,12 +87,13 @@ def ensure_owner(session: dict | None) -> dict:
 
 
 def user_errors(fn):
-    """Show ConfigError (bad input, with what to do) as a message in the page instead of a crash."""
+    """Show ConfigError (bad input, with what to do) and cancelled work as a message in the
+    page instead of a crash."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as err:
+        except (ConfigError, Cancelled) as err:
             raise gr.Error(str(err), print_exception=False) from None
     return wrapper
 
@@ -214,10 +223,23 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
     return " · ".join(parts) + (f"  \n{message}" if message else "")
 
 
+DOWNLOAD_ROOT = Path(tempfile.gettempdir()) / "iet-app-downloads"
+DOWNLOAD_TTL_SECONDS = 600  # gradio has copied a download into its own cache long before this
+
+
 def download_dir(prefix: str) -> Path:
     """A fresh temporary folder for a file to download: gradio copies what a handler returns
-    into its own cache, and nothing in the runs folder is served directly."""
-    return Path(tempfile.mkdtemp(prefix=f"iet-{prefix}-"))
+    into its own cache, and nothing in the runs folder is served directly. Folders older than
+    DOWNLOAD_TTL_SECONDS are removed first, so downloads never pile up in the temp folder."""
+    DOWNLOAD_ROOT.mkdir(exist_ok=True)
+    cutoff = time.time() - DOWNLOAD_TTL_SECONDS
+    for old in DOWNLOAD_ROOT.iterdir():
+        try:
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed meanwhile by another request
+            continue
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=DOWNLOAD_ROOT))
 
 
 # -- images ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig
-from iet_core.evaluate import evaluate_run, flips_in_training, load_eval
+from iet_core.evaluate import flips_in_training, load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 from pages.memorization import quality_text
@@ -114,6 +114,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "data, and evaluate them the same way: the same checkpoint step, the same weights, the same "
                        "number of samples. A copy share means little without its quality: a model that has not "
                        "learned yet makes noise, and noise copies nothing.")
+    session = common.session_state(ctx)
     with gr.Row(equal_height=False):
         picker = gr.Dropdown(choices=[], multiselect=True, label="Runs to compare", scale=8, elem_id="compare-picker")
         refresh = gr.Button("↻ Refresh", scale=0, min_width=110, size="sm")
@@ -153,7 +154,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     picker.change(lambda run_ids: compare_view(ctx, run_ids or []), picker, outputs, api_visibility="private")
 
     @common.user_errors
-    def evaluate_alike(run_ids, count, use_ema, progress=gr.Progress()):
+    def evaluate_alike(run_ids, count, use_ema, session, progress=gr.Progress()):
         if not run_ids:
             raise gr.Error("Pick runs to compare first.", print_exception=False)
         # One mirror setting for all: compared with mirrored training images when any run saw them.
@@ -162,8 +163,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             config = api.evaluation_config(ctx, run_id, count, EvalConfig.steps)
             config.use_ema, config.flip_aware = bool(use_ema), mirrored
             progress(i / len(run_ids), desc=f"evaluating {ctx.jobs.run(run_id).config.name}")
-            evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id))
+            api.run_evaluation(ctx, run_id, config, common.ensure_owner(session)["owner"])
         return compare_view(ctx, run_ids)
 
-    evaluate_all.click(evaluate_alike, [picker, num_samples, weights], outputs, concurrency_limit=1,
-                       concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
+    evaluate_all.click(evaluate_alike, [picker, num_samples, weights, session], outputs,
+                       concurrency_limit=ctx.evaluations.capacity, concurrency_id=api.EVAL_CONCURRENCY,
+                       api_visibility="private")

@@ -13,8 +13,8 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import DataConfig
-from iet_core.data import DataError, load_dataset
+from iet_core.config import MAX_IMAGES, ConfigError, DataConfig, RunConfig
+from iet_core.data import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, DataError, load_dataset
 from iet_core.runs import is_upload, save_upload
 from pages import common
 
@@ -36,10 +36,19 @@ def persist_upload(files: list[str], runs_root: Path, resolution: int, channels:
     archives = [p for p in paths if p.suffix.lower() in (".zip", ".npz")]
     if archives and len(paths) > 1:
         raise DataError("upload either one .zip or .npz archive, or image files, not both.")
+    if len(paths) > MAX_IMAGES:
+        raise DataError(f"{len(paths):,} files: upload at most {MAX_IMAGES:,} images (or one archive).")
+    # Sizes are checked before anything is read: a huge file never reaches memory.
+    sizes = [path.stat().st_size for path in paths]
+    limit = MAX_ARCHIVE_BYTES if archives else MAX_FILE_BYTES
+    if max(sizes) > limit or sum(sizes) > MAX_ARCHIVE_BYTES:
+        raise DataError(f"the upload is too large: at most {MAX_FILE_BYTES // 2**20} MiB per image and "
+                        f"{MAX_ARCHIVE_BYTES // 2**30} GiB in all.")
     digest = hashlib.sha256(f"{resolution}x{channels}".encode())
     for path in sorted(paths, key=lambda p: p.name):
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        with path.open("rb") as handle:
+            hashlib.file_digest(handle, lambda: digest)
     first = min(paths, key=lambda p: p.name)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", first.stem).strip("-")[:32] or "upload"
     more = f"-and-{len(paths) - 1}-more" if len(paths) > 1 else ""
@@ -89,7 +98,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                              label="Images (PNG, JPEG, ...), or one .zip of images (class folders become labels), "
                                    "or an .npz with an `images` array")
             with gr.Row(visible=False) as hub_row:
-                hub_id = gr.Textbox(label="Dataset id or local `save_to_disk` folder", placeholder="e.g. uoft-cs/cifar10",
+                hub_id = gr.Textbox(label="Dataset id (owner/name)", placeholder="e.g. uoft-cs/cifar10",
                                     scale=3)
                 hub_split = gr.Textbox("train", label="Split", scale=1)
             resolution = gr.Dropdown(RESOLUTIONS, value=16, label="Resolution (pixels)",
@@ -113,19 +122,21 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     @common.user_errors
     def load_data(choice, files, hub, split, res, ch, count, session):
         session = common.ensure_owner(session)
-        res, ch = int(res), int(ch)
+        # Every value is checked as a config is: events reach the server from any client.
+        chosen = RunConfig.from_dict({"data": {"resolution": res, "channels": ch, "subset": count or None}}).data
+        res, ch = chosen.resolution, chosen.channels
         rejected_before: list = []
         if choice == UPLOAD:
             path, rejected_before = persist_upload(files or [], ctx.runs_root, res, ch)
             config = DataConfig(source=path, resolution=res, channels=ch)
         elif choice == HUB:
             if not (hub or "").strip():
-                raise DataError("give a Hugging Face dataset id (e.g. uoft-cs/cifar10) or a local dataset folder.")
+                raise DataError("give a Hugging Face dataset id as owner/name (e.g. uoft-cs/cifar10).")
             config = DataConfig(source=f"hf:{hub.strip()}", resolution=res, channels=ch, hf_split=(split or "train").strip())
         else:
             config = DataConfig(source="digits", resolution=res, channels=ch)
-        config.subset = int(count) if count else None
-        dataset = load_dataset(config)
+        config.subset = chosen.subset
+        dataset = load_dataset(config, ctx.jobs.sources)
         if config.subset and config.subset >= len(dataset):  # fewer images than asked for: all of them
             config.subset = None
         dataset.rejected = rejected_before + dataset.rejected
@@ -140,10 +151,13 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
 
     def restore(session):
         """Show the session's data choice (or the default digits) when the page opens."""
-        chosen = DataConfig(**(session or {}).get("data") or {})
+        try:  # the session comes from the browser: read it like any other input
+            chosen = RunConfig.from_dict({"data": (session or {}).get("data") or {}}).data
+        except ConfigError:
+            chosen = DataConfig()
         choice = UPLOAD if is_upload(chosen.source) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
-            dataset = load_dataset(chosen)
+            dataset = load_dataset(chosen, ctx.jobs.sources)
         except DataError as err:
             return [gr.skip()] * 7 + [f"The data chosen earlier cannot be loaded: {err}", None]
         hub = chosen.source[3:] if choice == HUB else ""

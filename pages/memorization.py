@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
-from iet_core.evaluate import evaluate_run, load_eval
+from iet_core.evaluate import load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 
@@ -171,17 +171,18 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     picker.change(load_saved, picker, outputs, api_visibility="private")
 
     @common.user_errors
-    def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, progress=gr.Progress()):
+    def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, session, progress=gr.Progress()):
         if not run_id:
             raise gr.Error("Pick a run first.", print_exception=False)
         config = api.evaluation_config(ctx, run_id, count, sampling_steps)
         config.fid, config.use_ema = bool(with_fid), bool(use_ema)
-        result = evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id),
-                              progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
+        result = api.run_evaluation(ctx, run_id, config, common.ensure_owner(session)["owner"],
+                                    progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
         return result_view(ctx, run_id, result)
 
-    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid], outputs, concurrency_limit=1,
-                   concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")
+    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid, session], outputs,
+                   concurrency_limit=ctx.evaluations.capacity, concurrency_id=api.EVAL_CONCURRENCY,
+                   api_visibility="private")
 
     @common.user_errors
     def table_csv(run_id):

@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from pages import api, common
-from pages.train import DEMO_PRESET, demo_run_config
+from pages.train import DEMO_PRESET, PRESET_LABELS, demo_run_config
 
 POLL_SECONDS = 3.0
 INTRO = """
@@ -44,7 +44,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         demo_baseline = gr.Button("Baseline DDPM only", size="lg", scale=1)
         demo_agc = gr.Button("IET-AGC only", size="lg", scale=1)
     demo_message = gr.Markdown(elem_id="demo-message")
-    gr.Markdown(f"The demo uses the preset *{DEMO_PRESET}* on the built-in digits: no download, no setup.")
+    gr.Markdown(f"The demo uses the preset *{PRESET_LABELS[DEMO_PRESET]}* on the built-in digits: no download, no setup.")
     gr.Markdown("## Runs\nEvery run in the runs folder, newest first, including runs from before a restart "
                 "(stopped runs can be resumed from the Train page).")
     table = gr.Dataframe(runs_table(ctx), interactive=False, wrap=True, elem_id="runs-table")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from iet_core.config import MODEL_PRESETS, MSR_POLICIES, DataConfig, RunConfig, demo_config, method_for_mode
+from iet_core.config import MODEL_PRESETS, MSR_POLICIES, DataConfig, RunConfig, method_for_mode, recipe_config
 from pages import common
 from pages.data import source_label
 
@@ -13,38 +13,36 @@ POLL_SECONDS = 2.0
 MODE_LABELS = {"ddpm": "Baseline DDPM (one model, all data)", "iet": "IET (K proxies on K shards, averaged)",
                "iet-agc": "IET-AGC (+ skip suspiciously easy samples)", "iet-agc+": "IET-AGC+ (+ MSR and TAA)"}
 
-# Training presets: model and schedule; the data comes from the Data page. Local training is
-# in epochs of each proxy's shard, so every method gets the same compute whatever K is.
-_DEMO = demo_config()
-PRESETS: dict[str, dict] = {
-    # The engine's demo recipe (100 steps of batch 64 per round, every method), stopped at 20
-    # of its 30 rounds for a class: at 2,000 steps the baseline memorized 78% of its samples in
-    # all three seeds of docs/results.md, in about 7 minutes on 2 CPU cores.
-    "Classroom demo · CPU · ~8 min": dict(model=_DEMO.model.preset, shards=4, rounds=20, unit="epochs", amount=100,
-                                          batch_size=_DEMO.train.batch_size, lr=_DEMO.train.lr, preview=16),
-    "Quick look · CPU · 2-3 min, curves only": dict(
-        model="tiny", shards=4, rounds=4, unit="epochs", amount=40, batch_size=64, lr=1e-3, preview=16),
-    "GPU · small model · 32×32 colour": dict(
-        model="small", shards=4, rounds=20, unit="epochs", amount=200, batch_size=128, lr=5e-4, preview=16),
-    "Paper reference · GPU · hours": dict(
-        model="ddpm-cifar10", shards=10, rounds=10, unit="epochs", amount=100, batch_size=128, lr=2e-4, preview=16),
-}
-DEMO_PRESET = next(iter(PRESETS))
+# The form's presets are the engine's recipes (iet_core.config.RECIPES), shown by these labels;
+# the data comes from the Data page.
+PRESET_LABELS = {"classroom": "Classroom demo · CPU · ~8 min", "quick": "Quick look · CPU · 2-3 min, curves only",
+                 "gpu-small": "GPU · small model · 32×32 colour", "paper": "Paper reference · GPU · hours"}
+DEMO_PRESET = "classroom"
+
+
+def preset_values(recipe: str) -> dict:
+    """The form's values for a recipe."""
+    config = recipe_config(recipe, "iet-agc")
+    train = config.train
+    in_steps = train.local_steps is not None
+    return dict(model=config.model.preset, shards=config.method.num_shards, rounds=train.rounds,
+                unit="steps" if in_steps else "epochs", amount=train.local_steps if in_steps else train.local_epochs,
+                batch_size=train.batch_size, lr=train.lr, preview=train.preview_samples)
 
 
 def data_config(session: dict | None) -> DataConfig:
     """The data chosen on the Data page, or the demo's digits."""
     chosen = (session or {}).get("data")
-    return DataConfig(**chosen) if chosen else demo_config().data
+    return DataConfig(**chosen) if chosen else recipe_config(DEMO_PRESET).data
 
 
 def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: str, shards: int, rounds: int,
                  unit: str, amount: float, batch_size: int, lr: float, seed: int, skip_lambda: float,
                  bank_decay: float, msr_threshold: float, msr_policy: str, taa_band: float, taa_strength: float,
                  preview: int) -> RunConfig:
-    """A validated RunConfig from the form. The demo recipe supplies what the form does not
-    show (optimizer, warmup, EMA), except for the paper preset, which keeps the reference's."""
-    config = RunConfig() if preset.startswith("Paper") else demo_config(mode)
+    """A validated RunConfig from the form. The preset's recipe supplies what the form does not
+    show (optimizer, warmup, EMA)."""
+    config = recipe_config(preset, mode)
     config.name = (name or "").strip() or f"{mode}-{data.source.split('/')[-1].removesuffix('.npz')[:24]}"
     config.data = data
     config.model.preset = model
@@ -61,8 +59,8 @@ def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: 
 
 def demo_run_config(mode: str) -> RunConfig:
     """The classroom demo: built-in digits and the demo preset."""
-    values = PRESETS[DEMO_PRESET]
-    return build_config(demo_config().data, name=f"demo-{mode}", mode=mode, preset=DEMO_PRESET, model=values["model"],
+    values = preset_values(DEMO_PRESET)
+    return build_config(recipe_config(DEMO_PRESET).data, name=f"demo-{mode}", mode=mode, preset=DEMO_PRESET, model=values["model"],
                         shards=values["shards"], rounds=values["rounds"], unit=values["unit"], amount=values["amount"],
                         batch_size=values["batch_size"], lr=values["lr"], seed=0, skip_lambda=0.5, bank_decay=0.8,
                         msr_threshold=0.5, msr_policy="least-skipped", taa_band=0.5, taa_strength=1.0,
@@ -74,11 +72,11 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Train", "Start a run with a preset, or change the settings first. Only the settings of the "
                        "chosen mode are shown. The run trains on the server: you can close this tab and come back.")
     data_text = gr.Markdown()
-    demo = PRESETS[DEMO_PRESET]  # the form opens on the demo preset
+    demo = preset_values(DEMO_PRESET)  # the form opens on the demo preset
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
-                preset = gr.Dropdown(list(PRESETS), value=DEMO_PRESET, label="Preset", scale=3,
+                preset = gr.Dropdown([(label, recipe) for recipe, label in PRESET_LABELS.items()], value=DEMO_PRESET, label="Preset", scale=3,
                                      info="Fills the settings below; the data comes from the Data page.")
                 name = gr.Textbox(label="Run name", placeholder="(automatic)", scale=2)
             mode = gr.Radio([(label, m) for m, label in MODE_LABELS.items()], value="iet-agc", label="Method",
@@ -129,7 +127,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     keys = list(form)
 
     def apply_preset(choice):
-        values = PRESETS[choice]
+        values = preset_values(choice)
         return (values["model"], values["shards"], values["rounds"], values["unit"], values["amount"],
                 values["batch_size"], values["lr"], values["preview"])
 

@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from iet_core.config import demo_config
+from iet_core.config import recipe_config
 
 
 def tiny_config(mode: str = "iet-agc", **train):
-    config = demo_config(mode)
-    config.data.resolution = 8
-    config.data.subset = 12
-    config.train.rounds = 2
-    config.train.local_steps = 3
-    config.train.batch_size = 4
-    config.train.warmup_steps = 2
-    config.train.preview_samples = 0
-    config.train.log_every = 2
-    config.method.num_shards = 1 if mode == "ddpm" else 2
+    """The "smoke" recipe (seconds per run) with these train settings."""
+    config = recipe_config("smoke", mode)
     for key, value in train.items():
         setattr(config.train, key, value)
     return config

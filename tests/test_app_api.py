@@ -38,7 +38,7 @@ def test_train_poll_evaluate_and_read_results(client):
     assert done["state"] == "finished", done
     assert done["global_step"] == done["total_steps"] == 2 * 2 * 3  # rounds x shards x local steps
 
-    result = client.predict(started["run_id"], 8, 2, api_name="/evaluate_run")
+    result = client.predict(started["run_id"], 8, 2, OWNER, api_name="/evaluate_run")
     summary, table = result["summary"], result["table"]
     assert summary["num_samples"] == len(table) == 8
     assert summary["num_training"] == config.data.subset

@@ -47,3 +47,18 @@ def test_bad_flags_fail_with_a_message_and_no_run(tmp_path, monkeypatch, capsys)
         assert main(["train", "--runs-dir", "runs", *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_recipe_is_a_valid_config_for_every_mode(capsys):
+    from iet_core.cli import main
+    from iet_core.config import MODES, RECIPES, recipe_config
+
+    for recipe in RECIPES:
+        for mode in MODES:
+            config = recipe_config(recipe, mode).validate()
+            assert config.method.mode == mode, (recipe, mode)
+    # The demo's K proxies share each round's 100 steps; the paper recipe keeps its own K.
+    assert [recipe_config("demo", m).train.local_steps for m in ("ddpm", "iet-agc")] == [100, 25]
+    assert recipe_config("paper", "iet-agc").method.num_shards == 10
+    assert main(["config", "--recipe", "paper", "--mode", "iet-agc"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["preset"] == "ddpm-cifar10"

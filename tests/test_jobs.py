@@ -11,7 +11,9 @@ import torch
 from helpers import tiny_config
 from iet_core.config import ConfigError
 from iet_core.history import RunHistory, bin_ratios
+from iet_core.data import SourcePolicy
 from iet_core.jobs import JobError, JobManager
+from iet_core.owners import owner_digest
 from iet_core.runs import Run
 from iet_core.telemetry import SampleEvent, StepEvent
 
@@ -126,6 +128,7 @@ def test_live_history_matches_the_run_folder_after_a_restart(tmp_path, execution
 
 def test_a_run_left_running_by_a_dead_app_shows_as_interrupted_and_resumes(tmp_path):
     run = Run.create(tmp_path, tiny_config("ddpm"))
+    run.write_owner(owner_digest(ME))
     run.write_status("running", round=0, global_step=0)  # what a killed app leaves behind
     jobs = JobManager(tmp_path)
     status = jobs.status(run.id)
@@ -140,7 +143,7 @@ def test_a_job_whose_data_is_gone_fails_with_the_reason(tmp_path):
     np.savez(source, images=np.random.default_rng(0).integers(0, 255, (12, 8, 8), dtype=np.uint8))
     config = tiny_config("ddpm")
     config.data.source = str(source)
-    jobs = JobManager(tmp_path / "runs")
+    jobs = JobManager(tmp_path / "runs", sources=SourcePolicy.allowing(tmp_path))  # an admin's data folder
     blocker = jobs.submit(tiny_config("ddpm"), ME)
     jobs.pause(blocker, ME)
     run_id = jobs.submit(config, ME)

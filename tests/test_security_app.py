@@ -1,0 +1,219 @@
+"""Issue 15 through the app: evaluations owned, capped and cancelled when the client leaves;
+global caps that fresh owner tokens cannot get around; runs from the command line claimed
+only by an admin setting; server paths never probed; a damaged run never breaks the list."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from helpers import tiny_config
+from iet_core import ConfigError, Run, train
+from iet_core.evaluate import list_evals
+from iet_core.jobs import JobManager
+from iet_core.owners import JobError
+
+REPO = Path(__file__).resolve().parents[1]
+OWNER, OTHER = "owner-token-for-security", "someone-else-entirely"
+
+
+def wait_until(condition, timeout: float = 120.0, what: str = "the condition") -> None:
+    """Wait for server state another thread changes (an event we cannot subscribe to)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import app
+
+    demo, ctx = app.build_app(tmp_path_factory.mktemp("runs"), max_eval_work=2_000_000)
+    _, url, _ = app.launch(demo, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    try:
+        yield url, demo, ctx
+    finally:
+        ctx.evaluations.close()
+        ctx.jobs.shutdown(timeout=60)
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def finished_run(server):
+    url, _, ctx = server
+    client = Client(url, verbose=False)
+    run_id = client.predict(tiny_config("ddpm", rounds=1).to_json(), OWNER, api_name="/start_run")["run_id"]
+    assert ctx.jobs.wait(run_id, 180) == "finished"
+    return run_id
+
+
+def test_a_server_path_as_data_source_is_refused_alike_whether_it_exists_or_not(server):
+    url, _, ctx = server
+    client = Client(url, verbose=False)
+    before = sorted(p.name for p in ctx.runs_root.iterdir())
+    messages = set()
+    for source in (str(ctx.runs_root), str(ctx.runs_root / "missing"), "hf:../../etc", "/etc/passwd"):
+        config = tiny_config("ddpm")
+        config.data.source = source
+        with pytest.raises(AppError) as refused:
+            client.predict(config.to_json(), OWNER, api_name="/start_run")
+        messages.add(str(refused.value).replace(repr(source), "SOURCE"))
+    assert len(messages) == 1 and "not available on this server" in messages.pop()
+    assert sorted(p.name for p in ctx.runs_root.iterdir()) == before  # no run folder made
+
+
+def test_a_run_with_a_damaged_config_is_listed_as_damaged_and_breaks_nothing(server):
+    url, _, ctx = server
+    client = Client(url, verbose=False)
+    damaged = ctx.runs_root / "20260101-000000-huge-abcdef"
+    damaged.mkdir()
+    tree = tiny_config("ddpm").to_dict()
+    tree["train"]["rounds"] = 10**30  # written by hand or by an old version
+    (damaged / "config.json").write_text(json.dumps(tree))
+    try:
+        rows = {row["run_id"]: row for row in client.predict(api_name="/list_runs")}
+        assert rows[damaged.name]["state"] == "damaged" and "train.rounds" in rows[damaged.name]["message"]
+        with pytest.raises(AppError, match="train.rounds"):
+            client.predict(damaged.name, api_name="/run_status")
+    finally:
+        (damaged / "config.json").unlink()
+        damaged.rmdir()
+
+
+def test_evaluations_are_for_the_owner_and_capped(server, finished_run):
+    url, _, _ = server
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match="only its owner can evaluate"):
+        client.predict(finished_run, 4, 2, OTHER, api_name="/evaluate_run")
+    with pytest.raises(AppError, match="this server allows 2,000,000 per evaluation"):
+        client.predict(finished_run, 4000, 1000, OWNER, api_name="/evaluate_run")
+    result = client.predict(finished_run, 4, 2, OWNER, api_name="/evaluate_run")
+    assert result["summary"]["num_samples"] == 4
+
+
+def test_an_evaluation_stops_when_its_client_goes_away(server, finished_run):
+    url, demo, ctx = server
+    run = ctx.jobs.run(finished_run)
+    saved = set(list_evals(run))
+    index = next(i for i, fn in demo.fns.items() if fn.api_name == "evaluate_run")
+    session = "departing-client"
+    with httpx.Client(base_url=url, timeout=60) as http:
+        joined = http.post("gradio_api/queue/join", json={"data": [finished_run, 2000, 1000, OWNER], "fn_index": index,
+                                                          "session_hash": session, "event_data": None, "trigger_id": None})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if "process_starts" in line:
+                    break  # then the client leaves, closing the connection
+    wait_until(lambda: ctx.evaluations.active == 1, what="the evaluation to start")
+    wait_until(lambda: ctx.evaluations.active == 0, what="the abandoned evaluation to stop")
+    assert set(list_evals(run)) == saved  # cancelled: nothing saved
+
+
+def test_fresh_owner_tokens_cannot_get_around_the_global_caps(tmp_path):
+    jobs = JobManager(tmp_path, max_live_jobs=2, max_steps_per_run=1_000)
+    first = jobs.submit(tiny_config("ddpm", rounds=100), "token-number-one")
+    jobs.pause(first, "token-number-one")
+    jobs.submit(tiny_config("ddpm", rounds=1), "token-number-two")
+    with pytest.raises(JobError, match="2 runs are training or waiting"):
+        jobs.submit(tiny_config("ddpm", rounds=1), "token-number-three")
+    with pytest.raises(JobError, match="this server allows 1,000"):
+        jobs.submit(tiny_config("ddpm", rounds=1_000), "token-number-four")
+    jobs.shutdown()
+
+
+HOLD_LOCK = """
+import sys, time
+from iet_core.runs import Run
+Run(sys.argv[1]).writer_lock("the command line").acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_command_line_run_is_claimed_only_by_an_admin_setting_and_never_while_it_trains(tmp_path):
+    cli_run = train(tiny_config("ddpm", rounds=2), runs_root=tmp_path)
+    status = json.loads((cli_run.path / "status.json").read_text())
+    status["state"] = "stopped"
+    (cli_run.path / "status.json").write_text(json.dumps(status))
+    with pytest.raises(JobError, match="made outside the app"):
+        JobManager(tmp_path).resume(cli_run.id, OWNER)
+    admin = JobManager(tmp_path, claim_unowned=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cli_run.path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        shown = admin.status(cli_run.id)
+        assert shown["state"] == "running" and "the command line (pid" in shown["message"]
+        with pytest.raises(JobError, match="being trained by the command line"):
+            admin.resume(cli_run.id, OWNER)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    admin.resume(cli_run.id, OWNER)
+    assert admin.wait(cli_run.id, 180) == "finished"
+
+
+def test_uploads_are_bounded_before_they_are_read(tmp_path, server):
+    from pages.data import persist_upload
+
+    import app
+
+    _, demo, _ = server
+    assert demo.max_file_size == app.MAX_UPLOAD_MB * 2**20  # the server refuses larger uploads itself
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as handle:
+        handle.truncate(3 * 2**30)  # sparse: 3 GB claimed, nothing on disk or in memory
+    with pytest.raises(ConfigError, match="the upload is too large"):
+        persist_upload([str(huge)], tmp_path / "runs", 8, 1)
+
+
+def test_download_folders_expire(monkeypatch):
+    from pages import common
+
+    first = common.download_dir("old")
+    (first / "checkpoint.zip").write_bytes(b"zip")
+    stale = time.time() - common.DOWNLOAD_TTL_SECONDS - 1
+    os.utime(first, (stale, stale))
+    second = common.download_dir("new")
+    assert second.exists() and not first.exists()
+
+
+def test_sigterm_during_an_evaluation_cancels_it_and_exits_cleanly(tmp_path):
+    import socket
+
+    from gradio_client.utils import Status
+
+    runs = tmp_path / "runs"
+    run = train(tiny_config("ddpm", rounds=1), runs_root=runs)  # made outside the app: claimable by the flag
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    app = subprocess.Popen([sys.executable, "app.py", "--runs-dir", str(runs), "--port", str(port), "--claim-cli-runs",
+                            "--max-eval-work", "100000000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for line in app.stdout:  # the server says where it listens once it is up
+            if f":{port}" in line:
+                break
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit(run.id, 50_000, 1000, OWNER, api_name="/evaluate_run")
+        wait_until(lambda: job.status().code == Status.PROCESSING, what="the evaluation to start")
+        app.send_signal(signal.SIGTERM)
+        _, errors = app.communicate(timeout=120)
+    finally:
+        app.kill()
+    assert app.returncode == 0, errors[-2000:]
+    assert "terminate called" not in errors
+    assert not list_evals(Run(run.path))  # cancelled: nothing saved
