@@ -327,6 +327,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = 64
+    after_training: bool = False  # the app evaluates the run as soon as its training finishes
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0

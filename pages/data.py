@@ -137,7 +137,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             config = DataConfig(source="digits", resolution=res, channels=ch)
         config.subset = chosen.subset
         dataset = load_dataset(config, ctx.jobs.sources)
-        if config.subset and config.subset >= len(dataset):  # fewer images than asked for: all of them
+        if config.subset and len(dataset) < config.subset:  # fewer images than asked for: all of them
             config.subset = None
         dataset.rejected = rejected_before + dataset.rejected
         session["data"] = dataclasses.asdict(config)

@@ -30,6 +30,8 @@ def test_dry_run_runs_every_part_and_writes_their_tables(tmp_path):
     demo = parts["demo"]
     assert demo["samples"] == 16 and 0 <= demo["memorized_fraction"] <= 1 and demo["steps"] > 0
     assert {row["mode"] for row in parts["pilot"]["results"]} == {"ddpm", "iet-agc"}
+    assert all(row["samples"] == 16 and 0 <= row["interval"][0] <= row["interval"][1] <= 1
+               for row in parts["pilot"]["results"])
     assert parts["pilot"]["local_steps_per_proxy"] == DRY_RUN.pilot_local_steps
     table = (out / "gpu_check.md").read_text()
     assert "| tests |" in table and "test_resume_on_cuda_gives_the_same_weights | PASSED" in table
