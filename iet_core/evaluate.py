@@ -347,21 +347,23 @@ def _check_trained_on(run: Run, checkpoint: Path, dataset: ImageDataset) -> None
 # -- saved results --------------------------------------------------------------------------
 
 def save_eval(run: Run, result: EvalResult, name: str, gallery_pairs: int = 32) -> Path:
-    """Write the result into RUN/eval/<name>/, replacing an older one of that name."""
-    galleries = {gallery_name(c): _gallery_png(result, gallery_pairs, c) for c in COPY_CRITERIA} if gallery_pairs else {}
+    """Write the result into RUN/eval/<name>/, replacing an older one of that name, with a
+    gallery per copy criterion it has (a result of another kind, e.g. text-to-image, has one)."""
+    criteria = [c for c in COPY_CRITERIA if c in result.summary.get("criteria", {})] or [None]
+    galleries = {gallery_name(c): _gallery_png(result, gallery_pairs, c) for c in criteria} if gallery_pairs else {}
     return run.write_eval(name, result.table, result.most_copied, result.summary,
                           {"generated": result.generated, "nearest": result.nearest}, galleries)
 
 
-def gallery_name(criterion: str) -> str:
-    return "gallery.png" if criterion == "ratio" else f"gallery-{criterion}.png"
+def gallery_name(criterion: str | None) -> str:
+    return f"gallery-{criterion}.png" if criterion not in (None, "ratio") else "gallery.png"
 
 
-def _gallery_png(result: EvalResult, limit: int, criterion: str) -> bytes:
+def _gallery_png(result: EvalResult, limit: int, criterion: str | None) -> bytes:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    pairs = [np.atleast_3d(image) for image, _ in result.pairs(limit, criterion)]
+    pairs = [np.atleast_3d(image) for image, _ in (result.pairs(limit, criterion) if criterion else result.pairs(limit))]
     scale = max(1, 64 // pairs[0].shape[0])  # small images get big enough pixels to see
     tiles = torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     grid = make_grid(tiles, nrow=max(1, int(np.ceil(np.sqrt(len(pairs) / 2)))), padding=2, pad_value=255)
