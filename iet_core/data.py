@@ -58,17 +58,27 @@ class SourcePolicy:
         return cls(tuple(Path(f).expanduser().resolve() for f in folders))
 
     def check(self, source: str) -> None:
+        """A run's data.source."""
         if source in BUILTIN or (source.startswith("hf:") and is_hub_id(source[3:])):
             return
-        local = source[3:] if source.startswith("hf:") else source
+        if not self._inside(source[3:] if source.startswith("hf:") else source):
+            raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
+                            f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
+
+    def check_model(self, pretrained: str | None) -> None:
+        """A run's model.pretrained: a Hub id (not shadowed by a local path of that name), or a
+        folder inside the admin's folders."""
+        if pretrained is None or (is_hub_id(pretrained) and not Path(pretrained).exists()) or self._inside(pretrained):
+            return
+        raise DataError(f"model.pretrained={pretrained[:200]!r} is not available on this server: give a Hugging Face "
+                        "model id as owner/name.")
+
+    def _inside(self, local: str) -> bool:
         try:
             path = Path(local).expanduser().resolve()  # links resolved: a link out of a folder is outside it
         except (OSError, RuntimeError, ValueError):
-            path = None
-        if local and path is not None and any(path.is_relative_to(folder) for folder in self.folders):
-            return
-        raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
-                        f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
+            return False
+        return bool(local) and any(path.is_relative_to(folder) for folder in self.folders)
 
 
 class _PixelBudget:

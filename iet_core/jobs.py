@@ -110,6 +110,10 @@ class JobManager:
         its training."""
         config.validate()
         self.sources.check(config.data.source)
+        self.sources.check_model(config.model.pretrained)
+        if config.eval.fid_weights or config.eval.fid_cache:
+            raise JobError("eval.fid_weights and eval.fid_cache name files on the server: there they are its admin's "
+                           "to set; leave them empty.")
         resolve_device(config.train.device)
         self._check_size(config)
         with self._lock:

@@ -349,5 +349,5 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 raise gr.Error("Pick a run first.", print_exception=False)
             return gr.update(value=make(ctx.jobs.run(run_id)), visible=True)
 
-        button.click(prepare, picker, download, api_visibility="private")
+        button.click(prepare, picker, download, api_visibility="private", **common.DOWNLOADS)
     common.wire_run_picker(ctx, page, picker, refresh_list, session)

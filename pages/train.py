@@ -32,8 +32,7 @@ def preset_values(recipe: str) -> dict:
 
 def data_config(session: dict | None) -> DataConfig:
     """The data chosen on the Data page, or the demo's digits."""
-    chosen = (session or {}).get("data")
-    return DataConfig(**chosen) if chosen else recipe_config(DEMO_PRESET).data
+    return common.session_data(session) or recipe_config(DEMO_PRESET).data
 
 
 def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: str, shards: int, rounds: int,
