@@ -143,10 +143,10 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     plan = history.round_plan() or {"round": 0, "steps_per_proxy": None}
     out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, plan["round"],
                                           plan["steps_per_proxy"])
-    paths = run.preview_paths()
-    if changed("previews", [p.name for p in paths]):
-        out["previews"] = [(common.image_file(common.read_image(path)), f"round {int(path.stem.split('-')[-1])}")
-                           for path in reversed(paths)]
+    previews = run.previews()
+    if changed("previews", [number for number, _ in previews]):
+        out["previews"] = [(common.image_file(common.read_image(path)), f"round {number}")
+                           for number, path in reversed(previews)]
     label, ids, captions = most_skipped(history, config.method.agc.enabled)
     if changed("skipped", [label, list(ids), list(captions)]):
         out["skipped"] = (label, common.training_images(ctx, run_id, ids, captions))
