@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib
 import json
 import os
 import re
@@ -45,7 +46,10 @@ GRACE_SECONDS = 20  # after SIGINT at the budget: time to save a checkpoint and 
 PILOT_LOCAL_STEPS = 750  # per proxy per round: long local training, as in the reference (issue 12)
 PILOT_SHARDS = 4
 PILOT_MODES = ("ddpm", "iet-agc")
-SHARED_GPU_SPEED = 0.6  # a guess: the share of the demo's speed each of the pilot's two processes gets
+# The pilot's speed per mode, as a share of the demo's steps per second: a cautious guess for two
+# processes sharing the GPU (a round cut short by the budget leaves nothing to evaluate).
+SHARED_GPU_SPEED = 0.5
+FALLBACK_STEPS_PER_SECOND = 10.0  # the pilot's sizing when the demo measured no speed
 
 
 @dataclass
@@ -68,24 +72,26 @@ class Sizes:
     pilot_local_steps: int
     pilot_reserve: float  # seconds of the pilot's budget not training: start-up, evaluation, report
     report_reserve: float  # seconds left after stopping the pilot's training, to evaluate its checkpoints
+    size_pilot: bool  # size the pilot's rounds by the demo's speed (else one round of pilot_local_steps)
     stand_in: dict[str, str] = field(default_factory=dict)  # environment of the tests part
 
 
 # A part may overrun its budget by GRACE_SECONDS, so the total leaves that much of the 9 minutes.
-GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=510,
+GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=500,
             bench=["--gpu"],
             model=["model.preset=small", "data.resolution=32", "data.channels=3", "train.batch_size=128",
                    "train.lr=5e-4", "train.precision=bf16", "train.device=cuda"],
             demo_subset=256, demo_seconds=80, demo_samples=256, demo_sample_steps=50,
             pilot_subset=600, pilot_heldout=246, pilot_samples=512, pilot_sample_steps=50, pilot_classifier_steps=300,
-            pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=80, report_reserve=40)
+            pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=80, report_reserve=40, size_pilot=True)
 DRY_RUN = Sizes(budgets={"tests": 300, "bench": 300, "demo": 300}, total=1500,
                 bench=["--smoke", "--repeats", "1"],
                 model=["model.preset=tiny", "data.resolution=8", "data.channels=3", "train.batch_size=8",
                        "train.lr=1e-3", "train.device=cpu"],
                 demo_subset=32, demo_seconds=2, demo_samples=16, demo_sample_steps=5,
                 pilot_subset=40, pilot_heldout=20, pilot_samples=16, pilot_sample_steps=2, pilot_classifier_steps=5,
-                pilot_local_steps=2, pilot_reserve=60, report_reserve=30, stand_in={"IET_CUDA_TESTS_DEVICE": "cpu"})
+                pilot_local_steps=2, pilot_reserve=60, report_reserve=30, size_pilot=False,
+                stand_in={"IET_CUDA_TESTS_DEVICE": "cpu"})
 
 
 class Check:
@@ -148,9 +154,10 @@ class Check:
         done = self.child([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "--tb=short",
                            "-p", "no:cacheprovider", "-o", f"timeout={max(10, int(budget))}"], budget,
                           env=self.sizes.stand_in)
-        outcomes = dict(re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", self.log.read_text(errors="replace"), re.M))
-        counts = {name: sum(1 for o in outcomes.values() if o == kind)
-                  for name, kind in (("passed", "PASSED"), ("failed", "FAILED"), ("skipped", "SKIPPED"), ("errors", "ERROR"))}
+        log = self.log.read_text(errors="replace")
+        outcomes = dict(re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", log, re.M))
+        counts = {name: sum(1 for o in outcomes.values() if o == kind) for name, kind in (
+            ("passed", "PASSED"), ("failed", "FAILED"), ("skipped", "SKIPPED"), ("errors", "ERROR"))}
         return {**done, "tests": outcomes, **counts, "device": self.sizes.stand_in.get("IET_CUDA_TESTS_DEVICE", "cuda")}
 
     def bench(self, budget: float) -> dict:
@@ -170,12 +177,8 @@ class Check:
         """Baseline and IET-AGC side by side (two processes share the GPU), each in its own
         folder; a mode stopped at the budget is evaluated afterwards from the checkpoints it has."""
         s = self.sizes
-        rate = self.results["parts"].get("demo", {}).get("steps_per_second")
-        local_steps, rounds = s.pilot_local_steps, 1
-        if rate and s is GPU:  # as many rounds as fit; fewer local steps only if not even one round does
-            capacity = rate * SHARED_GPU_SPEED * max(0.0, budget - s.pilot_reserve)  # optimizer steps per mode
-            rounds = max(1, int(capacity // (PILOT_SHARDS * local_steps)))
-            local_steps = min(local_steps, max(50, int(capacity // PILOT_SHARDS) // 50 * 50))
+        rate = self.results["parts"].get("demo", {}).get("steps_per_second") or FALLBACK_STEPS_PER_SECOND
+        rounds, local_steps = pilot_size(rate, budget - s.pilot_reserve) if s.size_pilot else (1, s.pilot_local_steps)
         steps = rounds * PILOT_SHARDS * local_steps
         command = [sys.executable, "-m", "iet_core.experiments", "--seeds", "0", "--shards", str(PILOT_SHARDS),
                    "--rounds", str(rounds), "--steps", str(steps), "--eval-points", str(rounds),
@@ -187,25 +190,45 @@ class Check:
         modes = {mode: [*command, "--modes", mode, "--out", str(self.work / "pilot" / mode)] for mode in PILOT_MODES}
         result = {"rounds": rounds, "local_steps_per_proxy": local_steps, "steps_per_mode": steps,
                   "sized_from_steps_per_second": rate, "results": []}
-        trained = self.children(*modes.values(), budget=budget - s.report_reserve)
-        for (mode, mode_command), done in zip(modes.items(), trained):
-            if done["stopped_at_budget"] and self.left() > 5:
-                done["report_only"] = self.child([*mode_command, "--report-only"], self.left())
-            result[mode] = done
+        result.update(zip(modes, self.children(*modes.values(), budget=budget - s.report_reserve)))
+        stopped = [mode for mode in modes if result[mode]["stopped_at_budget"]]
+        if stopped and self.left() > 5:  # evaluate the checkpoints the stopped modes have, side by side
+            reports = self.children(*[[*modes[mode], "--report-only"] for mode in stopped], budget=self.left())
+            for mode, done in zip(stopped, reports):
+                result[mode]["report_only"] = done
+        for mode in modes:
             out = self.work / "pilot" / mode
-            for name, copy in (("report.md", f"pilot_{mode}_report.md"), (f"neighbours_{mode}.png", f"pilot_{mode}_neighbours.png")):
-                if (out / name).exists():  # at most 8 files come back from the GPU machine: these make 8
+            # At most 8 files come back from the GPU machine: with these, the output folder holds 8.
+            for name, copy in (("report.md", f"pilot_{mode}_report.md"),
+                               (f"neighbours_{mode}.png", f"pilot_{mode}_neighbours.png")):
+                if (out / name).exists():
                     (self.out / copy).write_bytes((out / name).read_bytes())
             if (out / "results.csv").exists():
                 with (out / "results.csv").open() as f:
                     result["results"] += list(csv.DictReader(f))
-        result["stopped_at_budget"] = any(done["stopped_at_budget"] for done in trained)
+        from iet_core.metrics import proportion_interval
+
+        for row in result["results"]:  # every memorized share with its sample count and interval
+            count = round(float(row["memorized_fraction"]) * s.pilot_samples)
+            row.update(samples=s.pilot_samples, memorized_count=count,
+                       interval=list(proportion_interval(count, s.pilot_samples)))
+        result["stopped_at_budget"] = bool(stopped)
         return result
 
     # -- output ----------------------------------------------------------------------------
     def save(self) -> None:
         (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=2))
         (self.out / "gpu_check.md").write_text(markdown(self.results))
+
+
+def pilot_size(steps_per_second: float, seconds: float) -> tuple[int, int]:
+    """Rounds and local steps per proxy for the pilot's training time: as many rounds of
+    PILOT_LOCAL_STEPS as fit, or one shorter round (a multiple of 50, at least 50) if none does."""
+    capacity = steps_per_second * SHARED_GPU_SPEED * max(0.0, seconds)  # optimizer steps per mode
+    rounds = int(capacity // (PILOT_SHARDS * PILOT_LOCAL_STEPS))
+    if rounds:
+        return rounds, PILOT_LOCAL_STEPS
+    return 1, max(50, int(capacity // PILOT_SHARDS) // 50 * 50)
 
 
 def finished_by(process: subprocess.Popen, when: float) -> bool:
@@ -223,7 +246,8 @@ def markdown(results: dict) -> str:
     lines = [f"# GPU check: {device}, {results['date']}{' (dry run, tiny sizes on the CPU)' if results['dry_run'] else ''}",
              "", "| part | budget s | used s | stopped at budget | result |", "|---|---|---|---|---|"]
     for name, part in parts.items():
-        lines.append(f"| {name} | {part['budget_s']} | {part['used_s']} | {'yes' if part.get('stopped_at_budget') else 'no'} "
+        stopped = "yes" if part.get("stopped_at_budget") else "no"
+        lines.append(f"| {name} | {part['budget_s']} | {part['used_s']} | {stopped} "
                      f"| {part.get('error') or summary_of(name, part)} |")
     if "tests" in parts and parts["tests"].get("tests"):
         lines += ["", f"## CUDA tests (on {parts['tests']['device']})", "", "| test | outcome |", "|---|---|"]
@@ -241,10 +265,13 @@ def markdown(results: dict) -> str:
                   f"{100 * demo['interval'][1]:.0f}%, {demo['weights']} weights)."]
     if parts.get("pilot", {}).get("results"):
         pilot = parts["pilot"]
-        lines += ["", f"## Pilot of the fair regime: K = {PILOT_SHARDS} class-balanced shards, {pilot['local_steps_per_proxy']} "
+        lines += ["", f"## Pilot of the fair regime: K = {PILOT_SHARDS} class-balanced shards, "
+                  f"{pilot['local_steps_per_proxy']} "
                   f"local steps per proxy per round, {pilot['rounds']} round(s), raw averaged weights", "",
-                  "| mode | step | memorized | MQ < 1/3 | feature FD | held-out L2 | train s |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['mode']} | {r['step']} | {float(r['memorized_fraction']):.3f} | {float(r['mq_below_1_3']):.3f} "
+                  "| mode | step | memorized of samples (95% interval) | MQ < 1/3 | feature FD | held-out L2 | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['step']} | {r['memorized_count']} of {r['samples']} ({100 * r['interval'][0]:.0f}-"
+                  f"{100 * r['interval'][1]:.0f}%) | {float(r['mq_below_1_3']):.3f} "
                   f"| {float(r['feature_fd']):.2f} | {float(r['heldout_l2']):.3f} | {float(r['train_seconds']):.0f} |"
                   for r in pilot["results"]]
     return "\n".join(lines) + "\n"
@@ -252,14 +279,16 @@ def markdown(results: dict) -> str:
 
 def summary_of(name: str, part: dict) -> str:
     if name == "tests":
-        return f"{part.get('passed', 0)} passed, {part.get('failed', 0) + part.get('errors', 0)} failed, {part.get('skipped', 0)} skipped"
+        failed = part.get("failed", 0) + part.get("errors", 0)
+        return f"{part.get('passed', 0)} passed, {failed} failed, {part.get('skipped', 0)} skipped"
     if name == "bench":
         failed = [what for what, result in part.get("table", []) if result.startswith("failed")]
         return f"{len(part.get('table', [])) - len(failed)} figures" + (f", failed: {', '.join(failed)}" if failed else "")
     if name == "demo" and part.get("memorized_fraction") is not None:
         return f"{100 * part['memorized_fraction']:.0f}% memorized after {part['train_seconds']:.0f} s of training"
     if name == "pilot":
-        return f"{len(part.get('results', []))} evaluations, {part['rounds']} round(s) of {part['local_steps_per_proxy']} local steps"
+        return (f"{len(part.get('results', []))} evaluations, {part['rounds']} round(s) of "
+                f"{part['local_steps_per_proxy']} local steps")
     return f"exit status {part.get('exit')}"
 
 
@@ -356,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             filter(None, [str(site), str(REPO), os.environ.get("PYTHONPATH")]))}
         check = Check(sizes, out, Path(work), data, env)
         check.results["setup"] = install_wheels(Path(args.wheels), site, out / "log.txt")
+        sys.path[:0] = [str(site), str(REPO)]  # the engine too (the pilot's shares get its interval) ...
+        importlib.import_module("iet_core.metrics")  # ... imported now, so that its start-up counts before any budget
         for name in args.parts:
             check.part(name, getattr(check, name))
     print((out / "gpu_check.md").read_text())

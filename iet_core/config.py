@@ -128,6 +128,9 @@ class DataConfig:
     hf_split: str = "train"
     hf_image_column: str | None = None  # None: the first image column
     hf_label_column: str | None = None  # None: "label" or "labels" when present
+    # Captions for text-to-image: the metadata.jsonl field or dataset column ("text" by the
+    # imagefolder convention; same-name .txt files also count). None: images only.
+    caption_column: str | None = None
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source is empty: give a built-in name ('digits'), a folder, a .zip, an .npz or 'hf:<id>'.")
@@ -136,6 +139,8 @@ class DataConfig:
         _check(self.channels in (1, 3), f"data.channels={self.channels}: use 1 (greyscale) or 3 (RGB).")
         _check_range(self.subset, 1, MAX_IMAGES, "data.subset", " images, or none for all")
         _check_seed(self.subset_seed, "data.subset_seed")
+        _check(self.caption_column is None or 0 < len(self.caption_column) <= 200,
+               "data.caption_column: name a field of up to 200 characters (\"text\" by convention), or none.")
 
 
 @dataclass
@@ -310,6 +315,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = 64
+    after_training: bool = False  # the app evaluates the run as soon as its training finishes
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
@@ -347,6 +353,31 @@ class EvalConfig:
 
 
 @dataclass
+class TextToImageConfig:
+    """Fine-tuning a Stable Diffusion pipeline (model.pretrained: a local diffusers folder or a
+    Hub id) on captioned images. Only the UNet trains; the VAE's latents and the text encoder's
+    embeddings are computed once, so the noise schedule is the pipeline's own, not model.beta_*."""
+
+    enabled: bool = False
+    lora_rank: int | None = 4  # LoRA adapters of this rank on the UNet's attention; None: full UNet fine-tune
+    lora_alpha: float | None = None  # None: the rank (scale 1), as diffusers' LoRA example
+    lora_targets: str = "to_k,to_q,to_v,to_out.0"  # comma-separated module names, as diffusers' example
+    guidance_scale: float = 7.5  # classifier-free guidance when generating from the training captions
+    images_per_caption: int = 1  # generations per caption in evaluation
+    # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder; None: a pixel-space stand-in
+    feature_extractor: str | None = None
+    copy_threshold: float = 0.5  # cosine similarity to the nearest training image above which a generation is a copy
+
+    def validate(self) -> None:
+        _check(self.lora_rank is None or 1 <= self.lora_rank <= 1024, f"text2image.lora_rank={self.lora_rank}: use 1..1024, or none for a full UNet fine-tune.")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "text2image.lora_alpha must be positive (or none for the rank).")
+        _check(all(t.strip() for t in self.lora_targets.split(",")), "text2image.lora_targets: list module names separated by commas, e.g. to_k,to_q,to_v,to_out.0.")
+        _check(0 <= self.guidance_scale <= 50, f"text2image.guidance_scale={self.guidance_scale}: use 0..50 (1 turns guidance off; 7.5 is usual).")
+        _check(1 <= self.images_per_caption <= 64, f"text2image.images_per_caption={self.images_per_caption}: use 1..64.")
+        _check(-1 < self.copy_threshold < 1, f"text2image.copy_threshold={self.copy_threshold}: use a cosine similarity in (-1, 1); 0.5 is the SSCD convention.")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -354,6 +385,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    text2image: TextToImageConfig = field(default_factory=TextToImageConfig)
 
     def validate(self, num_images: int | None = None) -> "RunConfig":
         """Check every setting; with the dataset size, also the settings that depend on it."""
@@ -365,7 +397,16 @@ class RunConfig:
         self.method.validate()
         self.train.validate()
         self.eval.validate()
-        if self.model.pretrained is None:
+        self.text2image.validate()
+        if self.text2image.enabled:
+            _check(bool(self.model.pretrained), "text2image needs model.pretrained: a Stable Diffusion pipeline folder or Hub id.")
+            _check(bool(self.data.caption_column), "text2image needs captions: set data.caption_column (\"text\" for metadata.jsonl or .txt captions).")
+            _check(self.data.channels == 3, "text2image trains on RGB images: set data.channels=3.")
+            # Latents are cached once: pixel-space flips and TAA's pixel augmentations cannot act on them.
+            _check(not self.train.hflip, "text2image caches latents, so train.hflip cannot flip images: set it false.")
+            _check(not self.method.taa.enabled, "text2image caches latents, so TAA's pixel augmentations cannot act: "
+                   "turn method.taa off (MSR still works).")
+        elif self.model.pretrained is None:
             check_resolution(self.model.preset, self.data.resolution)
         if self.train.local_steps is not None:
             total = self.train.rounds * self.train.local_steps * self.method.num_shards
@@ -479,6 +520,23 @@ RECIPES: dict[str, dict] = {
               "data": {"resolution": 8, "subset": 12},
               "train": {"rounds": 2, "local_steps": 3, "batch_size": 4, "warmup_steps": 2, "preview_samples": 0,
                         "log_every": 2}},
+    # Fine-tuning a Stable Diffusion pipeline (model.pretrained) on captioned images with
+    # LoRA: K = 4 adapters, lambda 0.8 (the reference's mem_ratio 1.25), AdamW 1e-4 as diffusers'
+    # LoRA example, no EMA (decay 0: the EMA equals the weights). Latents are cached, so TAA's
+    # pixel augmentations stay off in every mode (iet-agc+ adds MSR).
+    # Defaults: SD 2.1 base (the reference fine-tunes SD 2.1 at 256 px) on a public captioned set.
+    "sd-lora": {"name": "sd-lora-{mode}", "model": {"pretrained": "stabilityai/stable-diffusion-2-1-base"},
+                "data": {"source": "hf:lambdalabs/naruto-blip-captions", "resolution": 256, "channels": 3, "subset": None,
+                         "caption_column": "text"},
+                "method": {"agc": {"skip_lambda": 0.8}, "taa": {"enabled": False}},
+                "train": {"rounds": 10, "local_steps": 250, "batch_size": 8, "lr": 1e-4, "optimizer": "adamw",
+                          "weight_decay": 1e-2, "warmup_steps": 0, "ema_decay": 0.0, "hflip": False,
+                          "preview_samples": 4, "preview_steps": 25},
+                "eval": {"num_samples": 64, "use_ema": False},
+                "text2image": {"enabled": True, "lora_rank": 4}},
+    # The authors' IET-AGC_SD: the full UNet, 25 rounds x 2,000 local steps, AdamW 2.5e-6.
+    "sd-full": {"base": "sd-lora", "name": "sd-full-{mode}", "train": {"rounds": 25, "local_steps": 2000, "lr": 2.5e-6},
+                "text2image": {"lora_rank": None}},
 }
 
 
@@ -501,11 +559,15 @@ def recipe_config(recipe: str, mode: str = "ddpm", num_shards: int | None = None
     tree = _recipe_tree(recipe)
     share_steps = tree.pop("share_steps", False)
     name = tree.pop("name", RunConfig.name).format(mode=mode)
-    method = method_for_mode(mode, num_shards or (tree.get("method") or {}).get("num_shards") or 4)
+    own_method = tree.pop("method", None) or {}
+    method = method_for_mode(mode, num_shards or own_method.get("num_shards") or 4)
+    # the recipe's other method settings (lambda, ...) over the mode's switches
+    own_method = {key: value for key, value in own_method.items() if key != "num_shards"}
+    tree["method"] = _merged(dataclasses.asdict(method), own_method)
     config = RunConfig.from_dict(_merged(RunConfig().to_dict(), tree))
-    config.name, config.method = name, method
+    config.name = name
     if share_steps and config.train.local_steps is not None:
-        config.train.local_steps //= method.num_shards
+        config.train.local_steps //= config.method.num_shards
     return config
 
 

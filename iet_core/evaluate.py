@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig
+from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig, TextToImageConfig
 from .data import ImageDataset
 from .fid import FIDUnavailable, fid_score
 from .metrics import MQ_THRESHOLDS, copy_counts, memorization_ratio, mq_ratio, shares_below
@@ -33,6 +33,7 @@ from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
 from .runs import Run, check_eval_name, checkpoint_step
 from .sample import Cancelled, generate_from_run
 
+COPY_DETECTION = "text2image"  # summary["kind"] of text-to-image copy detection (iet_core.text2image.evaluate)
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
 Progress = Callable[[str, int, int], None]
 
@@ -173,11 +174,12 @@ def flips_in_training(run: Run) -> bool:
 def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, device: str | torch.device | None = None,
                  progress: Progress | None = None, name: str | None = None, save: bool = True,
                  dataset: ImageDataset | None = None, cancelled: Callable[[], bool] | None = None,
-                 step: int | None = None) -> EvalResult:
+                 step: int | None = None, text2image: TextToImageConfig | None = None) -> EvalResult:
     """Sample the run's checkpoint of global step `step` (None: the latest; EMA or raw weights), measure the samples against its
     training data, and save the result under RUN/eval/<name>/ (name: from the settings).
     config: None uses the run's own eval settings. `cancelled` is asked at every sampling step
-    and progress report; when it returns True, `Cancelled` is raised and nothing is saved."""
+    and progress report; when it returns True, `Cancelled` is raised and nothing is saved.
+    text2image (for text-to-image runs): None uses the run's own copy-detection settings."""
     if cancelled is not None:
         progress = _cancellable(progress, cancelled)
     run = run if isinstance(run, Run) else Run.open(run)
@@ -189,6 +191,16 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     dataset = dataset or run.dataset()
     _check_trained_on(run, checkpoint, dataset)
     device = resolve_device(device)
+    weights = "ema" if config.use_ema else "model"
+    default_name = f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
+    if run.config.text2image.enabled:
+        from .text2image.evaluate import copies_of_run
+
+        text2image = text2image or run.config.text2image
+        result = copies_of_run(run, checkpoint, dataset, config, text2image, device)
+        if save:
+            result.path = save_eval(run, result, name or f"{default_name}-cfg{text2image.guidance_scale:g}", config.gallery_pairs)
+        return result
     started = time.perf_counter()
     images = generate_from_run(run, config.num_samples, use_ema=config.use_ema, checkpoint=checkpoint, device=device,
                                sampler=config.sampler, steps=config.steps, eta=config.eta, seed=config.seed,
@@ -198,7 +210,6 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     flip_aware = flips_in_training(run) if config.flip_aware is None else config.flip_aware
     result = evaluate_images(images, dataset, config, flip_aware=flip_aware, per_sample=run.per_sample(),
                              device=device, progress=progress)
-    weights = "ema" if config.use_ema else "model"
     result.summary.update({
         "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": checkpoint_step(checkpoint),
         "weights": weights, "sampler": config.sampler, "steps": config.steps, "eta": config.eta, "seed": config.seed,
@@ -208,8 +219,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     if cancelled is not None and cancelled():
         raise Cancelled("the evaluation was cancelled")
     if save:
-        name = name or f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
-        result.path = save_eval(run, result, name, config.gallery_pairs)
+        result.path = save_eval(run, result, name or default_name, config.gallery_pairs)
     return result
 
 
@@ -333,13 +343,20 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
             raise ConfigError(f"run {run.id} has no saved evaluation: run `python -m iet_core evaluate {run.path}`.")
         name = names[0]
     table, summary, most_copied, images, folder = run.read_eval(name)
-    return EvalResult(table, summary, most_copied, images["generated"], images["nearest"], folder)
+    result_class = EvalResult
+    if summary.get("kind") == COPY_DETECTION:
+        from .text2image.evaluate import CopyResult as result_class
+    return result_class(table, summary, most_copied, images["generated"], images["nearest"], folder)
 
 
 # -- the CLI --------------------------------------------------------------------------------
 
 def format_summary(summary: dict) -> str:
     """The summary as aligned text lines for a terminal."""
+    if summary.get("kind") == COPY_DETECTION:
+        from .text2image.evaluate import format_copy_summary
+
+        return format_copy_summary(summary)
     lines = []
     if "run_id" in summary:
         lines.append(f"run {summary['run_id']}  {summary['checkpoint']} ({summary['weights']} weights), "
@@ -378,6 +395,10 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="also compare with mirrored training images (default: when training flipped)")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")
     parser.add_argument("--fid-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--feature-extractor", help="text-to-image runs: SSCD TorchScript file or DINOv2 / CLIP "
+                                                    "transformers folder for copy detection")
+    parser.add_argument("--guidance-scale", type=float, help="text-to-image runs: classifier-free guidance")
+    parser.add_argument("--images-per-caption", type=int, help="text-to-image runs: generations per training caption")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--name", help="folder name under RUN/eval (default: from the settings)")
     parser.add_argument("--no-save", action="store_true", help="print only; save nothing in the run folder")
@@ -393,8 +414,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  "flip_aware": args.flip_aware, "fid_weights": args.fid_weights,
                  "use_ema": None if args.weights is None else args.weights == "ema", "fid": args.fid or None}
     config = replace(run.config.eval, **{k: v for k, v in overrides.items() if v is not None})
+    copy_settings = {"feature_extractor": args.feature_extractor, "guidance_scale": args.guidance_scale,
+                     "images_per_caption": args.images_per_caption}
+    text2image = replace(run.config.text2image, **{k: v for k, v in copy_settings.items() if v is not None})
     result = evaluate_run(run, config, device=args.device, name=args.name, save=not args.no_save,
-                          progress=_print_progress, step=args.step)
+                          progress=_print_progress, step=args.step, text2image=text2image)
     print(format_summary(result.summary))
     if result.path is not None:
         print(f"saved: {result.path}")

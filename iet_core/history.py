@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ RATIO_MAX = 3.0
 RATIO_EDGES = np.round(np.arange(0.0, RATIO_MAX + 1e-9, RATIO_BIN_WIDTH), 2)
 STEP_COLUMNS = ("global_step", "round", "proxy", "local_step", "loss", "kept_fraction", "lr", "skip_lambda")
 STEP_DTYPES = dict.fromkeys(STEP_COLUMNS[:4], np.int64) | dict.fromkeys(STEP_COLUMNS[4:], np.float32)  # as the events
+PACE_FLUSHES = 50  # recent step flushes that set the pace for the time left
 WINDOW_VISITS = 512  # a histogram window holds at least this many visits (one flush alone is noisy)
 
 
@@ -143,12 +145,18 @@ class RunHistory:
         self._settings: list[dict] = []
         self._status: dict = {}
         self._checkpoint: str | None = None
+        # (monotonic time, steps done) at each step flush since training last (re)started: the
+        # pace behind the time left. A pause or resume starts it afresh.
+        self._pace: collections.deque[tuple[float, int]] = collections.deque(maxlen=PACE_FLUSHES)
 
     # -- writing ---------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
         with self._lock:
             if isinstance(event, StepEvent):
                 self._add_steps(event.columns())
+                if len(event.global_step):
+                    done = max(int(event.global_step[-1]) + 1, self._pace[-1][1] if self._pace else 0)
+                    self._pace.append((time.monotonic(), done))
             elif isinstance(event, SampleEvent):
                 self._add_samples(event.columns())
             elif isinstance(event, RoundEvent):
@@ -157,13 +165,14 @@ class RunHistory:
                                      "seconds": event.seconds, "shard_sizes": list(event.shard_sizes)})
             elif isinstance(event, RoundStartEvent):
                 self._plan = {"round": event.round, "steps_per_proxy": list(event.steps_per_proxy)}
-                self._status["total_steps"] = event.total_steps
+                self._status.update(total_steps=event.total_steps, round=event.round)
             elif isinstance(event, SettingEvent):
                 self._settings.append({"name": event.name, "value": event.value, "global_step": event.global_step})
             elif isinstance(event, StatusEvent):
                 total = event.total_steps or self._status.get("total_steps")  # also set by each round's start
                 self._status = {"state": event.state, "round": event.round, "global_step": event.global_step,
                                 "message": event.message, "total_steps": total}
+                self._pace.clear()
             elif isinstance(event, CheckpointEvent):
                 self._checkpoint = event.path
             self.version += 1
@@ -328,6 +337,19 @@ class RunHistory:
         """The latest logged step (global_step, round, proxy, ..., skip_lambda), or None."""
         with self._lock:
             return dict(self._last) if self._last else None
+
+    def seconds_left(self) -> float | None:
+        """Time until the run's last step at the pace of its recent steps, measured on this
+        machine (round ends, previews and checkpoints included); None until two flushes of the
+        current stretch of training have been seen."""
+        with self._lock:
+            total = self._status.get("total_steps")
+            if len(self._pace) < 2 or not total:
+                return None
+            (start, first), (now, done) = self._pace[0], self._pace[-1]
+            if done <= first:
+                return None
+            return (now - start) / (done - first) * max(total - done, 0)
 
     @property
     def last_step(self) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import MAX_IMAGES, ConfigError, RunConfig
 from .data import SourcePolicy
+from .evaluate import evaluate_run
 from .history import RunHistory
 from .owners import JobError, Quota, check_recorded_owner, owner_digest, same_owner, set_aside_stale
 from .neighbours import resolve_device
@@ -30,6 +31,7 @@ from .telemetry import Event
 from .train import TrainControl, train
 
 log = logging.getLogger(__name__)
+EVALUATING = "training finished; generating samples and measuring copies (see the Memorization page)"
 
 
 @dataclass
@@ -42,11 +44,14 @@ class Job:
     thread: threading.Thread | None = None  # None while queued
     done: bool = False
     error: str | None = None
+    evaluating: bool = False  # measuring the finished run (eval.after_training)
 
     @property
     def state(self) -> str:
         if self.thread is None:
             return "queued"
+        if self.evaluating:
+            return "evaluating"
         if self.done:
             # A trainer that fails before its first step (e.g. the data is gone) leaves the
             # run's own status untouched, so the job's error decides.
@@ -105,6 +110,10 @@ class JobManager:
         its training."""
         config.validate()
         self.sources.check(config.data.source)
+        self.sources.check_model(config.model.pretrained)
+        if config.eval.fid_weights or config.eval.fid_cache:
+            raise JobError("eval.fid_weights and eval.fid_cache name files on the server: there they are its admin's "
+                           "to set; leave them empty.")
         resolve_device(config.train.device)
         self._check_size(config)
         with self._lock:
@@ -181,6 +190,8 @@ class JobManager:
     def _work(self, job: Job) -> None:
         try:
             train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)], holder="the app")
+            if job.run.config.eval.after_training and job.run.status().get("state") == "finished":
+                self._evaluate(job)
         except Exception as err:  # the trainer has marked the run failed; keep the reason for the UI
             job.error = f"{type(err).__name__}: {err}"
             log.exception("training run %s failed", job.run.id)
@@ -190,6 +201,20 @@ class JobManager:
                 if job.history is not None:
                     self._remember(job.run, job.history)
                 self._start_queued()
+
+    @staticmethod
+    def _evaluate(job: Job) -> None:
+        """Measure a finished run with its own evaluation settings, so its copies are on the
+        Memorization page when training ends; a failure leaves the trained run as it is."""
+        job.evaluating = True
+        try:
+            evaluate_run(job.run)
+        except Exception as err:
+            log.exception("evaluating run %s after training failed", job.run.id)
+            job.run.write_status("finished", message=f"training finished; evaluating it failed ({err}): evaluate it "
+                                                      "on the Memorization page")
+        finally:
+            job.evaluating = False
 
     # -- steering --------------------------------------------------------------------------
     def pause(self, run_id: str, owner: str) -> None:
@@ -289,9 +314,11 @@ class JobManager:
         round, global step, total steps, message, error; live jobs are read from memory."""
         job = self._jobs.get(run_id)
         if job is None or job.done:
-            status = dict(self.run(run_id).status())
-            status.update(run_id=run_id, queue_position=None, live=False)
-            holder = self.run(run_id).describe_writer() if job is None else None
+            run = self.run(run_id)
+            status = dict(run.status())
+            status.update(run_id=run_id, queue_position=None, live=False, rounds=run.config.train.rounds,
+                          seconds_left=None)
+            holder = run.describe_writer() if job is None else None
             if holder is not None:  # another process (the command line) trains it
                 status.update(state="running", message=f"trained by {holder}; steer it there")
             elif job is None and status.get("state") in ("running", "paused"):
@@ -302,11 +329,15 @@ class JobManager:
             if job is not None and job.error:
                 status.update(state="failed", error=job.error, message=status.get("message") or job.error)
             return status
-        live = job.history.status() if job.history is not None else {}
-        last = job.history.last_step if job.history is not None else -1
-        return {"run_id": run_id, "state": job.state, "queue_position": self.queue_position(run_id), "live": True,
-                "round": live.get("round", 0), "global_step": max(last + 1, live.get("global_step", 0)),
-                "total_steps": live.get("total_steps"), "message": live.get("message", ""), "error": job.error}
+        history = job.history
+        live = history.status() if history is not None else {}
+        last = history.last_step if history is not None else -1
+        state = job.state
+        return {"run_id": run_id, "state": state, "queue_position": self.queue_position(run_id), "live": True,
+                "round": live.get("round", 0), "rounds": job.run.config.train.rounds,
+                "global_step": max(last + 1, live.get("global_step", 0)), "total_steps": live.get("total_steps"),
+                "seconds_left": history.seconds_left() if history is not None and state == "running" else None,
+                "message": EVALUATING if state == "evaluating" else live.get("message", ""), "error": job.error}
 
     def history(self, run_id: str) -> RunHistory:
         """The run's history: the live store while training, else its folder (cached)."""
@@ -351,7 +382,7 @@ class JobManager:
             rows.append({"run_id": run.id, "name": config.name, "mode": config.method.mode, "state": status.get("state"),
                          "queue_position": status.get("queue_position"), "round": status.get("round", 0),
                          "rounds": config.train.rounds, "global_step": status.get("global_step", 0),
-                         "total_steps": status.get("total_steps")})
+                         "total_steps": status.get("total_steps"), "seconds_left": status.get("seconds_left")})
         return rows
 
     def wait(self, run_id: str, timeout: float | None = None) -> str:

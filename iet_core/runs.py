@@ -565,7 +565,12 @@ class Run:
 
         folder = Path(folder) if folder else self.path / "export"
         tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:6]}")
-        export_pipeline(self.load_unet(ema=ema), self.scheduler(), tmp)
+        if self.config.text2image.enabled:  # a LoRA file, or a Stable Diffusion pipeline folder
+            from .text2image.export import export_text_to_image
+
+            export_text_to_image(self, tmp, ema)
+        else:
+            export_pipeline(self.load_unet(ema=ema), self.scheduler(), tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -158,15 +158,15 @@ class Trainer:
         self.writer_lock: WriterLock | None = None  # set by prepare_trainer
         self.device = device = resolve_device(config.train.device)
 
-        self.unet = run.build_unet(seed=config.train.seed).to(device).train()  # the same seed, the same weights
+        self.unet = self.build_model().to(device).train()
         self.generator = torch.Generator(device)  # every draw of a step; seeded per step
         self.dropout = has_dropout(self.unet)
         self.flat = FlatParams(self.unet, channels_last=config.train.channels_last)
         # Compiled for one proxy at a time; side-by-side proxies run the eager module under vmap.
         self.forward = torch.compile(self.unet) if config.train.compile else self.unet
-        self.alphas_cumprod = training_scheduler(config.model).alphas_cumprod.to(device=device, dtype=torch.float32)
-        self.num_timesteps = config.model.num_train_timesteps
-        self.images = self.dataset.to_model_space().to(device)
+        self.alphas_cumprod = self.noise_scheduler().alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.num_timesteps = len(self.alphas_cumprod)
+        self.images = self.training_inputs()
         self.ids = self.dataset.ids.to(device)
 
         n, k = len(self.dataset), config.method.num_shards
@@ -195,6 +195,26 @@ class Trainer:
         self.round_started = time.time()
         self.total_steps = self._expected_total_steps()
         self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
+
+    # -- what a model family changes (see iet_core.text2image for text-to-image) ------------
+    def build_model(self) -> torch.nn.Module:
+        """The network; its parameters that require grad are what the proxies train."""
+        return self.run.build_unet(seed=self.config.train.seed)  # the same seed, the same weights
+
+    def noise_scheduler(self):
+        return training_scheduler(self.config.model)
+
+    def training_inputs(self) -> torch.Tensor:
+        """x0 of every training image (N, ...), on the device."""
+        return self.dataset.to_model_space().to(self.device)
+
+    def conditioning(self, batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Extra model inputs for dataset positions (J, B): (J, B, ...) tensors; none here."""
+        return ()
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network predicts: the noise (epsilon prediction)."""
+        return noise
 
     def _check_memory(self, k: int) -> None:
         """Refuse before allocating when the K proxies' weights, EMA, Adam moments and gradients
@@ -339,10 +359,10 @@ class Trainer:
         return draw_inputs(self.images[batch], self.num_timesteps, self.generator, config.train.hflip,
                            strength, config.method.taa)
 
-    def _masked_loss(self, prediction, noise, bank, t):
+    def _masked_loss(self, prediction, target, bank, t):
         """Per-sample loss, AGC's keep mask (bank read before its update) and the mean loss
         over kept samples."""
-        per_sample = (prediction.float() - noise).square().mean(dim=(1, 2, 3))
+        per_sample = (prediction.float() - target).square().mean(dim=(1, 2, 3))
         seen = per_sample.detach()
         if self.config.method.agc.enabled:
             keep = agc.keep_mask(seen, bank, t, self.skip_lambda)
@@ -364,26 +384,28 @@ class Trainer:
         config, tc = self.config, self.config.train
         x0, t, noise, strength = (torch.stack(v) for v in zip(*(self._draw(k, b) for k, b in zip(proxies, batches))))
         x_t = forward_noise(x0, noise, self.alphas_cumprod[t])
+        target = self.target(x0, noise, t)
+        condition = self.conditioning(batches)
         rows = slice(proxies[0], proxies[-1] + 1)
         bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         with self._dropout_rng(proxies[0]):
             if len(proxies) == 1:
                 model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
                 with bf16:
-                    prediction = self.forward(model_input, t[0]).sample
-                loss, seen, keep = self._masked_loss(prediction, noise[0], self.banks[proxies[0]], t[0])
+                    prediction = self.forward(model_input, t[0], *(c[0] for c in condition)).sample
+                loss, seen, keep = self._masked_loss(prediction, target[0], self.banks[proxies[0]], t[0])
                 self.flat.zero_grad()
                 loss.backward()
                 loss, seen, keep = loss.detach()[None], seen[None], keep[None]
             else:
-                def one_proxy(params, x_t, t, noise, bank):
+                def one_proxy(params, x_t, t, target, bank, condition):
                     with bf16:
-                        prediction = functional_call(self.unet, params, (x_t, t)).sample
-                    loss, seen, keep = self._masked_loss(prediction, noise, bank, t)
+                        prediction = functional_call(self.unet, params, (x_t, t, *condition)).sample
+                    loss, seen, keep = self._masked_loss(prediction, target, bank, t)
                     return loss, (loss.detach(), seen, keep)
 
                 grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
-                    self.flat.unflatten(self.weights[rows]), x_t, t, noise, self.banks[rows])
+                    self.flat.unflatten(self.weights[rows]), x_t, t, target, self.banks[rows], condition)
                 self.grads[rows] = self.flat.flatten(grads)
 
         ratio = agc.loss_ratio(seen, self.banks[rows], t)  # the bank before the update; inf while empty
@@ -527,16 +549,20 @@ class Trainer:
         from PIL import Image
         from torchvision.utils import make_grid  # torchvision comes with pytorch-fid
 
-        from .sample import generate
-
         self.flat.bind(self.global_weights.clone(), self.grads[0])
-        images = generate(self.unet, training_scheduler(self.config.model), count,
-                          steps=self.config.train.preview_steps, seed=self.config.train.seed, device=self.device)
+        images = self.preview_images(count)
         self.unet.train()
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(count))), padding=1, pad_value=255)
         buffer = io.BytesIO()
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
         self.run.write_preview(self.round, buffer.getvalue())
+
+    def preview_images(self, count: int) -> torch.Tensor:
+        """uint8 (count, C, H, W) from the global weights (bound to the module)."""
+        from .sample import generate
+
+        return generate(self.unet, training_scheduler(self.config.model), count,
+                        steps=self.config.train.preview_steps, seed=self.config.train.seed, device=self.device)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -630,7 +656,10 @@ def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool 
     gone, checkpoint unreadable) marks the run failed with the reason."""
     lock = run.writer_lock(holder).acquire() if group is None or group.is_writer else None
     try:
-        trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control, group=group)
+        trainer_class = Trainer
+        if run.config.text2image.enabled:
+            from .text2image.train import TextToImageTrainer as trainer_class
+        trainer = trainer_class(run, dataset=dataset, sinks=sinks, control=control, group=group)
         trainer.writer_lock = lock
         if resume and run.latest_checkpoint() is not None:
             trainer.load_checkpoint()

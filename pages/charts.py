@@ -108,7 +108,7 @@ def ratio_histogram(current: RatioSnapshot | None, what_if: float, applied: floa
     if not in_force:
         figure.add_vline(x=what_if, line=dict(color="#d97706", width=3, dash="dot"),
                          annotation_text=f"what-if {what_if:.2f}", annotation_position="bottom right")
-    title = title or f"Loss ratio loss / bank[t] · steps {current.first_step}–{current.last_step}, round {current.round + 1}"
+    title = title or f"Loss ratio loss / bank[t] · steps {current.first_step}–{current.last_step}"
     figure.update_layout(**{**LAYOUT, "height": 380}, barmode="overlay", bargap=0.02, title=title,
                          xaxis_title="loss / bank[t]   (left of λ: too easy, skipped)",
                          yaxis_title="share of visits", xaxis_range=[0, 3], yaxis_range=[0, top])

@@ -6,6 +6,7 @@ import collections
 import functools
 import hashlib
 import io
+import math
 import os
 import secrets
 import shutil
@@ -19,7 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from iet_core.config import ConfigError
+from iet_core.config import ConfigError, DataConfig, RunConfig
 from iet_core.evaluate import EvaluationGate
 from iet_core.sample import Cancelled
 from iet_core.data import ImageDataset
@@ -33,7 +34,8 @@ SESSION_KEY = "iet-agc-app-session"
 SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}
 # Plain symbols that every system font has (emoji need a colour-emoji font).
 STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping": "■", "stopped": "■",
-               "finished": "✓", "failed": "✗", "created": "○", "interrupted": "!", "damaged": "✗"}
+               "finished": "✓", "evaluating": "…", "failed": "✗", "created": "○", "interrupted": "!",
+               "damaged": "✗"}
 
 
 @dataclass
@@ -86,6 +88,16 @@ def ensure_owner(session: dict | None) -> dict:
     return session
 
 
+def session_data(session: dict | None) -> DataConfig | None:
+    """The data chosen on the Data page, if any. The session comes from the browser, and any
+    client can send any session, so it is read like every other input (None if invalid)."""
+    chosen = (session or {}).get("data")
+    try:
+        return RunConfig.from_dict({"data": chosen}).data if chosen else None
+    except ConfigError:
+        return None
+
+
 def user_errors(fn):
     """Show ConfigError (bad input, with what to do) and cancelled work as a message in the
     page instead of a crash."""
@@ -104,13 +116,32 @@ def run_label(row: dict) -> str:
     """"▶ demo-ddpm (ddpm) · running, round 3/30 · 11-22 14:59 a1b2c3": the run id's date and
     suffix tell apart runs of the same name."""
     state = row["state"] or "?"
-    where = f"#{row['queue_position']} in queue" if row.get("queue_position") else f"round {row['round']}/{row['rounds']}"
+    where = f"#{row['queue_position']} in queue" if row.get("queue_position") else progress_text(row)
     run_id = row["run_id"]
     try:  # ids made by the engine start with the creation time
         when = f"{time.strftime('%m-%d %H:%M', time.strptime(run_id[:15], '%Y%m%d-%H%M%S'))} {run_id[-6:]}"
     except ValueError:
         when = run_id
     return f"{STATE_ICONS.get(state, '')} {row['name']} ({row['mode']}) · {state}, {where} · {when}"
+
+
+def round_shown(status: dict) -> int:
+    """The round a run is in, counted from 1, as every page shows it (the engine counts from 0;
+    a finished run has gone past its last round)."""
+    return min(int(status.get("round") or 0) + 1, int(status.get("rounds") or 1))
+
+
+def time_left(seconds: float | None) -> str:
+    """'about 7 min left' from the engine's measured pace ('' before it is measured)."""
+    if seconds is None:
+        return ""
+    return "under a minute left" if seconds < 60 else f"about {math.ceil(seconds / 60)} min left"
+
+
+def progress_text(status: dict) -> str:
+    """'round 3/20 · about 7 min left' for the run lists."""
+    left = time_left(status.get("seconds_left"))
+    return f"round {round_shown(status)}/{status.get('rounds')}" + (f" · {left}" if left else "")
 
 
 def run_choices(ctx: AppContext) -> list[tuple[str, str]]:
@@ -175,9 +206,10 @@ def run_controls(ctx: AppContext, picker: gr.Dropdown, session: gr.BrowserState)
     a run may steer or delete it. Pages enable the buttons that apply to the run's state."""
     with gr.Row():
         buttons = {"pause": gr.Button("❚❚ Pause", size="md", interactive=False, elem_id="pause-run"),
-                   "resume": gr.Button("▶ Resume", size="md", interactive=False),
-                   "stop": gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop", interactive=False),
-                   "delete": gr.Button("🗑 Delete run", size="md", interactive=False)}
+                   "resume": gr.Button("▶ Resume", size="md", interactive=False, elem_id="resume-run"),
+                   "stop": gr.Button("■ Stop (saves a checkpoint)", size="md", variant="stop", interactive=False,
+                                   elem_id="stop-run"),
+                   "delete": gr.Button("Delete run", size="md", interactive=False, elem_id="delete-run")}
     message = gr.Markdown()
     done = {"pause": "Pausing after the current step.", "resume": "Resuming (a stopped run continues from its "
             "latest checkpoint, after any queued runs).", "stop": "Stopping: a checkpoint is saved, resume any time.",
@@ -203,7 +235,7 @@ def control_states(status: dict, agc: bool = False) -> dict[str, bool]:
     """Which controls apply to a run in this state (the others are shown disabled); `apply`
     is the Monitor's "apply this λ", for runs with AGC."""
     state = status.get("state")
-    live = state in ("running", "paused", "queued", "stopping")
+    live = state in ("running", "paused", "queued", "stopping", "evaluating")
     return {"pause": state == "running", "resume": state in ("paused", "stopped", "interrupted"),
             "stop": state in ("running", "paused", "queued"), "delete": not live,
             "apply": agc and state in ("running", "paused")}
@@ -216,7 +248,10 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
     if status.get("queue_position"):
         parts.append(f"**#{status['queue_position']} in the queue**: starts when the run before it ends")
     total, step = status.get("total_steps"), status.get("global_step") or 0
-    parts.append(f"round {status.get('round', 0)} · step {step}" + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
+    parts.append(f"round {round_shown(status)} of {status.get('rounds', '?')} · step {step}"
+                 + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
+    if status.get("seconds_left") is not None:
+        parts.append(f"**{time_left(status['seconds_left'])}**")
     if skip_lambda is not None:
         parts.append(f"skip threshold λ = **{skip_lambda:.2f}**")
     message = status.get("error") or status.get("message") or ""
@@ -224,6 +259,9 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
 
 
 DOWNLOAD_ROOT = Path(tempfile.gettempdir()) / "iet-app-downloads"
+# Downloads (zipped checkpoints, exported pipelines, CSVs) share one concurrency group: copying
+# and zipping are heavy on disk, so a few at a time however many clients ask.
+DOWNLOADS = {"concurrency_id": "downloads", "concurrency_limit": 2}
 DOWNLOAD_TTL_SECONDS = 600  # gradio has copied a download into its own cache long before this
 
 
@@ -318,6 +356,25 @@ def training_images(ctx: AppContext, run_id: str, sample_ids, captions) -> list[
     position = {int(i): p for p, i in enumerate(dataset.ids.tolist())}
     return [(image_file(display_image(dataset.images[position[int(i)]].numpy())), caption)
             for i, caption in zip(sample_ids, captions) if int(i) in position]
+
+
+TERMS = {
+    "proxy": "one of the K models of a round; each trains on its own shard, then all K are averaged into the global model",
+    "shard": "one of the K parts the training images are split into",
+    "bank[t]": "AGC's memory bank: the recent average loss at noise level t (each visit moves it a little)",
+    "loss ratio": "a visit's loss divided by bank[t]; far below 1 means suspiciously easy, the sign of a memorized image",
+    "λ": "AGC's skip threshold: a visit whose loss ratio is below λ gives no gradient",
+    "EMA": "a slowly moving average of the weights, often sampled instead of the raw weights; early in training it lags behind",
+    "copy": "a generated sample less than 1/3 as far from its nearest training image as from the second nearest",
+    "MQ": "the reference code's memorization measure: distance to the nearest training image over the mean distance to the 50 nearest",
+    "FID / feature FD": "how far the samples' image statistics are from real images' (lower is better); feature FD is the offline stand-in",
+}
+
+
+def glossary(*names: str) -> None:
+    """A folded list of the terms a page uses, one line each."""
+    with gr.Accordion("Terms used on this page", open=False):
+        gr.Markdown("\n".join(f"- **{name}**: {TERMS[name]}" for name in names))
 
 
 def page_header(title: str, text: str) -> None:

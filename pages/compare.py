@@ -114,6 +114,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "data, and evaluate them the same way: the same checkpoint step, the same weights, the same "
                        "number of samples. A copy share means little without its quality: a model that has not "
                        "learned yet makes noise, and noise copies nothing.")
+    common.glossary("copy", "EMA", "FID / feature FD", "λ")
     session = common.session_state(ctx)
     with gr.Row(equal_height=False):
         picker = gr.Dropdown(choices=[], multiselect=True, label="Runs to compare", scale=8, elem_id="compare-picker")

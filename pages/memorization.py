@@ -8,12 +8,13 @@ import gradio as gr
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
-from iet_core.evaluate import load_eval
+from iet_core.evaluate import list_evals, load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 
 TITLE, PATH = "4 · Memorization", "memorization"
 PAIRS_SHOWN = 48
+POLL_SECONDS = 3.0
 COPIED_COLUMNS = ("training_id", "times_nearest", "times_memorized", "shard", "visits", "skips", "skip_rate")
 PRESENTED = 6  # pairs in the presentation view: big enough to read from the back of a room
 
@@ -115,6 +116,15 @@ def result_view(ctx: common.AppContext, run_id: str, result) -> tuple:
             common.training_images(ctx, run_id, most.head(12)["training_id"], captions), most)
 
 
+def newest_eval(ctx: common.AppContext, run_id: str) -> str:
+    """The name of the run's newest saved evaluation ("" when none, or the run is gone)."""
+    try:
+        names = list_evals(ctx.jobs.run(run_id))
+    except ConfigError:
+        return ""
+    return names[0] if names else ""
+
+
 def saved_view(ctx: common.AppContext, run_id: str) -> tuple:
     """The run's newest saved evaluation, or a note that there is none."""
     try:
@@ -130,6 +140,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Is the model copying?", "Generate samples and find each one's nearest training image. A "
                        "sample much closer to its nearest training image than to the second nearest (ratio below "
                        "a third) is counted as a **copy**. Pairs are sorted most-copied first.")
+    common.glossary("copy", "MQ", "EMA", "FID / feature FD")
     picker, refresh_list = common.run_picker()
     with gr.Row():
         num_samples = gr.Slider(8, 1024, value=64, step=8, label="Samples to generate",
@@ -164,11 +175,23 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         export_table = gr.Button("Download the evaluation table (.csv)", scale=0, min_width=300)
         download = gr.File(label="Download", interactive=False, visible=False)
 
+    shown = gr.State("")  # the evaluation on the page: a newer one (e.g. made when training ended) replaces it
+    timer = gr.Timer(POLL_SECONDS)
+
     def load_saved(run_id):
-        return saved_view(ctx, run_id) if run_id else [gr.skip()] * 7
+        if not run_id:
+            return [gr.skip()] * 8
+        return [*saved_view(ctx, run_id), newest_eval(ctx, run_id)]
+
+    def check_new(run_id, current):
+        if not run_id or newest_eval(ctx, run_id) == current:
+            return [gr.skip()] * 8
+        return load_saved(run_id)
 
     outputs = [summary, presentation, histogram, mq, pairs, copied_gallery, copied]
-    picker.change(load_saved, picker, outputs, api_visibility="private")
+    picker.change(load_saved, picker, [*outputs, shown], api_visibility="private")
+    timer.tick(check_new, [picker, shown], [*outputs, shown], concurrency_limit=None, show_progress="hidden",
+               api_visibility="private", trigger_mode="always_last")
 
     @common.user_errors
     def run_evaluation(run_id, count, sampling_steps, use_ema, with_fid, session, progress=gr.Progress()):
@@ -178,9 +201,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         config.fid, config.use_ema = bool(with_fid), bool(use_ema)
         result = api.run_evaluation(ctx, run_id, config, common.ensure_owner(session)["owner"],
                                     progress=lambda stage, done, total: progress(done / max(total, 1), desc=stage))
-        return result_view(ctx, run_id, result)
+        return [*result_view(ctx, run_id, result), result.path.name]
 
-    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid, session], outputs,
+    evaluate.click(run_evaluation, [picker, num_samples, steps, weights, fid, session], [*outputs, shown],
                    concurrency_limit=ctx.evaluations.capacity, concurrency_id=api.EVAL_CONCURRENCY,
                    api_visibility="private")
 
@@ -193,5 +216,5 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         result.table.to_csv(target, index=False)
         return gr.update(value=str(target), visible=True)
 
-    export_table.click(table_csv, picker, download, api_visibility="private")
+    export_table.click(table_csv, picker, download, api_visibility="private", **common.DOWNLOADS)
     common.wire_run_picker(ctx, page, picker, refresh_list, session)

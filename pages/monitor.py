@@ -100,9 +100,9 @@ def pinned_view(history, config: RunConfig, pins: list[float]) -> list[tuple[str
     return views
 
 
-def status_view(ctx: common.AppContext, run_id: str) -> tuple[str, dict]:
+def status_view(ctx: common.AppContext, run_id: str, status: dict | None = None) -> tuple[str, dict]:
     """The status line and the state of each control for a run."""
-    status = ctx.jobs.status(run_id)
+    status = status or ctx.jobs.status(run_id)
     config = ctx.jobs.run(run_id).config
     agc = config.method.agc.enabled
     skip_lambda = current_lambda(ctx.jobs.history(run_id), config) if agc else None
@@ -113,13 +113,15 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     """What the periodic refresh changes, by output name. The status always; the rest only when
     the run's store changed, and each gallery only when what it shows changed (images are sent
     again each time). Missing names are left as they are."""
-    status_line, controls = status_view(ctx, run_id)
+    status = ctx.jobs.status(run_id)
+    status_line, controls = status_view(ctx, run_id, status)
     out = {"status": status_line, "controls": controls}
     run = ctx.jobs.run(run_id)
     config = run.config
     history = ctx.jobs.history(run_id)
-    state = ctx.jobs.status(run_id).get("state")
-    key = (run_id, history.version, state, scrub, overlay, what_if)
+    state = status.get("state")
+    listed = (state, common.round_shown(status))  # what the run list's label says of the run
+    key = (run_id, history.version, listed, scrub, overlay, what_if)
     if view_state.get("key") == key:
         out["view"] = view_state
         return out
@@ -131,7 +133,7 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
         shown[name] = token
         return True
 
-    if view_state.get("key") and view_state["key"][2] != state:  # a new state shows in the run list's labels
+    if view_state.get("key") and view_state["key"][2] != listed:  # a new state or round shows in the run list
         out["relabel"] = True
     steps, settings, rounds = history.steps(max_points=2000), history.settings(), history.rounds()
     out["loss"] = charts.loss_figure(steps, settings, rounds)
@@ -141,7 +143,8 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     if changed("what_if", [list(view.below_ids), list(view.below_captions)]):
         out["what_if_images"] = common.training_images(ctx, run_id, view.below_ids, view.below_captions)
     plan = history.round_plan() or {"round": 0, "steps_per_proxy": None}
-    out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, plan["round"],
+    # The round the status line shows (a stopped run's unfinished round, a finished run's last one).
+    out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, common.round_shown(status) - 1,
                                           plan["steps_per_proxy"])
     previews = run.previews()
     if changed("previews", [number for number, _ in previews]):
@@ -189,9 +192,12 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "each training visit's loss divided by the recent loss at the same noise level. Visits far "
                        "below 1 are suspiciously easy, the sign of an image being memorized; AGC skips those left "
                        "of the red line λ.")
+    common.glossary("proxy", "shard", "bank[t]", "loss ratio", "λ", "EMA")
     picker, refresh_list = common.run_picker()
     status = gr.Markdown("Pick a run.", elem_id="monitor-status")
     controls = common.run_controls(ctx, picker, session)
+    gr.Markdown("<span class='explain'>Left: the training loss of every step, all proxies together (grey lines: "
+                "round ends; red dashes: λ changed). Right: the share of each batch AGC kept and skipped.</span>")
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", show_label=False)
         kept_plot = gr.Plot(label="Kept vs skipped", show_label=False)
@@ -211,7 +217,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             with gr.Row():
                 apply = gr.Button("Apply this λ to the running run", variant="primary", interactive=False,
                                   elem_id="apply-lambda")
-                pin = gr.Button("📌 Pin this λ", size="md")
+                pin = gr.Button("Pin this λ", size="md")
                 copy_config = gr.Button("Copy config with this λ", size="md")
             what_if_gallery = gr.Gallery(fit_columns=False, label="Training images below the what-if λ (recent visits)",
                                          columns=4, height=280, allow_preview=False)
@@ -224,8 +230,10 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                                                 show_label=False))
         clear_pins = gr.Button("Clear pins", size="sm", scale=0)
     config_text = gr.Markdown(visible=False, elem_id="config-with-lambda")
+    gr.Markdown("<span class='explain'>Left: how far each proxy is through the current round. Right: samples "
+                "drawn from the global model after each round. Below: the training images AGC skipped most.</span>")
     with gr.Row(equal_height=False):
-        shards_plot = gr.Plot(label="Shards", show_label=False)
+        shards_plot = gr.Plot(label="Shards", show_label=False, elem_id="shards-chart")
         previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
     skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10,
                                  height=250, allow_preview=False, elem_id="most-skipped")
@@ -339,5 +347,5 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 raise gr.Error("Pick a run first.", print_exception=False)
             return gr.update(value=make(ctx.jobs.run(run_id)), visible=True)
 
-        button.click(prepare, picker, download, api_visibility="private")
+        button.click(prepare, picker, download, api_visibility="private", **common.DOWNLOADS)
     common.wire_run_picker(ctx, page, picker, refresh_list, session)

@@ -31,7 +31,7 @@ def runs_table(ctx: common.AppContext) -> pd.DataFrame:
         "run": row["name"], "mode": row["mode"],
         "state": f"{common.STATE_ICONS.get(row['state'], '')} {row['state']}",
         "progress": (f"#{row['queue_position']} in queue" if row.get("queue_position")
-                     else f"round {row['round']}/{row['rounds']}"),
+                     else common.progress_text(row)),
         "run id": row["run_id"]} for row in rows], columns=columns)
 
 

@@ -32,14 +32,13 @@ def preset_values(recipe: str) -> dict:
 
 def data_config(session: dict | None) -> DataConfig:
     """The data chosen on the Data page, or the demo's digits."""
-    chosen = (session or {}).get("data")
-    return DataConfig(**chosen) if chosen else recipe_config(DEMO_PRESET).data
+    return common.session_data(session) or recipe_config(DEMO_PRESET).data
 
 
 def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: str, shards: int, rounds: int,
                  unit: str, amount: float, batch_size: int, lr: float, seed: int, skip_lambda: float,
                  bank_decay: float, msr_threshold: float, msr_policy: str, taa_band: float, taa_strength: float,
-                 preview: int) -> RunConfig:
+                 preview: int, evaluate_after: bool = True) -> RunConfig:
     """A validated RunConfig from the form. The preset's recipe supplies what the form does not
     show (optimizer, warmup, EMA)."""
     config = recipe_config(preset, mode)
@@ -54,6 +53,7 @@ def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: 
     train.rounds, train.batch_size, train.lr, train.seed = int(rounds), int(batch_size), float(lr), int(seed)
     train.local_steps, train.local_epochs = (int(amount), None) if unit == "steps" else (None, float(amount))
     train.preview_samples = int(preview)
+    config.eval.after_training = bool(evaluate_after)
     return RunConfig.from_dict(config.to_dict()).validate()  # from_dict: form values checked like a JSON config
 
 
@@ -73,8 +73,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "chosen mode are shown. The run trains on the server: you can close this tab and come back.")
     data_text = gr.Markdown()
     demo = preset_values(DEMO_PRESET)  # the form opens on the demo preset
-    with gr.Row():
-        with gr.Column(scale=3):
+    with gr.Column():
+        with gr.Column(variant="panel"):
             with gr.Row():
                 preset = gr.Dropdown([(label, recipe) for recipe, label in PRESET_LABELS.items()], value=DEMO_PRESET, label="Preset", scale=3,
                                      info="Fills the settings below; the data comes from the Data page.")
@@ -110,9 +110,12 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                     taa_band = gr.Slider(0.05, 2.0, value=0.5, step=0.05, label="TAA band above λ",
                                          info="Ratios above λ + band are not augmented.")
                     taa_strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="TAA strength at λ")
+            evaluate_after = gr.Checkbox(True, label="Measure copies when training ends",
+                                         info="Generates samples and finds their nearest training images, so the "
+                                              "Memorization page shows the result without another click.")
             start = gr.Button("▶ Start training", variant="primary", size="lg", elem_id="start-training")
             started = gr.Markdown(elem_id="train-started")
-        with gr.Column(scale=2):
+        with gr.Column():
             gr.Markdown("### Runs\nSteer the run you picked (only from the browser that started it).")
             picker, refresh_list = common.run_picker()
             status = gr.Markdown(elem_id="train-status")
@@ -123,7 +126,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     form = dict(name=name, mode=mode, preset=preset, model=model, shards=shards, rounds=rounds, unit=unit,
                 amount=amount, batch_size=batch_size, lr=lr, seed=seed, skip_lambda=skip_lambda,
                 bank_decay=bank_decay, msr_threshold=msr_threshold, msr_policy=msr_policy, taa_band=taa_band,
-                taa_strength=taa_strength, preview=preview)
+                taa_strength=taa_strength, preview=preview, evaluate_after=evaluate_after)
     keys = list(form)
 
     def apply_preset(choice):

@@ -126,7 +126,7 @@ def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page
     page.goto(url + "monitor")
     histogram = page.locator("#ratio-histogram")
     histogram.get_by_text(re.compile("Loss ratio")).wait_for(timeout=120_000)
-    page.locator("#monitor-status").get_by_text("finished").wait_for(timeout=120_000)
+    page.locator("#monitor-status").get_by_text("✓ finished").wait_for(timeout=120_000)
     assert ctx.jobs.status(runs[0]["run_id"])["state"] == "finished"
     page.locator("#most-skipped img").first.wait_for()  # the gallery of training images under AGC's eye
     what_if = page.get_by_role("spinbutton", name="number input for What-if λ")
@@ -134,3 +134,101 @@ def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page
     what_if.press("Enter")
     histogram.get_by_text("what-if 0.90").wait_for()
     page.screenshot(path=shots / "monitor-tiny-run.png", full_page=True)
+
+
+def timer_events(url: str, output_elem_id: str) -> set[int]:
+    """The ids of the timer events that redraw the component `output_elem_id` (from the app's config)."""
+    import json
+    import urllib.request
+
+    config = json.load(urllib.request.urlopen(url + "config"))
+    ids = {c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == output_elem_id}
+    ticks = {d["id"] for d in config["dependencies"]
+             if any(t[1] == "tick" for t in d["targets"]) and ids & set(d["outputs"])}
+    assert ticks, "no timer redraws " + output_elem_id
+    return ticks
+
+
+def wait_for_ticks(page, ticks: set[int], count: int) -> None:
+    """Wait until the page has sent `count` requests of these timer events (a tick is sent
+    only after the previous one finished)."""
+    for _ in range(count):
+        page.wait_for_event("request", lambda r: "/queue/join" in r.url
+                            and (r.post_data_json or {}).get("fn_index") in ticks)
+
+
+def test_the_presentation_view_shows_whole_copies_side_by_side(app_server, page, shots):
+    from helpers import tiny_config
+    from iet_core.config import EvalConfig
+    from pages.memorization import PRESENTED
+
+    url, ctx = app_server
+    config = tiny_config("ddpm", rounds=1)
+    config.eval = EvalConfig(num_samples=8, steps=5, after_training=True)  # measured as soon as it finishes
+    run_id = ctx.jobs.submit(config, "owner-presentation-test")
+    page.goto(url + "memorization")
+    page.get_by_role("combobox", name="Run").first.click()
+    page.get_by_role("option", name=re.compile(run_id[-6:])).click()
+    images = page.locator("#presentation img")
+    images.nth(PRESENTED - 1).wait_for(timeout=120_000)  # the page shows the new evaluation without a click
+    assert images.count() == PRESENTED
+    for i in range(PRESENTED):
+        box = images.nth(i).evaluate("img => { const r = img.getBoundingClientRect(); return "
+                                     "{w: r.width, h: r.height, nw: img.naturalWidth, nh: img.naturalHeight, "
+                                     "fit: getComputedStyle(img).objectFit}; }")
+        assert box["w"] >= 2 * box["h"] and box["w"] >= 300, box  # side by side, big enough for a room
+        assert abs(box["w"] / box["h"] - box["nw"] / box["nh"]) < 0.02 * box["nw"] / box["nh"], box  # not cropped
+        assert box["fit"] in ("fill", "contain"), box
+    page.get_by_text("nearest training image").first.wait_for()
+    page.locator("#presentation").screenshot(path=shots / "memorization-presentation.png")
+
+
+def test_a_finished_baseline_offers_neither_pause_nor_apply(app_server, page):
+    from helpers import tiny_config
+
+    url, ctx = app_server
+    run_id = ctx.jobs.submit(tiny_config("ddpm", rounds=1), "owner-baseline-test")
+    assert ctx.jobs.wait(run_id, 120) == "finished"
+    page.goto(url + "monitor")
+    page.get_by_role("combobox", name="Run").first.click()
+    page.get_by_role("option", name=re.compile(run_id[-6:])).click()
+    page.locator("#monitor-status").get_by_text("✓ finished").wait_for()
+    # Delete applies to a finished run: once the page has enabled it, it has set every control.
+    page.wait_for_function("() => !document.querySelector('#delete-run').disabled")
+    assert page.locator("#pause-run").is_disabled() and page.locator("#apply-lambda").is_disabled()
+
+
+def test_while_a_run_trains_time_left_rounds_and_lambda_agree_everywhere(app_server, page, shots):
+    url, ctx = app_server
+    page.goto(url + "train")
+    page.get_by_text("64 images · 16×16").wait_for()
+    page.get_by_text("steps", exact=True).click()
+    for label, value in (("Rounds", "40"), ("Local epochs (or steps) per proxy", "10"), ("Batch size", "8"),
+                         ("Samples shown per round", "0")):
+        page.get_by_label(label, exact=True).fill(value)
+    page.get_by_role("button", name="▶ Start training").click()
+    page.locator("#train-started").get_by_text("Started").wait_for()
+
+    page.goto(url + "monitor")
+    status = page.locator("#monitor-status")
+    status.get_by_text(re.compile(r"about \d+ min left|under a minute left")).wait_for(timeout=120_000)
+    status.get_by_text(re.compile(r"round ([3-9]|\d\d) of 40")).wait_for(timeout=120_000)
+    page.screenshot(path=shots / "monitor-training.png", full_page=True)
+    page.locator("#pause-run").click()
+    status.get_by_text("paused").wait_for()
+    ticks = timer_events(url, "ratio-histogram")
+    wait_for_ticks(page, ticks, 2)  # the page has drawn the paused run
+    shown = int(re.search(r"round (\d+) of 40", status.inner_text()).group(1))
+    picker = page.get_by_role("combobox", name="Run").first.input_value()
+    assert f"round {shown}/40" in picker
+    page.locator("#shards-chart").get_by_text(f"Proxies in round {shown}").wait_for()
+
+    what_if = page.get_by_role("spinbutton", name="number input for What-if λ")
+    what_if.fill("0.7")
+    what_if.press("Enter")
+    wait_for_ticks(page, ticks, 2)
+    assert what_if.input_value() == "0.7"
+    page.locator("#what-if-text").get_by_text("λ = 0.70").wait_for()
+    page.locator("#ratio-histogram").get_by_text("what-if 0.70").wait_for()
+    page.locator("#stop-run").click()
+    status.get_by_text("stopped").wait_for(timeout=60_000)

@@ -10,7 +10,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_check import DRY_RUN, Check  # noqa: E402
+from gpu_check import DRY_RUN, Check, pilot_size  # noqa: E402
 
 
 def test_dry_run_runs_every_part_and_writes_their_tables(tmp_path):
@@ -30,6 +30,8 @@ def test_dry_run_runs_every_part_and_writes_their_tables(tmp_path):
     demo = parts["demo"]
     assert demo["samples"] == 16 and 0 <= demo["memorized_fraction"] <= 1 and demo["steps"] > 0
     assert {row["mode"] for row in parts["pilot"]["results"]} == {"ddpm", "iet-agc"}
+    assert all(row["samples"] == 16 and 0 <= row["interval"][0] <= row["interval"][1] <= 1
+               for row in parts["pilot"]["results"])
     assert parts["pilot"]["local_steps_per_proxy"] == DRY_RUN.pilot_local_steps
     table = (out / "gpu_check.md").read_text()
     assert "| tests |" in table and "test_resume_on_cuda_gives_the_same_weights | PASSED" in table
@@ -45,3 +47,10 @@ def test_a_part_past_its_budget_is_interrupted_and_keeps_what_it_saved(tmp_path)
     done = check.child(["bash", "-c", f"trap 'echo saved > {saved}; exit 0' INT; while :; do sleep 0.1; done"], budget=2)
     assert done["stopped_at_budget"] and done["exit"] == 0
     assert saved.read_text() == "saved\n"
+
+
+def test_the_pilot_fits_whole_rounds_of_long_local_training_into_its_time():
+    assert pilot_size(steps_per_second=40, seconds=200) == (1, 750)  # 4,000 steps per mode: one round
+    assert pilot_size(steps_per_second=100, seconds=200) == (3, 750)
+    assert pilot_size(steps_per_second=10, seconds=200) == (1, 250)  # no whole round fits: a shorter one
+    assert pilot_size(steps_per_second=1, seconds=10) == (1, 50)

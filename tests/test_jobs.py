@@ -328,3 +328,33 @@ def test_history_queries_say_what_agc_skips_at_a_lambda():
     low, high = summary["skipped_interval"]
     assert low < 0.5 < high
     assert store.skip_lambda(0.5) == 0.5  # no step logged yet: the configured lambda
+
+
+def test_a_running_job_reports_its_round_and_the_time_left(tmp_path):
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(tiny_config("iet-agc", rounds=200, local_steps=3), ME)
+    wait_until(lambda: jobs.status(run_id)["round"] >= 2 and jobs.status(run_id)["seconds_left"] is not None,
+               what="a measured pace in round 3")
+    status = jobs.status(run_id)
+    assert status["rounds"] == 200 and 0 < status["seconds_left"] < 24 * 3600
+    jobs.pause(run_id, ME)
+    wait_until(lambda: jobs.status(run_id)["state"] == "paused", what="the pause")
+    status = jobs.status(run_id)
+    assert status["seconds_left"] is None  # no pace while paused
+    assert status["round"] == jobs.history(run_id).round_plan()["round"] >= 2  # one round everywhere
+    jobs.stop(run_id, ME)
+    assert jobs.wait(run_id, 120) == "stopped"
+
+
+def test_a_run_can_be_evaluated_as_soon_as_it_finishes(tmp_path):
+    from iet_core.evaluate import load_eval
+
+    config = tiny_config("ddpm", rounds=1)
+    config.eval.after_training, config.eval.num_samples, config.eval.steps = True, 4, 2
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(config, ME)
+    assert jobs.wait(run_id, 120) == "finished"
+    summary = load_eval(jobs.run(run_id)).summary
+    assert summary["num_samples"] == 4 and summary["checkpoint_step"] == jobs.status(run_id)["global_step"]
+    other = jobs.submit(tiny_config("ddpm", rounds=1), ME)  # off by default
+    assert jobs.wait(other, 120) == "finished" and not (jobs.run(other).path / "eval").exists()
