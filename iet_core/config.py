@@ -280,6 +280,9 @@ class TrainConfig:
     record_samples: bool = True  # per-sample records (id, shard, t, loss, ratio, skipped)
     preview_samples: int = 16  # samples drawn after each round for previews/ (0: none)
     preview_steps: int = 20  # DDIM steps for those previews
+    # Minutes the run is meant to take (the classroom demo's): when its first round shows it
+    # would take longer on this machine, the app offers to stop after fewer rounds.
+    time_budget_minutes: float | None = None
     trackers: list[str] = field(default_factory=list)  # also report to: tensorboard, wandb, trackio (off: [])
 
     def steps_for_shard(self, shard_size: int) -> int:
@@ -309,6 +312,8 @@ class TrainConfig:
         _check_range(self.keep_checkpoints, 1, 1000, "train.keep_checkpoints")
         _check(0 <= self.preview_samples <= 256, "train.preview_samples: use between 0 and 256.")
         _check(1 <= self.preview_steps <= 1000, "train.preview_steps: use between 1 and 1000.")
+        _check(self.time_budget_minutes is None or 0 < self.time_budget_minutes <= 10_000,
+               "train.time_budget_minutes: use a positive number of minutes, or none.")
         _check(set(self.trackers) <= set(TRACKERS), f"train.trackers={self.trackers}: choose from {', '.join(TRACKERS)}.")
 
 
@@ -509,7 +514,8 @@ RECIPES: dict[str, dict] = {
     # The demo stopped at 20 of its 30 rounds for a class, in local epochs (the same compute
     # whatever K is): at 2,000 steps the baseline memorized 78% of its samples in all three
     # seeds of docs/results.md, in about 7 minutes on 2 CPU cores.
-    "classroom": {"base": "demo", "train": {"rounds": 20, "local_steps": None, "local_epochs": 100}},
+    "classroom": {"base": "demo", "train": {"rounds": 20, "local_steps": None, "local_epochs": 100,
+                                            "time_budget_minutes": 8}},
     "quick": {"base": "demo", "train": {"rounds": 4, "local_steps": None, "local_epochs": 40}},
     "gpu-small": {"base": "demo", "model": {"preset": "small"},
                   "train": {"rounds": 20, "local_steps": None, "local_epochs": 200, "batch_size": 128, "lr": 5e-4}},

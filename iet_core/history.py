@@ -338,18 +338,28 @@ class RunHistory:
         with self._lock:
             return dict(self._last) if self._last else None
 
-    def seconds_left(self) -> float | None:
-        """Time until the run's last step at the pace of its recent steps, measured on this
-        machine (round ends, previews and checkpoints included); None until two flushes of the
-        current stretch of training have been seen."""
+    def seconds_left(self, until_step: int | None = None) -> float | None:
+        """Time until the run's last step (or `until_step`) at the pace of its recent steps,
+        measured on this machine (round ends, previews and checkpoints included); None until
+        two flushes of the current stretch of training have been seen."""
         with self._lock:
-            total = self._status.get("total_steps")
+            total = until_step or self._status.get("total_steps")
             if len(self._pace) < 2 or not total:
                 return None
             (start, first), (now, done) = self._pace[0], self._pace[-1]
             if done <= first:
                 return None
             return (now - start) / (done - first) * max(total - done, 0)
+
+    def shorter_schedule(self, rounds: int, budget_minutes: float | None) -> dict | None:
+        """When the first round, timed on this machine, shows that `rounds` rounds would take
+        longer than the budget: the rounds that fit it and the minutes the run needs in all."""
+        with self._lock:
+            first = self._rounds[0]["seconds"] if self._rounds else None
+        if budget_minutes is None or not first:
+            return None
+        fits = max(1, int(budget_minutes * 60 // first))
+        return {"rounds": fits, "minutes": first * rounds / 60} if fits < rounds else None
 
     @property
     def last_step(self) -> int:
