@@ -27,6 +27,10 @@ SHORTCUTS = {
     "lr": ("train.lr", "learning rate"),
     "seed": ("train.seed", "random seed"),
     "device": ("train.device", "auto, cpu, cuda, cuda:1, ..."),
+    "captions": ("data.caption_column", "text-to-image: caption field of metadata.jsonl or the dataset ('text')"),
+    "lora-rank": ("text2image.lora_rank", "text-to-image: LoRA rank ('none' for a full UNet fine-tune)"),
+    "guidance-scale": ("text2image.guidance_scale", "text-to-image: classifier-free guidance in evaluation"),
+    "feature-extractor": ("text2image.feature_extractor", "text-to-image copy detection: SSCD TorchScript file or DINOv2 / CLIP folder"),
 }
 
 
@@ -84,7 +88,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a JSON config file (see `python -m iet_core config`)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default="demo",
                         help="starting settings when no --config (iet_core.config.RECIPES): 'demo' trains on CPU "
-                             "in minutes; 'reference' uses the paper code's defaults")
+                             "in minutes; 'reference' uses the paper code's defaults; 'sd-lora' / 'sd-full' fine-tune "
+                             "a Stable Diffusion pipeline (--pretrained) on captioned images (--data)")
     parser.add_argument("--mode", choices=MODES, help="ddpm (baseline), iet, iet-agc or iet-agc+")
     parser.add_argument("--name", help="run name")
     for flag, (_, help_text) in SHORTCUTS.items():

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("ddpm", "iet", "iet-agc", "iet-agc+")
-SHARD_SPLITS = ("random", "class")
+SHARD_SPLITS = ("auto", "class", "random")  # auto: class-balanced when the data has labels
+RESIZE_FILTERS = ("auto", "lanczos", "bicubic", "bilinear", "box", "nearest")  # auto: lanczos down, bicubic up
 MSR_POLICIES = ("least-skipped", "round-robin")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
@@ -128,6 +129,11 @@ class DataConfig:
     hf_split: str = "train"
     hf_image_column: str | None = None  # None: the first image column
     hf_label_column: str | None = None  # None: "label" or "labels" when present
+    # Captions for text-to-image: the metadata.jsonl field or dataset column ("text" by the
+    # imagefolder convention; same-name .txt files also count). None: images only.
+    caption_column: str | None = None
+    # How images are resized to `resolution`; it changes pixel distances, so every result records it.
+    resize_filter: str = "auto"
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source is empty: give a built-in name ('digits'), a folder, a .zip, an .npz or 'hf:<id>'.")
@@ -136,6 +142,9 @@ class DataConfig:
         _check(self.channels in (1, 3), f"data.channels={self.channels}: use 1 (greyscale) or 3 (RGB).")
         _check_range(self.subset, 1, MAX_IMAGES, "data.subset", " images, or none for all")
         _check_seed(self.subset_seed, "data.subset_seed")
+        _check(self.caption_column is None or 0 < len(self.caption_column) <= 200,
+               "data.caption_column: name a field of up to 200 characters (\"text\" by convention), or none.")
+        _check(self.resize_filter in RESIZE_FILTERS, f"data.resize_filter={self.resize_filter!r}: choose one of {', '.join(RESIZE_FILTERS)}.")
 
 
 @dataclass
@@ -211,7 +220,8 @@ class TAAConfig:
 @dataclass
 class MethodConfig:
     num_shards: int = 1  # K; 1 with everything off is plain DDPM
-    shard_split: str = "random"  # or "class" (class-balanced, needs labels)
+    # "auto": class-balanced when the data has labels (as the reference), else random; "class" needs labels
+    shard_split: str = "auto"
     agc: AGCConfig = field(default_factory=AGCConfig)
     msr: MSRConfig = field(default_factory=MSRConfig)
     taa: TAAConfig = field(default_factory=TAAConfig)
@@ -258,7 +268,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    warmup_steps: int = 5000  # linear warmup, counted per proxy over the whole run
+    # Linear warmup from lr 0, counted per proxy over the whole run. None: as the reference, each
+    # proxy warms up over warmup_share of its first round's local steps (15 of 100 local epochs).
+    warmup_steps: int | None = None
+    warmup_share: float = 0.15
     hflip: bool = True  # random horizontal flip, as in the reference
     reset_optimizer_each_round: bool = False  # the reference keeps each proxy's Adam state
     seed: int = 0
@@ -270,17 +283,27 @@ class TrainConfig:
     # (vmapped) computation; "auto" batches on a GPU when the proxies fit in memory.
     execution: str = "auto"
     log_every: int = 10  # steps between telemetry flushes (one host sync each)
+    drift_probe: int = 16  # images per shard in the drift telemetry's fixed probe batch (0: no drift telemetry)
     checkpoint_every_rounds: int = 1
     keep_checkpoints: int = 2
     record_samples: bool = True  # per-sample records (id, shard, t, loss, ratio, skipped)
     preview_samples: int = 16  # samples drawn after each round for previews/ (0: none)
     preview_steps: int = 20  # DDIM steps for those previews
+    # Minutes the run is meant to take (the classroom demo's): when its first round shows it
+    # would take longer on this machine, the app offers to stop after fewer rounds.
+    time_budget_minutes: float | None = None
     trackers: list[str] = field(default_factory=list)  # also report to: tensorboard, wandb, trackio (off: [])
 
     def steps_for_shard(self, shard_size: int) -> int:
         if self.local_steps is not None:
             return self.local_steps
         return max(1, -(-int(self.local_epochs * shard_size) // self.batch_size))
+
+    def warmup_for_shard(self, first_shard_size: int) -> int:
+        """A proxy's warmup steps, given its shard's size in the first round."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round(self.warmup_share * self.steps_for_shard(first_shard_size))
 
     def validate(self) -> None:
         _check_range(self.rounds, 1, MAX_ROUNDS, "train.rounds", " rounds")
@@ -294,16 +317,20 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0.")
         _check(self.grad_clip > 0, "train.grad_clip must be positive (the reference uses 1.0).")
         _check(0 <= self.ema_decay < 1, f"train.ema_decay={self.ema_decay}: use a value in [0, 1).")
-        _check_range(self.warmup_steps, 0, MAX_COUNT, "train.warmup_steps")
+        _check_range(self.warmup_steps, 0, MAX_COUNT, "train.warmup_steps", ", or none for warmup_share of the first round")
+        _check(0.0 <= self.warmup_share <= 1.0, f"train.warmup_share={self.warmup_share}: use a share of the first round's local steps in [0, 1].")
         _check_seed(self.seed, "train.seed")
         check_device_name(self.device)
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}.")
         _check(self.execution in EXECUTIONS, f"train.execution={self.execution!r}: choose one of {', '.join(EXECUTIONS)}.")
         _check_range(self.log_every, 1, MAX_COUNT, "train.log_every")
+        _check_range(self.drift_probe, 0, 256, "train.drift_probe", " images per shard (0 turns the drift telemetry off)")
         _check_range(self.checkpoint_every_rounds, 1, MAX_ROUNDS, "train.checkpoint_every_rounds")
         _check_range(self.keep_checkpoints, 1, 1000, "train.keep_checkpoints")
         _check(0 <= self.preview_samples <= 256, "train.preview_samples: use between 0 and 256.")
         _check(1 <= self.preview_steps <= 1000, "train.preview_steps: use between 1 and 1000.")
+        _check(self.time_budget_minutes is None or 0 < self.time_budget_minutes <= 10_000,
+               "train.time_budget_minutes: use a positive number of minutes, or none.")
         _check(set(self.trackers) <= set(TRACKERS), f"train.trackers={self.trackers}: choose from {', '.join(TRACKERS)}.")
 
 
@@ -314,10 +341,15 @@ class EvalConfig:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
-    use_ema: bool = True
+    use_ema: bool = False  # the reference evaluated the raw averaged weights (use_ema=False)
     batch_size: int = 256
     seed: int = 0
-    memorization_threshold: float = MEMORIZATION_THRESHOLD  # nearest / second-nearest L2 below this is a copy
+    # Copy criteria, each named in results: "ratio" (L2 nearest / second nearest below this),
+    # "distance" (L2 nearest below delta = this quantile of the training images' distances to
+    # their nearest other training image, Carlini et al.'s (l2, delta) style) and "mq".
+    memorization_threshold: float = MEMORIZATION_THRESHOLD
+    distance_quantile: float = 0.05
+    mq_threshold: float = MEMORIZATION_THRESHOLD  # the same 1/3 as experiments' mq_below_1_3
     mq_neighbours: int = 50
     flip_aware: bool | None = None  # None: on when training flipped images (train.hflip or TAA flips)
     nn_margin: int = 16  # extra float32-shortlisted candidates per sample before the exact recompute
@@ -338,6 +370,8 @@ class EvalConfig:
         _check_range(self.batch_size, 1, 65536, "eval.batch_size")
         _check_seed(self.seed, "eval.seed")
         _check(0 < self.memorization_threshold < 1, f"eval.memorization_threshold: use a value in (0, 1); the convention is {MEMORIZATION_THRESHOLD:.4g}.")
+        _check(0 < self.distance_quantile < 1, "eval.distance_quantile: use a quantile in (0, 1); 0.05 is the default.")
+        _check(0 < self.mq_threshold < 1, "eval.mq_threshold: use a value in (0, 1).")
         _check_range(self.mq_neighbours, 1, MAX_IMAGES, "eval.mq_neighbours")
         _check_range(self.nn_margin, 0, MAX_IMAGES, "eval.nn_margin", " (16 is a good default)")
         _check_range(self.nn_query_chunk, 1, MAX_SAMPLES, "eval.nn_query_chunk", " images, or none for automatic")
@@ -348,6 +382,31 @@ class EvalConfig:
 
 
 @dataclass
+class TextToImageConfig:
+    """Fine-tuning a Stable Diffusion pipeline (model.pretrained: a local diffusers folder or a
+    Hub id) on captioned images. Only the UNet trains; the VAE's latents and the text encoder's
+    embeddings are computed once, so the noise schedule is the pipeline's own, not model.beta_*."""
+
+    enabled: bool = False
+    lora_rank: int | None = 4  # LoRA adapters of this rank on the UNet's attention; None: full UNet fine-tune
+    lora_alpha: float | None = None  # None: the rank (scale 1), as diffusers' LoRA example
+    lora_targets: str = "to_k,to_q,to_v,to_out.0"  # comma-separated module names, as diffusers' example
+    guidance_scale: float = 7.5  # classifier-free guidance when generating from the training captions
+    images_per_caption: int = 1  # generations per caption in evaluation
+    # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder; None: a pixel-space stand-in
+    feature_extractor: str | None = None
+    copy_threshold: float = 0.5  # cosine similarity to the nearest training image above which a generation is a copy
+
+    def validate(self) -> None:
+        _check(self.lora_rank is None or 1 <= self.lora_rank <= 1024, f"text2image.lora_rank={self.lora_rank}: use 1..1024, or none for a full UNet fine-tune.")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "text2image.lora_alpha must be positive (or none for the rank).")
+        _check(all(t.strip() for t in self.lora_targets.split(",")), "text2image.lora_targets: list module names separated by commas, e.g. to_k,to_q,to_v,to_out.0.")
+        _check(0 <= self.guidance_scale <= 50, f"text2image.guidance_scale={self.guidance_scale}: use 0..50 (1 turns guidance off; 7.5 is usual).")
+        _check(1 <= self.images_per_caption <= 64, f"text2image.images_per_caption={self.images_per_caption}: use 1..64.")
+        _check(-1 < self.copy_threshold < 1, f"text2image.copy_threshold={self.copy_threshold}: use a cosine similarity in (-1, 1); 0.5 is the SSCD convention.")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -355,6 +414,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    text2image: TextToImageConfig = field(default_factory=TextToImageConfig)
 
     def validate(self, num_images: int | None = None) -> "RunConfig":
         """Check every setting; with the dataset size, also the settings that depend on it."""
@@ -366,7 +426,16 @@ class RunConfig:
         self.method.validate()
         self.train.validate()
         self.eval.validate()
-        if self.model.pretrained is None:
+        self.text2image.validate()
+        if self.text2image.enabled:
+            _check(bool(self.model.pretrained), "text2image needs model.pretrained: a Stable Diffusion pipeline folder or Hub id.")
+            _check(bool(self.data.caption_column), "text2image needs captions: set data.caption_column (\"text\" for metadata.jsonl or .txt captions).")
+            _check(self.data.channels == 3, "text2image trains on RGB images: set data.channels=3.")
+            # Latents are cached once: pixel-space flips and TAA's pixel augmentations cannot act on them.
+            _check(not self.train.hflip, "text2image caches latents, so train.hflip cannot flip images: set it false.")
+            _check(not self.method.taa.enabled, "text2image caches latents, so TAA's pixel augmentations cannot act: "
+                   "turn method.taa off (MSR still works).")
+        elif self.model.pretrained is None:
             check_resolution(self.model.preset, self.data.resolution)
         if self.train.local_steps is not None:
             total = self.train.rounds * self.train.local_steps * self.method.num_shards
@@ -462,14 +531,16 @@ def _coerce(value: Any, annotation: str, where: str):
 RECIPES: dict[str, dict] = {
     "reference": {},
     # Memorizes on 2 CPU cores within minutes: 64 digits at 16x16, tiny UNet, 3,000 steps of
-    # batch 64 in every mode.
+    # batch 64 in every mode. Warmup as the reference (each proxy over 15% of its first round),
+    # not a fixed count, which warmed IET's short-round proxies over 4 rounds and the baseline over 1.
     "demo": {"name": "demo-{mode}", "share_steps": True, "model": {"preset": "tiny"},
              "train": {"rounds": 30, "local_steps": 100, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw",
-                       "warmup_steps": 100, "ema_decay": 0.995, "hflip": False}},
+                       "ema_decay": 0.995, "hflip": False}},
     # The demo stopped at 20 of its 30 rounds for a class, in local epochs (the same compute
     # whatever K is): at 2,000 steps the baseline memorized 78% of its samples in all three
     # seeds of docs/results.md, in about 7 minutes on 2 CPU cores.
-    "classroom": {"base": "demo", "train": {"rounds": 20, "local_steps": None, "local_epochs": 100}},
+    "classroom": {"base": "demo", "train": {"rounds": 20, "local_steps": None, "local_epochs": 100,
+                                            "time_budget_minutes": 8}},
     "quick": {"base": "demo", "train": {"rounds": 4, "local_steps": None, "local_epochs": 40}},
     "gpu-small": {"base": "demo", "model": {"preset": "small"},
                   "train": {"rounds": 20, "local_steps": None, "local_epochs": 200, "batch_size": 128, "lr": 5e-4}},
@@ -480,6 +551,23 @@ RECIPES: dict[str, dict] = {
               "data": {"resolution": 8, "subset": 12},
               "train": {"rounds": 2, "local_steps": 3, "batch_size": 4, "warmup_steps": 2, "preview_samples": 0,
                         "log_every": 2}},
+    # Fine-tuning a Stable Diffusion pipeline (model.pretrained) on captioned images with
+    # LoRA: K = 4 adapters, lambda 0.8 (the reference's mem_ratio 1.25), AdamW 1e-4 as diffusers'
+    # LoRA example, no EMA (decay 0: the EMA equals the weights). Latents are cached, so TAA's
+    # pixel augmentations stay off in every mode (iet-agc+ adds MSR).
+    # Defaults: SD 2.1 base (the reference fine-tunes SD 2.1 at 256 px) on a public captioned set.
+    "sd-lora": {"name": "sd-lora-{mode}", "model": {"pretrained": "stabilityai/stable-diffusion-2-1-base"},
+                "data": {"source": "hf:lambdalabs/naruto-blip-captions", "resolution": 256, "channels": 3, "subset": None,
+                         "caption_column": "text"},
+                "method": {"agc": {"skip_lambda": 0.8}, "taa": {"enabled": False}},
+                "train": {"rounds": 10, "local_steps": 250, "batch_size": 8, "lr": 1e-4, "optimizer": "adamw",
+                          "weight_decay": 1e-2, "warmup_steps": 0, "ema_decay": 0.0, "hflip": False,
+                          "preview_samples": 4, "preview_steps": 25},
+                "eval": {"num_samples": 64, "use_ema": False},
+                "text2image": {"enabled": True, "lora_rank": 4}},
+    # The authors' IET-AGC_SD: the full UNet, 25 rounds x 2,000 local steps, AdamW 2.5e-6.
+    "sd-full": {"base": "sd-lora", "name": "sd-full-{mode}", "train": {"rounds": 25, "local_steps": 2000, "lr": 2.5e-6},
+                "text2image": {"lora_rank": None}},
 }
 
 
@@ -502,11 +590,15 @@ def recipe_config(recipe: str, mode: str = "ddpm", num_shards: int | None = None
     tree = _recipe_tree(recipe)
     share_steps = tree.pop("share_steps", False)
     name = tree.pop("name", RunConfig.name).format(mode=mode)
-    method = method_for_mode(mode, num_shards or (tree.get("method") or {}).get("num_shards") or 4)
+    own_method = tree.pop("method", None) or {}
+    method = method_for_mode(mode, num_shards or own_method.get("num_shards") or 4)
+    # the recipe's other method settings (lambda, ...) over the mode's switches
+    own_method = {key: value for key, value in own_method.items() if key != "num_shards"}
+    tree["method"] = _merged(dataclasses.asdict(method), own_method)
     config = RunConfig.from_dict(_merged(RunConfig().to_dict(), tree))
-    config.name, config.method = name, method
+    config.name = name
     if share_steps and config.train.local_steps is not None:
-        config.train.local_steps //= method.num_shards
+        config.train.local_steps //= config.method.num_shards
     return config
 
 

@@ -10,6 +10,7 @@ import io
 import re
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import MAX_IMAGES, ConfigError, DataConfig
+from .config import MAX_IMAGES, RESIZE_FILTERS, ConfigError, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BUILTIN = ("digits",)
 
 # Limits on what a user may hand us (uploads reach the app from anyone).
+MAX_FILES = 2 * MAX_IMAGES  # an image and its caption file each
 MAX_FILE_BYTES = 50 * 2**20
+MAX_CAPTION_CHARS = 4_000
 MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries (and of an upload)
 MAX_PIXELS = 40_000_000  # one decoded image; larger is treated as a decompression bomb
 MAX_DATASET_PIXELS = 250_000_000  # all decoded images of one folder or archive together (seconds of CPU, not minutes)
@@ -55,17 +58,27 @@ class SourcePolicy:
         return cls(tuple(Path(f).expanduser().resolve() for f in folders))
 
     def check(self, source: str) -> None:
+        """A run's data.source."""
         if source in BUILTIN or (source.startswith("hf:") and is_hub_id(source[3:])):
             return
-        local = source[3:] if source.startswith("hf:") else source
+        if not self._inside(source[3:] if source.startswith("hf:") else source):
+            raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
+                            f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
+
+    def check_model(self, pretrained: str | None) -> None:
+        """A run's model.pretrained: a Hub id (not shadowed by a local path of that name), or a
+        folder inside the admin's folders."""
+        if pretrained is None or (is_hub_id(pretrained) and not Path(pretrained).exists()) or self._inside(pretrained):
+            return
+        raise DataError(f"model.pretrained={pretrained[:200]!r} is not available on this server: give a Hugging Face "
+                        "model id as owner/name.")
+
+    def _inside(self, local: str) -> bool:
         try:
             path = Path(local).expanduser().resolve()  # links resolved: a link out of a folder is outside it
         except (OSError, RuntimeError, ValueError):
-            path = None
-        if local and path is not None and any(path.is_relative_to(folder) for folder in self.folders):
-            return
-        raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
-                        f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
+            return False
+        return bool(local) and any(path.is_relative_to(folder) for folder in self.folders)
 
 
 class _PixelBudget:
@@ -89,12 +102,15 @@ class ImageDataset:
     ids: torch.Tensor  # int64 (N,), stable global ids
     name: str = "dataset"
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    captions: list[str] | None = None  # one per image, for text-to-image fine-tuning
+    resize_filter: str = "auto"  # how the images were resized (it changes distances: recorded with results)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}.")
-        if len(self.ids) != len(self.images) or (self.labels is not None and len(self.labels) != len(self.images)):
-            raise DataError("images, labels and ids must have the same length.")
+        if len(self.ids) != len(self.images) or any(v is not None and len(v) != len(self.images)
+                                                    for v in (self.labels, self.captions)):
+            raise DataError("images, labels, captions and ids must have the same length.")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,7 +126,9 @@ class ImageDataset:
     def select(self, positions: torch.Tensor | np.ndarray | list[int]) -> "ImageDataset":
         positions = torch.as_tensor(positions, dtype=torch.long)
         labels = None if self.labels is None else self.labels[positions]
-        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected))
+        captions = None if self.captions is None else [self.captions[i] for i in positions.tolist()]
+        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected), captions,
+                            self.resize_filter)
 
     def to_model_space(self) -> torch.Tensor:
         """float32 in [-1, 1], the model's input space."""
@@ -119,9 +137,13 @@ class ImageDataset:
 
 # -- conversion ---------------------------------------------------------------------------
 
-def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
+RESAMPLING = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS if name != "auto"}
+
+
+def pil_to_array(image: Image.Image, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """Any PIL image (L, LA, RGBA, P, I;16, CMYK, ...) to uint8 (C, res, res): centre-crop to a
-    square, resize, convert. Transparent pixels are composited on white."""
+    square, resize (filter "auto": lanczos down, bicubic up), convert. Transparent pixels are
+    composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -141,12 +163,15 @@ def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarr
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != resolution:
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC if side < resolution else Image.Resampling.LANCZOS)
+        if resize_filter == "auto":
+            resize_filter = "bicubic" if side < resolution else "lanczos"
+        image = image.resize((resolution, resolution), RESAMPLING[resize_filter])
     arr = np.asarray(image, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudget | None = None) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudget | None = None,
+                 resize_filter: str = "auto") -> np.ndarray:
     """Bytes of an image file to uint8 (C, res, res); raises DataError with the reason."""
     if len(data) > MAX_FILE_BYTES:
         raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
@@ -157,7 +182,7 @@ def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudg
             if budget is not None:
                 budget.take(image.width, image.height)
             image.load()
-            return pil_to_array(image, resolution, channels)
+            return pil_to_array(image, resolution, channels, resize_filter)
     except DataError:
         raise
     except Image.DecompressionBombError:
@@ -168,7 +193,7 @@ def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudg
         raise DataError(f"not a readable image ({err})") from None
 
 
-def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+def array_to_images(array: np.ndarray, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """An image array (N,H,W), (N,H,W,C) or (N,C,H,W) of any numeric type to uint8 (N,C,res,res)."""
     arr = np.asarray(array)
     if arr.ndim == 3:
@@ -203,20 +228,20 @@ def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.nda
     out = np.empty((len(arr), channels, resolution, resolution), np.uint8)
     for i, img in enumerate(arr):
         pixels = img[0] if src_channels == 1 else img.transpose(1, 2, 0)
-        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels)
+        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels, resize_filter)
     return out
 
 
 # -- loaders ------------------------------------------------------------------------------
 
-def load_builtin(name: str, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_builtin(name: str, resolution: int, channels: int, resize_filter: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         # scikit-learn ships these 1,797 8x8 digits (values 0..16) inside the package: no network.
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = (digits.images * (255.0 / 16.0)).astype(np.float64)
-        return array_to_images(images[:, None].astype(np.uint8), resolution, channels), digits.target.astype(np.int64)
+        return array_to_images(images[:, None].astype(np.uint8), resolution, channels, resize_filter), digits.target.astype(np.int64)
     raise DataError(f"unknown built-in dataset {name!r}: choose one of {', '.join(BUILTIN)}.")
 
 
@@ -229,13 +254,13 @@ def _labels_from_names(names: list[str]) -> np.ndarray | None:
     return np.array([classes[p] for p in parents], dtype=np.int64)
 
 
-def _decode_many(entries, resolution: int, channels: int, where: str):
-    """(name, bytes-reader) pairs to images, labels and rejects; names sorted for stable ids."""
+def _decode_many(entries, resolution: int, channels: int, where: str, resize_filter: str = "auto"):
+    """(name, bytes-reader) pairs to images, the names decoded and rejects (name, reason)."""
     images, names, rejected = [], [], []
     budget = _PixelBudget()
     for name, read in entries:
         try:
-            images.append(decode_image(read(), resolution, channels, budget))
+            images.append(decode_image(read(), resolution, channels, budget, resize_filter))
             names.append(name)
         except DataError as err:
             rejected.append((name, str(err)))
@@ -243,7 +268,7 @@ def _decode_many(entries, resolution: int, channels: int, where: str):
         reasons = "; ".join(f"{n}: {r}" for n, r in rejected[:5])
         raise DataError(f"{where} has no usable images{' (' + reasons + ')' if reasons else ''}: "
                         f"add PNG or JPEG files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    return np.stack(images), _labels_from_names(names), rejected
+    return np.stack(images), names, rejected
 
 
 def _read_file(path: Path) -> bytes:
@@ -253,40 +278,41 @@ def _read_file(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def load_folder(path: Path, resolution: int, channels: int):
-    # Messages name the folder by its last part only: a server never shows its own paths.
-    if not path.is_dir():
-        raise DataError(f"{path.name} is not a folder.")
-    root = path.resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    rejected, candidates = [], []
-    for file in files:
-        name = file.relative_to(path).as_posix()
-        if not file.resolve().is_relative_to(root):
-            rejected.append((name, "a link to a file outside the folder"))
-        elif file.suffix.lower() not in IMAGE_SUFFIXES:
-            rejected.append((name, "not an image file (by extension)"))
-        else:
-            candidates.append(file)
-    if len(candidates) > MAX_IMAGES:
-        raise DataError(f"{path.name} holds {len(candidates):,} images, over the {MAX_IMAGES:,} limit: use a smaller folder.")
-    entries = [(p.relative_to(path).as_posix(), lambda p=p: _read_file(p)) for p in candidates]
-    images, labels, bad = _decode_many(entries, resolution, channels, f"the folder {path.name}")
-    return images, labels, rejected + bad
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_zip(path: Path, resolution: int, channels: int):
-    """Read images straight from the archive, never extracting to disk (no zip-slip possible);
-    sizes and counts are checked from the central directory before anything is decompressed."""
+@contextmanager
+def source_files(path: Path):
+    """The files of a folder or a .zip as {relative name: reader of its bytes}, plus (name,
+    reason) for entries refused on sight (links out of the folder, unsafe archive paths,
+    oversized entries). A zip is read straight from the archive, never extracted to disk (no
+    zip-slip possible); sizes and counts are checked from the central directory before
+    anything is decompressed. Messages name the source by its last part only: a server never
+    shows its own paths."""
+    if path.is_dir():
+        root = path.resolve()
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if len(found) > MAX_FILES:
+            raise DataError(f"{path.name} holds {len(found):,} files, over the {MAX_FILES:,} limit: use a smaller folder.")
+        files, rejected = {}, []
+        for file in found:
+            name = file.relative_to(path).as_posix()
+            if not file.resolve().is_relative_to(root):
+                rejected.append((name, "a link to a file outside the folder"))
+            else:
+                files[name] = lambda file=file: _read_file(file)
+        yield files, rejected
+        return
     try:
         archive = zipfile.ZipFile(path)
     except ZIP_ERRORS as err:
         raise DataError(f"{path.name} is not a readable zip archive ({err}).") from None
     with archive:
-        rejected, entries = [], []
+        files, rejected = {}, []
         infos = sorted((i for i in archive.infolist() if not i.is_dir()), key=lambda i: i.filename)
-        if len(infos) > MAX_IMAGES:
-            raise DataError(f"{path.name} has {len(infos):,} files, over the {MAX_IMAGES:,} limit.")
+        if len(infos) > MAX_FILES:
+            raise DataError(f"{path.name} has {len(infos):,} files, over the {MAX_FILES:,} limit.")
         total = sum(i.file_size for i in infos)
         if total > MAX_ARCHIVE_BYTES:
             raise DataError(f"{path.name} unpacks to {total / 2**30:.1f} GiB, over the {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB limit.")
@@ -297,14 +323,32 @@ def load_zip(path: Path, resolution: int, channels: int):
                 rejected.append((name, "unsafe path in archive (absolute or with '..')"))
             elif "__MACOSX" in parts or Path(name).name.startswith("."):
                 continue
-            elif Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                rejected.append((name, "not an image file (by extension)"))
             elif info.file_size > MAX_FILE_BYTES:
                 rejected.append((name, f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"))
             else:
-                entries.append((name, lambda info=info: _read_member(archive, info)))
-        images, labels, bad = _decode_many(entries, resolution, channels, f"the archive {path.name}")
-    return images, labels, rejected + bad
+                files[name] = lambda info=info: _read_member(archive, info)
+        yield files, rejected
+
+
+def source_name(path: Path) -> str:
+    return f"the folder {path.name}" if path.is_dir() else f"the archive {path.name}"
+
+
+def image_entries(files: dict, where: str) -> tuple[list, list[tuple[str, str]]]:
+    """The image files among `files` (name, reader), and the others as rejected."""
+    entries = [(name, read) for name, read in files.items() if is_image_name(name)]
+    if len(entries) > MAX_IMAGES:
+        raise DataError(f"{where} holds {len(entries):,} images, over the {MAX_IMAGES:,} limit: use a smaller set.")
+    return entries, [(name, "not an image file (by extension)") for name in files if not is_image_name(name)]
+
+
+def load_files(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
+    """Images of a folder or a .zip, class labels from their folders."""
+    where = source_name(path)
+    with source_files(path) as (files, rejected):
+        entries, others = image_entries(files, where)
+        images, names, bad = _decode_many(entries, resolution, channels, where, resize_filter)
+    return images, _labels_from_names(names), rejected + others + bad
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -320,7 +364,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def load_npz(path: Path, resolution: int, channels: int):
+def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz:
@@ -332,12 +376,14 @@ def load_npz(path: Path, resolution: int, channels: int):
         raise DataError(f"{path.name} is not a readable .npz file ({reason}).") from None
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
-    return array_to_images(images, resolution, channels), labels, []
+    return array_to_images(images, resolution, channels, resize_filter), labels, []
 
 
-def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, resolution: int, channels: int):
+def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, caption_column: str | None,
+            resolution: int, channels: int, resize_filter: str = "auto"):
     """A Hugging Face dataset: a Hub id (`owner/name`, always read from the Hub), or a local
-    folder written by `save_to_disk`."""
+    folder written by `save_to_disk`. Returns images, labels, captions (when caption_column is
+    given) and rejected rows."""
     import datasets
 
     try:
@@ -359,24 +405,39 @@ def load_hf(spec: str, split: str, image_column: str | None, label_column: str |
         image_column = next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
         if image_column is None:
             raise DataError(f"dataset {spec!r} has no image column (columns: {', '.join(features)}): name one.")
-    if image_column not in features:
-        raise DataError(f"dataset {spec!r} has no column {image_column!r} (columns: {', '.join(features)}).")
+    for column in (image_column, caption_column):
+        if column is not None and column not in features:
+            raise DataError(f"dataset {spec!r} has no column {column!r} (columns: {', '.join(features)}).")
     if label_column is None:
         label_column = next((c for c in ("label", "labels") if c in features), None)
     if len(ds) > MAX_IMAGES:
         raise DataError(f"dataset {spec!r} has {len(ds):,} images, over the {MAX_IMAGES:,} limit: take a subset first.")
-    images, rejected = [], []
+    texts = ds[caption_column] if caption_column else None
+    images, kept, rejected = [], [], []
     for i, image in enumerate(ds[image_column]):
         try:
-            images.append(pil_to_array(image, resolution, channels))
+            if texts is not None:
+                check_caption(texts[i])
+            images.append(pil_to_array(image, resolution, channels, resize_filter))
+            kept.append(i)
+        except DataError as err:
+            rejected.append((f"row {i}", str(err)))
         except (OSError, ValueError) as err:
             rejected.append((f"row {i}", f"not a readable image ({err})"))
     if not images:
         raise DataError(f"dataset {spec!r} has no usable images.")
-    labels = None
-    if label_column is not None and not rejected:
-        labels = np.asarray(ds[label_column], dtype=np.int64)
-    return np.stack(images), labels, rejected
+    labels = None if label_column is None else np.asarray(ds[label_column], dtype=np.int64)[kept]
+    captions = None if texts is None else [texts[i].strip() for i in kept]
+    return np.stack(images), labels, captions, rejected
+
+
+def check_caption(text) -> str:
+    """A usable caption, or DataError with the reason."""
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("no caption (empty or not text)")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise DataError(f"caption is longer than {MAX_CAPTION_CHARS:,} characters")
+    return text.strip()
 
 
 def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> ImageDataset:
@@ -385,27 +446,33 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
     config.validate()
     if policy is not None:
         policy.check(config.source)
-    source, res, ch = config.source, config.resolution, config.channels
+    source, res, ch, resize = config.source, config.resolution, config.channels, config.resize_filter
     rejected: list[tuple[str, str]] = []
+    labels = captions = None
+    path = Path(source).expanduser()
+    if config.caption_column and (source in BUILTIN or path.suffix.lower() == ".npz"):
+        raise DataError(f"data.caption_column is set but {path.name!r} has no captions: give a captioned folder or .zip "
+                        "(metadata.jsonl or same-name .txt files) or 'hf:<id>' with a text column, or unset it.")
     if source in BUILTIN:
-        images, labels = load_builtin(source, res, ch)
+        images, labels = load_builtin(source, res, ch, resize)
         name = source
     elif source.startswith("hf:"):
-        images, labels, rejected = load_hf(source[3:], config.hf_split, config.hf_image_column,
-                                           config.hf_label_column, res, ch)
+        images, labels, captions, rejected = load_hf(source[3:], config.hf_split, config.hf_image_column,
+                                                     config.hf_label_column, config.caption_column, res, ch, resize)
         name = source[3:]
     else:
-        path = Path(source).expanduser()
         name = path.stem
         if not path.exists():
             raise DataError(f"data source {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
                             "existing path: give a folder, a .zip or an .npz file, or 'hf:<dataset id>'.")
-        if path.is_dir():
-            images, labels, rejected = load_folder(path, res, ch)
-        elif path.suffix.lower() == ".zip":
-            images, labels, rejected = load_zip(path, res, ch)
+        if (path.is_dir() or path.suffix.lower() == ".zip") and config.caption_column:
+            from .text2image.data import load_captioned_files
+
+            images, captions, rejected = load_captioned_files(path, config.caption_column, res, ch, resize)
+        elif path.is_dir() or path.suffix.lower() == ".zip":
+            images, labels, rejected = load_files(path, res, ch, resize)
         elif path.suffix.lower() == ".npz":
-            images, labels, rejected = load_npz(path, res, ch)
+            images, labels, rejected = load_npz(path, res, ch, resize)
         else:
             raise DataError(f"{path.name}: unsupported file type; give a folder of images, a .zip or an .npz.")
     ids = np.arange(len(images), dtype=np.int64)
@@ -413,6 +480,8 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
         keep = np.sort(np.random.default_rng(config.subset_seed).choice(len(images), config.subset, replace=False))
         images, ids = images[keep], ids[keep]
         labels = None if labels is None else labels[keep]
+        captions = None if captions is None else [captions[i] for i in keep]
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images)),
-                        None if labels is None else torch.from_numpy(labels), torch.from_numpy(ids), name, rejected)
+                        None if labels is None else torch.from_numpy(labels), torch.from_numpy(ids), name, rejected,
+                        captions, resize)
 

@@ -44,14 +44,15 @@ from .models import forward_noise, has_dropout, seeded_global_rng, training_sche
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, RunLogger, WriterLock
-from .shards import redistribute, split_shards
-from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
+from .shards import redistribute, resolve_split, split_shards
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
 from .trackers import TrackerSink
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
 _DROPOUT_TAG = 2**31 - 2  # seed tag of a step's dropout masks
+_PROBE_TAG = 2**31 - 3  # seed tag of the drift telemetry's probe batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,20 +159,24 @@ class Trainer:
         self.writer_lock: WriterLock | None = None  # set by prepare_trainer
         self.device = device = resolve_device(config.train.device)
 
-        self.unet = run.build_unet(seed=config.train.seed).to(device).train()  # the same seed, the same weights
+        self.unet = self.build_model().to(device).train()
         self.generator = torch.Generator(device)  # every draw of a step; seeded per step
         self.dropout = has_dropout(self.unet)
         self.flat = FlatParams(self.unet, channels_last=config.train.channels_last)
         # Compiled for one proxy at a time; side-by-side proxies run the eager module under vmap.
         self.forward = torch.compile(self.unet) if config.train.compile else self.unet
-        self.alphas_cumprod = training_scheduler(config.model).alphas_cumprod.to(device=device, dtype=torch.float32)
-        self.num_timesteps = config.model.num_train_timesteps
-        self.images = self.dataset.to_model_space().to(device)
+        self.alphas_cumprod = self.noise_scheduler().alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.num_timesteps = len(self.alphas_cumprod)
+        self.images = self.training_inputs()
         self.ids = self.dataset.ids.to(device)
 
         n, k = len(self.dataset), config.method.num_shards
         labels = None if self.dataset.labels is None else self.dataset.labels.numpy()
-        self.shard_of = split_shards(n, k, config.method.shard_split, labels, config.train.seed)
+        self.shard_split = resolve_split(config.method.shard_split, labels)
+        self.shard_of = split_shards(n, k, self.shard_split, labels, config.train.seed)
+        # Each proxy's warmup follows its first-round shard (checkpoints restore later shards).
+        self.warmup = [config.train.warmup_for_shard(size) for size in np.bincount(self.shard_of, minlength=k)]
+        self.probes = self._probe_batches()
         self._check_memory(k)
         self.global_weights = self.flat.data.clone()
         self.global_ema = self.flat.data.clone()
@@ -195,6 +200,28 @@ class Trainer:
         self.round_started = time.time()
         self.total_steps = self._expected_total_steps()
         self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
+        if self.writer:  # what "auto" chose, for whoever reads the run
+            run.write_status(run.status().get("state", "created"), shard_split=self.shard_split)
+
+    # -- what a model family changes (see iet_core.text2image for text-to-image) ------------
+    def build_model(self) -> torch.nn.Module:
+        """The network; its parameters that require grad are what the proxies train."""
+        return self.run.build_unet(seed=self.config.train.seed)  # the same seed, the same weights
+
+    def noise_scheduler(self):
+        return training_scheduler(self.config.model)
+
+    def training_inputs(self) -> torch.Tensor:
+        """x0 of every training image (N, ...), on the device."""
+        return self.dataset.to_model_space().to(self.device)
+
+    def conditioning(self, batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Extra model inputs for dataset positions (J, B): (J, B, ...) tensors; none here."""
+        return ()
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network predicts: the noise (epsilon prediction)."""
+        return noise
 
     def _check_memory(self, k: int) -> None:
         """Refuse before allocating when the K proxies' weights, EMA, Adam moments and gradients
@@ -339,10 +366,10 @@ class Trainer:
         return draw_inputs(self.images[batch], self.num_timesteps, self.generator, config.train.hflip,
                            strength, config.method.taa)
 
-    def _masked_loss(self, prediction, noise, bank, t):
+    def _masked_loss(self, prediction, target, bank, t):
         """Per-sample loss, AGC's keep mask (bank read before its update) and the mean loss
         over kept samples."""
-        per_sample = (prediction.float() - noise).square().mean(dim=(1, 2, 3))
+        per_sample = (prediction.float() - target).square().mean(dim=(1, 2, 3))
         seen = per_sample.detach()
         if self.config.method.agc.enabled:
             keep = agc.keep_mask(seen, bank, t, self.skip_lambda)
@@ -364,34 +391,38 @@ class Trainer:
         config, tc = self.config, self.config.train
         x0, t, noise, strength = (torch.stack(v) for v in zip(*(self._draw(k, b) for k, b in zip(proxies, batches))))
         x_t = forward_noise(x0, noise, self.alphas_cumprod[t])
+        target = self.target(x0, noise, t)
+        condition = self.conditioning(batches)
         rows = slice(proxies[0], proxies[-1] + 1)
         bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         with self._dropout_rng(proxies[0]):
             if len(proxies) == 1:
                 model_input = x_t[0].contiguous(memory_format=torch.channels_last) if tc.channels_last else x_t[0]
                 with bf16:
-                    prediction = self.forward(model_input, t[0]).sample
-                loss, seen, keep = self._masked_loss(prediction, noise[0], self.banks[proxies[0]], t[0])
+                    prediction = self.forward(model_input, t[0], *(c[0] for c in condition)).sample
+                loss, seen, keep = self._masked_loss(prediction, target[0], self.banks[proxies[0]], t[0])
                 self.flat.zero_grad()
                 loss.backward()
                 loss, seen, keep = loss.detach()[None], seen[None], keep[None]
             else:
-                def one_proxy(params, x_t, t, noise, bank):
+                def one_proxy(params, x_t, t, target, bank, condition):
                     with bf16:
-                        prediction = functional_call(self.unet, params, (x_t, t)).sample
-                    loss, seen, keep = self._masked_loss(prediction, noise, bank, t)
+                        prediction = functional_call(self.unet, params, (x_t, t, *condition)).sample
+                    loss, seen, keep = self._masked_loss(prediction, target, bank, t)
                     return loss, (loss.detach(), seen, keep)
 
                 grads, (loss, seen, keep) = vmap(grad(one_proxy, has_aux=True), randomness="different")(
-                    self.flat.unflatten(self.weights[rows]), x_t, t, noise, self.banks[rows])
+                    self.flat.unflatten(self.weights[rows]), x_t, t, target, self.banks[rows], condition)
                 self.grads[rows] = self.flat.flatten(grads)
 
         ratio = agc.loss_ratio(seen, self.banks[rows], t)  # the bank before the update; inf while empty
         kept = keep.sum(dim=1)
         do_step = (kept > 0)[:, None] if config.method.agc.enabled else None
         clip_grad_norm_(self.grads[rows], tc.grad_clip)
-        iterations = self.iterations[proxies[0]]  # proxies side by side have taken the same steps
-        lr = tc.lr * (min(1.0, (iterations + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        # From lr 0, as the reference's LambdaLR; proxies side by side have taken the same steps
+        # (and their warmups, set by first-round shards, are over once their step counts agree).
+        iterations, warmup = self.iterations[proxies[0]], self.warmup[proxies[0]]
+        lr = tc.lr * (min(iterations, warmup) / warmup if warmup else 1.0)
         adam_step(self.weights[rows], self.grads[rows], self.adam.rows(rows), lr, do_step,
                   weight_decay=tc.weight_decay, decoupled=tc.optimizer == "adamw")
         ema_update_(self.ema[rows], self.weights[rows], tc.ema_decay, do_step)
@@ -432,6 +463,10 @@ class Trainer:
             for event in self.group.gather_to_writer(self.outbox):
                 self._emit(event)
             self.outbox = []
+            if self.probes is not None:  # the drift compares every proxy's weights
+                self._share_rows([self.weights])
+        if self.probes is not None and self.writer:
+            self._emit(self._drift(averages[0]))
         self.global_weights.copy_(averages[0])
         self.global_ema.copy_(averages[1])
         moves: list[tuple[int, int, int]] = []
@@ -454,6 +489,50 @@ class Trainer:
         self.stopping = self.group is not None and self.group.any(self.control.stop_requested)
         if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds or self.stopping:
             self.save_checkpoint()
+
+    def _probe_batches(self) -> tuple[torch.Tensor, ...] | None:
+        """Up to train.drift_probe first-round images of every shard, noised at fixed timesteps
+        with fixed noise, the same for every round of the run: (positions, shard of each, x_t, t,
+        target), or None when the drift telemetry is off."""
+        count, k = self.config.train.drift_probe, self.config.method.num_shards
+        if not count:
+            return None
+        generator = torch.Generator().manual_seed(derive_seed(self.config.train.seed, _PROBE_TAG))
+        picks = [torch.from_numpy(np.flatnonzero(self.shard_of == shard)) for shard in range(k)]
+        picks = [members[torch.randperm(len(members), generator=generator)[:count]] for members in picks]
+        positions = torch.cat(picks).to(self.device)
+        shard = torch.cat([torch.full((len(pick),), j) for j, pick in enumerate(picks)]).to(self.device)
+        x0 = self.images[positions]
+        t = torch.randint(0, self.num_timesteps, (len(positions),), generator=generator).to(self.device)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        return positions, shard, forward_noise(x0, noise, self.alphas_cumprod[t]), t, self.target(x0, noise, t)
+
+    @torch.no_grad()
+    def _probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, K): the loss of each weight vector in rows (R, P) on each shard's probe batch."""
+        positions, shard, x_t, t, target = self.probes
+        condition = [c[0] for c in self.conditioning(positions[None])]
+        k = self.config.method.num_shards
+        losses = torch.empty(len(rows), k, device=self.device)
+        self.unet.eval()  # no dropout: the probe is deterministic
+        for r in range(len(rows)):
+            params = {name: value[0] for name, value in self.flat.unflatten(rows[r:r + 1]).items()}
+            prediction = functional_call(self.unet, params, (x_t, t, *condition)).sample
+            per_sample = (prediction.float() - target).square().mean(dim=tuple(range(1, target.dim())))
+            losses[r] = torch.zeros(k, device=self.device).index_add_(0, shard, per_sample) / torch.bincount(shard, minlength=k)
+        self.unet.train()
+        return losses
+
+    def _drift(self, average: torch.Tensor) -> DriftEvent:
+        """How far the proxies moved from the round's start (the global weights, not yet
+        replaced by the average) and from each other, and their losses on every shard's probe."""
+        weights, start, k = self.weights, self.global_weights, self.config.method.num_shards
+        # Norms of differences in float64: float32 sums over millions of weights drift by 1e-5.
+        norm = lambda vector: float(vector.double().norm())
+        losses = self._probe_losses(torch.cat([weights, average[None]])).cpu()
+        return DriftEvent(self.round, self.global_step, norm(start), [norm(weights[i] - start) for i in range(k)],
+                          [[norm(weights[i] - weights[j]) for j in range(k)] for i in range(k)],
+                          losses[:k].tolist(), losses[k].tolist())
 
     def _share_round(self) -> None:
         """Give every process what the others did this round: their proxies' banks and
@@ -527,16 +606,20 @@ class Trainer:
         from PIL import Image
         from torchvision.utils import make_grid  # torchvision comes with pytorch-fid
 
-        from .sample import generate
-
         self.flat.bind(self.global_weights.clone(), self.grads[0])
-        images = generate(self.unet, training_scheduler(self.config.model), count,
-                          steps=self.config.train.preview_steps, seed=self.config.train.seed, device=self.device)
+        images = self.preview_images(count)
         self.unet.train()
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(count))), padding=1, pad_value=255)
         buffer = io.BytesIO()
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
         self.run.write_preview(self.round, buffer.getvalue())
+
+    def preview_images(self, count: int) -> torch.Tensor:
+        """uint8 (count, C, H, W) from the global weights (bound to the module)."""
+        from .sample import generate
+
+        return generate(self.unet, training_scheduler(self.config.model), count,
+                        steps=self.config.train.preview_steps, seed=self.config.train.seed, device=self.device)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -630,7 +713,10 @@ def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool 
     gone, checkpoint unreadable) marks the run failed with the reason."""
     lock = run.writer_lock(holder).acquire() if group is None or group.is_writer else None
     try:
-        trainer = Trainer(run, dataset=dataset, sinks=sinks, control=control, group=group)
+        trainer_class = Trainer
+        if run.config.text2image.enabled:
+            from .text2image.train import TextToImageTrainer as trainer_class
+        trainer = trainer_class(run, dataset=dataset, sinks=sinks, control=control, group=group)
         trainer.writer_lock = lock
         if resume and run.latest_checkpoint() is not None:
             trainer.load_checkpoint()

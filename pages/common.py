@@ -20,7 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from iet_core.config import ConfigError
+from iet_core.config import ConfigError, DataConfig, RunConfig
 from iet_core.evaluate import EvaluationGate
 from iet_core.sample import Cancelled
 from iet_core.data import ImageDataset
@@ -86,6 +86,16 @@ def ensure_owner(session: dict | None) -> dict:
     if not session["owner"]:
         session["owner"] = new_owner_token()
     return session
+
+
+def session_data(session: dict | None) -> DataConfig | None:
+    """The data chosen on the Data page, if any. The session comes from the browser, and any
+    client can send any session, so it is read like every other input (None if invalid)."""
+    chosen = (session or {}).get("data")
+    try:
+        return RunConfig.from_dict({"data": chosen}).data if chosen else None
+    except ConfigError:
+        return None
 
 
 def user_errors(fn):
@@ -242,6 +252,13 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
                  + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
     if status.get("seconds_left") is not None:
         parts.append(f"**{time_left(status['seconds_left'])}**")
+    if status.get("last_round"):
+        parts.append(f"stops after round {status['last_round']}")
+    shorter = status.get("shorter")
+    if shorter:
+        parts.append(f"**this machine is slower than the schedule expects**: all {status.get('rounds')} rounds need "
+                     f"about {math.ceil(shorter['minutes'])} min; {shorter['rounds']} rounds fit the planned time "
+                     f"(*Shorter schedule* below)")
     if skip_lambda is not None:
         parts.append(f"skip threshold λ = **{skip_lambda:.2f}**")
     message = status.get("error") or status.get("message") or ""
@@ -249,6 +266,9 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
 
 
 DOWNLOAD_ROOT = Path(tempfile.gettempdir()) / "iet-app-downloads"
+# Downloads (zipped checkpoints, exported pipelines, CSVs) share one concurrency group: copying
+# and zipping are heavy on disk, so a few at a time however many clients ask.
+DOWNLOADS = {"concurrency_id": "downloads", "concurrency_limit": 2}
 DOWNLOAD_TTL_SECONDS = 600  # gradio has copied a download into its own cache long before this
 
 

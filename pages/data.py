@@ -13,7 +13,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from iet_core.config import MAX_IMAGES, ConfigError, DataConfig, RunConfig
+from iet_core.config import MAX_IMAGES, DataConfig, RunConfig
 from iet_core.data import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, DataError, load_dataset
 from iet_core.runs import is_upload, save_upload
 from pages import common
@@ -151,10 +151,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
 
     def restore(session):
         """Show the session's data choice (or the default digits) when the page opens."""
-        try:  # the session comes from the browser: read it like any other input
-            chosen = RunConfig.from_dict({"data": (session or {}).get("data") or {}}).data
-        except ConfigError:
-            chosen = DataConfig()
+        chosen = common.session_data(session) or DataConfig()
         choice = UPLOAD if is_upload(chosen.source) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
             dataset = load_dataset(chosen, ctx.jobs.sources)

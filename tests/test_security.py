@@ -185,3 +185,47 @@ def test_a_full_disk_gives_the_command_line_a_clear_message(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "error: the disk is full (or a size limit was reached)" in done.stderr
     assert not any((tmp_path / "runs").iterdir())  # no half-made run folder is left
+
+
+def test_the_evaluation_gate_runs_one_keeps_a_short_line_and_one_place_per_owner():
+    import threading
+    import time
+
+    from iet_core.evaluate import EvaluationBusy, EvaluationGate
+    from iet_core.sample import Cancelled
+
+    gate = EvaluationGate(running=1, waiting=1)
+    release, entered, left = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with gate.slot("owner-a"):
+            entered.set()
+            release.wait(60)
+
+    def second():
+        try:
+            with gate.slot("owner-b", cancelled=left.is_set):
+                pass
+        except Cancelled:
+            pass
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert entered.wait(60)
+    threads[1].start()
+    deadline = time.monotonic() + 60
+    while gate._queued != 1:  # owner b is waiting in line
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(EvaluationBusy, match="already have an evaluation"):
+        with gate.slot("owner-a"):
+            pass
+    with pytest.raises(EvaluationBusy, match="the server is busy"):
+        with gate.slot("owner-c"):
+            pass
+    left.set()  # owner b's client goes away: it gives up its place
+    threads[1].join(60)
+    assert gate._queued == 0 and gate.active == 1
+    release.set()
+    threads[0].join(60)
+    assert gate.active == 0

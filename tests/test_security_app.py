@@ -69,6 +69,13 @@ def test_a_server_path_as_data_source_is_refused_alike_whether_it_exists_or_not(
             client.predict(config.to_json(), OWNER, api_name="/start_run")
         messages.add(str(refused.value).replace(repr(source), "SOURCE"))
     assert len(messages) == 1 and "not available on this server" in messages.pop()
+    for section, setting, value, refusal in (("model", "pretrained", "/etc", "not available on this server"),
+                                             ("eval", "fid_cache", "/tmp/anywhere", "admin's to set"),
+                                             ("eval", "fid_weights", "/etc/passwd", "admin's to set")):
+        tree = tiny_config("ddpm").to_dict()
+        tree[section][setting] = value
+        with pytest.raises(AppError, match=refusal):
+            client.predict(json.dumps(tree), OWNER, api_name="/start_run")
     assert sorted(p.name for p in ctx.runs_root.iterdir()) == before  # no run folder made
 
 
@@ -217,3 +224,11 @@ def test_sigterm_during_an_evaluation_cancels_it_and_exits_cleanly(tmp_path):
     assert app.returncode == 0, errors[-2000:]
     assert "terminate called" not in errors
     assert not list_evals(Run(run.path))  # cancelled: nothing saved
+
+
+def test_a_session_sent_by_a_client_is_read_like_any_other_input():
+    from pages import common
+
+    assert common.session_data({"data": {"source": "digits", "resolution": 8}}).resolution == 8
+    for forged in ({"data": {"source": "digits", "smuggled": 1}}, {"data": {"resolution": 1e30}}, {"data": "x"}):
+        assert common.session_data(forged) is None

@@ -1,0 +1,135 @@
+"""Stable Diffusion components: loading (safetensors only), LoRA adapters through peft the way
+diffusers' train_text_to_image_lora.py adds them, frozen encoders, and export."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, TextToImageConfig
+from ..neighbours import as_uint8_images
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module  # UNet2DConditionModel
+    vae: torch.nn.Module  # AutoencoderKL
+    text_encoder: torch.nn.Module  # CLIPTextModel
+    tokenizer: object  # CLIPTokenizer
+    scheduler: object  # the pipeline's training noise schedule (DDPMScheduler)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent pixel."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline(self, sampler: str = "pipeline"):
+        """A StableDiffusionPipeline over these components (no safety checker: the images are
+        for measuring copies); "ddim" swaps in DDIM with the same noise schedule."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config) if sampler == "ddim" else self.scheduler
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+
+def load_components(source: str) -> Components:
+    """The UNet, VAE, text encoder, tokenizer and noise schedule of a diffusers Stable Diffusion
+    pipeline: a local folder or a Hub id. Weights are read from safetensors only."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            raise ConfigError(f"model.pretrained={source!r} is not a diffusers pipeline folder (no model_index.json): "
+                              "give the folder StableDiffusionPipeline.save_pretrained wrote, or a Hub id.")
+        kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        if kind != "StableDiffusionPipeline":
+            raise ConfigError(f"model.pretrained={source!r} holds a {kind}: text2image fine-tunes Stable Diffusion 1.x / 2.x "
+                              "pipelines (UNet2DConditionModel with one CLIP text encoder).")
+    where = str(path) if path.exists() else source
+    try:
+        return Components(
+            unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", use_safetensors=True),
+            vae=AutoencoderKL.from_pretrained(where, subfolder="vae", use_safetensors=True),
+            text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", use_safetensors=True),
+            tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer"),
+            scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler"))
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ConfigError(f"cannot load the Stable Diffusion pipeline model.pretrained={source!r} ({err}). Give a local "
+                          "pipeline folder with .safetensors weights, or check the Hub id and the network.") from None
+
+
+def add_lora(unet: torch.nn.Module, config: TextToImageConfig) -> None:
+    """Freeze the UNet and add one trainable LoRA adapter, as diffusers' LoRA example does
+    (gaussian init: B starts at zero, so the adapter starts as a no-op)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    targets = [t.strip() for t in config.lora_targets.split(",")]
+    try:
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                    init_lora_weights="gaussian", target_modules=targets))
+    except ValueError as err:
+        raise ConfigError(f"text2image.lora_targets={config.lora_targets!r} does not fit this UNet ({err}): "
+                          "use module names such as to_k,to_q,to_v,to_out.0.") from None
+
+
+def trainable_unet(components: Components, config: TextToImageConfig) -> torch.nn.Module:
+    """The UNet with what trains marked requires_grad: LoRA adapters, or every weight."""
+    if config.lora_rank is None:
+        components.unet.requires_grad_(True)
+    else:
+        add_lora(components.unet, config)
+    return components.unet
+
+
+def load_trained(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load trained weights (a checkpoint's trainable parameters) into a trainable_unet."""
+    missing = {n for n, p in unet.named_parameters() if p.requires_grad} - set(state)
+    unexpected = set(state) - {n for n, _ in unet.named_parameters()}
+    if missing or unexpected:
+        raise ConfigError(f"the checkpoint does not match this model ({len(missing)} weights missing, "
+                          f"{len(unexpected)} unknown): was model.pretrained or text2image.lora_* changed?")
+    unet.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 16) -> torch.Tensor:
+    """Scaled latents of uint8 images (N, 3, H, W): the mean of the VAE's posterior, so the
+    cache is deterministic and a resumed run sees the same latents."""
+    images = as_uint8_images(images, "training images")
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device).float().div(127.5).sub(1.0)
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder: torch.nn.Module, captions: list[str], device: torch.device,
+                    batch_size: int = 64) -> torch.Tensor:
+    """The text encoder's last hidden states (N, tokens, width) for captions, as the pipeline
+    computes prompt embeddings (padded and truncated to the tokenizer's length)."""
+    out = []
+    for start in range(0, len(captions), batch_size):
+        ids = tokenizer(captions[start:start + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        out.append(text_encoder(ids)[0])
+    return torch.cat(out)
+
+
+def save_lora(unet: torch.nn.Module, folder: Path) -> Path:
+    """The UNet's adapter as a diffusers LoRA file (pytorch_lora_weights.safetensors) that
+    StableDiffusionPipeline.load_lora_weights reads."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return folder
