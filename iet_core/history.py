@@ -19,7 +19,7 @@ import pandas as pd
 
 from .metrics import proportion_interval
 from .runs import Run
-from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
                         StepEvent)
 
 # Loss-ratio histogram bins: RATIO_BIN_WIDTH wide on [0, RATIO_MAX); larger ratios land in the
@@ -141,6 +141,7 @@ class RunHistory:
         self._shard = np.zeros(0, np.int64)
         self._proxies: dict[int, dict] = {}
         self._rounds: list[dict] = []
+        self._drift: list[dict] = []  # DriftEvent rows, one per round and proxy
         self._plan: dict | None = None  # the current round's steps per proxy
         self._settings: list[dict] = []
         self._status: dict = {}
@@ -163,6 +164,8 @@ class RunHistory:
                 self._rounds.append({"round": event.round, "global_step": event.global_step,
                                      "skip_rate": event.skip_rate, "moves": len(event.moves),
                                      "seconds": event.seconds, "shard_sizes": list(event.shard_sizes)})
+            elif isinstance(event, DriftEvent):
+                self._drift.extend(event.rows())
             elif isinstance(event, RoundStartEvent):
                 self._plan = {"round": event.round, "steps_per_proxy": list(event.steps_per_proxy)}
                 self._status.update(total_steps=event.total_steps, round=event.round)
@@ -319,6 +322,13 @@ class RunHistory:
         with self._lock:
             return [dict(r) for r in self._rounds]
 
+    def drift(self) -> pd.DataFrame:
+        """Per round and proxy: drift from the round's start, mean distance to the other proxies,
+        loss on its own and on the other shards' probes, the average's loss on its shard, and the
+        full distance_to_j / loss_on_j columns (see DriftEvent.rows). Empty before a round ends."""
+        with self._lock:
+            return pd.DataFrame(self._drift)
+
     def round_plan(self) -> dict | None:
         """The current round (or, read from a folder, the last complete one): round and
         steps_per_proxy. None before the first round starts."""
@@ -338,18 +348,28 @@ class RunHistory:
         with self._lock:
             return dict(self._last) if self._last else None
 
-    def seconds_left(self) -> float | None:
-        """Time until the run's last step at the pace of its recent steps, measured on this
-        machine (round ends, previews and checkpoints included); None until two flushes of the
-        current stretch of training have been seen."""
+    def seconds_left(self, until_step: int | None = None) -> float | None:
+        """Time until the run's last step (or `until_step`) at the pace of its recent steps,
+        measured on this machine (round ends, previews and checkpoints included); None until
+        two flushes of the current stretch of training have been seen."""
         with self._lock:
-            total = self._status.get("total_steps")
+            total = until_step or self._status.get("total_steps")
             if len(self._pace) < 2 or not total:
                 return None
             (start, first), (now, done) = self._pace[0], self._pace[-1]
             if done <= first:
                 return None
             return (now - start) / (done - first) * max(total - done, 0)
+
+    def shorter_schedule(self, rounds: int, budget_minutes: float | None) -> dict | None:
+        """When the first round, timed on this machine, shows that `rounds` rounds would take
+        longer than the budget: the rounds that fit it and the minutes the run needs in all."""
+        with self._lock:
+            first = self._rounds[0]["seconds"] if self._rounds else None
+        if budget_minutes is None or not first:
+            return None
+        fits = max(1, int(budget_minutes * 60 // first))
+        return {"rounds": fits, "minutes": first * rounds / 60} if fits < rounds else None
 
     @property
     def last_step(self) -> int:

@@ -27,7 +27,7 @@ from .history import RunHistory
 from .owners import JobError, Quota, check_recorded_owner, owner_digest, same_owner, set_aside_stale
 from .neighbours import resolve_device
 from .runs import DATASETS_DIR, Run, is_run_folder, list_runs, remove_folders
-from .telemetry import Event
+from .telemetry import Event, RoundEvent
 from .train import TrainControl, train
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Job:
     done: bool = False
     error: str | None = None
     evaluating: bool = False  # measuring the finished run (eval.after_training)
+    last_round: int | None = None  # stop after this round (counted from 1): a shorter schedule
 
     @property
     def state(self) -> str:
@@ -75,6 +76,8 @@ class _JobSink:
             first = int(step[0]) if isinstance(step, np.ndarray) and len(step) else int(np.max(step, initial=0))
             self.job.history = RunHistory.from_run(self.job.run, before_step=first) if self.job.resume else RunHistory()
         self.job.history(event)
+        if isinstance(event, RoundEvent) and self.job.last_round is not None and event.round + 1 >= self.job.last_round:
+            self.job.control.stop()  # the round's checkpoint is saved; the stop saves the same step
 
 
 class JobManager:
@@ -190,7 +193,8 @@ class JobManager:
     def _work(self, job: Job) -> None:
         try:
             train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)], holder="the app")
-            if job.run.config.eval.after_training and job.run.status().get("state") == "finished":
+            state = job.run.status().get("state")
+            if job.run.config.eval.after_training and (state == "finished" or job.last_round and state == "stopped"):
                 self._evaluate(job)
         except Exception as err:  # the trainer has marked the run failed; keep the reason for the UI
             job.error = f"{type(err).__name__}: {err}"
@@ -232,6 +236,22 @@ class JobManager:
                 del self._jobs[run_id]
                 return
             job.control.stop()
+
+    @staticmethod
+    def _last_step(job: Job, total_steps: int | None) -> int | None:
+        """The step a shortened job stops at (rounds have about equal steps); None: its plan's end."""
+        if job.last_round is None or not total_steps:
+            return None
+        return total_steps * job.last_round // job.run.config.train.rounds
+
+    def shorten(self, run_id: str, rounds: int, owner: str) -> None:
+        """Stop a live job after `rounds` rounds (counted from 1) instead of its planned number,
+        then measure it as a finished run would be (eval.after_training)."""
+        job = self._live_job(run_id, owner)
+        planned = job.run.config.train.rounds
+        if not 1 <= rounds < planned:
+            raise JobError(f"rounds={rounds}: a shorter schedule has between 1 and {planned - 1} rounds.")
+        job.last_round = int(rounds)
 
     def set_skip_lambda(self, run_id: str, value: float, owner: str) -> None:
         """Change the AGC threshold of a running job from its next step (recorded in its history)."""
@@ -336,7 +356,12 @@ class JobManager:
         return {"run_id": run_id, "state": state, "queue_position": self.queue_position(run_id), "live": True,
                 "round": live.get("round", 0), "rounds": job.run.config.train.rounds,
                 "global_step": max(last + 1, live.get("global_step", 0)), "total_steps": live.get("total_steps"),
-                "seconds_left": history.seconds_left() if history is not None and state == "running" else None,
+                "seconds_left": (history.seconds_left(self._last_step(job, live.get("total_steps")))
+                                 if history is not None and state == "running" else None),
+                "shorter": (history.shorter_schedule(job.run.config.train.rounds, job.run.config.train.time_budget_minutes)
+                            if history is not None and job.last_round is None and state in ("running", "paused")
+                            else None),
+                "last_round": job.last_round,
                 "message": EVALUATING if state == "evaluating" else live.get("message", ""), "error": job.error}
 
     def history(self, run_id: str) -> RunHistory:

@@ -252,6 +252,13 @@ def status_text(status: dict, skip_lambda: float | None = None) -> str:
                  + (f" of {total} ({100 * step / total:.0f}%)" if total else ""))
     if status.get("seconds_left") is not None:
         parts.append(f"**{time_left(status['seconds_left'])}**")
+    if status.get("last_round"):
+        parts.append(f"stops after round {status['last_round']}")
+    shorter = status.get("shorter")
+    if shorter:
+        parts.append(f"**this machine is slower than the schedule expects**: all {status.get('rounds')} rounds need "
+                     f"about {math.ceil(shorter['minutes'])} min; {shorter['rounds']} rounds fit the planned time "
+                     f"(*Shorter schedule* below)")
     if skip_lambda is not None:
         parts.append(f"skip threshold λ = **{skip_lambda:.2f}**")
     message = status.get("error") or status.get("message") or ""

@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
-from iet_core.evaluate import list_evals, load_eval
+from iet_core.evaluate import COPY_DETECTION, list_evals, load_eval
 from iet_core.metrics import proportion_interval
 from pages import api, charts, common
 
@@ -55,6 +55,12 @@ def summary_markdown(summary: dict) -> str:
         f"Checkpoint `{summary.get('checkpoint', '?')}` · {summary.get('sampler', '')} {summary.get('steps', '')} steps"
         f"{' · compared with mirrored training images too' if summary.get('flip_aware') else ''}",
     ]
+    if summary.get("kind") == COPY_DETECTION:  # a text-to-image run: copies in a feature space
+        low, high = summary["copy_interval"]
+        lines.insert(1, f"Similarity above {summary['copy_threshold']:g} to the nearest training image: "
+                        f"**{summary['copy_count']} of {summary['num_samples']}** generations from "
+                        f"{summary['num_captions']} training captions (95% interval {100 * low:.0f}–{100 * high:.0f}%), "
+                        f"measured with {summary['measure']}")
     if summary.get("fid_message"):
         lines.append(f"<span class='explain'>{summary['fid_message']}</span>")
     return "  \n".join(lines)
@@ -74,7 +80,9 @@ def mq_markdown(summary: dict) -> str:
 def pair_gallery(result, limit: int) -> list[tuple]:
     """(sample | nearest) images with short captions, most copied first (the order of `pairs`)."""
     rows = result.table.sort_values(["memorization_ratio", "sample_id"]).head(limit)
-    captions = [f"{r.memorization_ratio:.2f}{' copy' if r.memorized else ''}" for r in rows.itertuples()]
+    prompts = rows["caption"].str.slice(0, 60) + " · " if "caption" in rows else pd.Series("", index=rows.index)
+    captions = [f"{prompt}{r.memorization_ratio:.2f}{' copy' if r.memorized else ''}"
+                for prompt, r in zip(prompts, rows.itertuples())]
     return [(common.image_file(common.display_image(image, 80)), caption)
             for (image, _), caption in zip(result.pairs(limit), captions)]
 

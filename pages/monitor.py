@@ -115,7 +115,7 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     again each time). Missing names are left as they are."""
     status = ctx.jobs.status(run_id)
     status_line, controls = status_view(ctx, run_id, status)
-    out = {"status": status_line, "controls": controls}
+    out = {"status": status_line, "controls": controls, "shorter": status.get("shorter")}
     run = ctx.jobs.run(run_id)
     config = run.config
     history = ctx.jobs.history(run_id)
@@ -146,6 +146,7 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     # The round the status line shows (a stopped run's unfinished round, a finished run's last one).
     out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, common.round_shown(status) - 1,
                                           plan["steps_per_proxy"])
+    out["drift"] = charts.drift_figure(history.drift())
     paths = run.preview_paths()
     if changed("previews", [p.name for p in paths]):
         out["previews"] = [(common.image_file(common.read_image(path)), f"round {int(path.stem.split('-')[-1])}")
@@ -196,6 +197,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     picker, refresh_list = common.run_picker()
     status = gr.Markdown("Pick a run.", elem_id="monitor-status")
     controls = common.run_controls(ctx, picker, session)
+    shorten = gr.Button(visible=False, variant="primary", elem_id="shorter-schedule")
     gr.Markdown("<span class='explain'>Left: the training loss of every step, all proxies together (grey lines: "
                 "round ends; red dashes: λ changed). Right: the share of each batch AGC kept and skipped.</span>")
     with gr.Row():
@@ -234,6 +236,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 "drawn from the global model after each round. Below: the training images AGC skipped most.</span>")
     with gr.Row(equal_height=False):
         shards_plot = gr.Plot(label="Shards", show_label=False, elem_id="shards-chart")
+        drift_plot = gr.Plot(label="Proxy drift", show_label=False, elem_id="drift-plot")
         previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
     skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10,
                                  height=250, allow_preview=False, elem_id="most-skipped")
@@ -252,19 +255,22 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     timer = gr.Timer(POLL_SECONDS)
 
     buttons = {**controls.buttons, "apply": apply}
-    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, previews,
-                    skipped_gallery, view, picker, *buttons.values()]
+    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, drift_plot, previews,
+                    skipped_gallery, view, picker, *buttons.values(), shorten]
 
     def outputs_of(run_id: str, out: dict) -> list:
         """tick()'s dict as the values of tick_outputs (gr.skip() where nothing changed)."""
         values = [out["status"]] + [out.get(name, gr.skip()) for name in
                                     ("loss", "kept", "histogram", "what_if_text", "what_if_images", "shards",
-                                     "previews")]
+                                     "drift", "previews")]
         skipped = out.get("skipped")
         values.append(gr.update(label=skipped[0], value=skipped[1]) if skipped else gr.skip())
         values.append(out["view"])
         values.append(gr.update(choices=common.run_choices(ctx), value=run_id) if out.get("relabel") else gr.skip())
         values += [gr.update(interactive=out["controls"][name]) for name in buttons]
+        shorter = out["shorter"]
+        values.append(gr.update(visible=bool(shorter), value=f"Shorter schedule: stop after round {shorter['rounds']}")
+                      if shorter else gr.update(visible=False))
         return values
 
     def refresh(run_id, scrub_value, overlay_on, now, view_state):
@@ -273,9 +279,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         try:
             return outputs_of(run_id, tick(ctx, run_id, scrub_value, overlay_on, now["value"], view_state))
         except JobError as err:  # e.g. deleted in another tab: say so, and offer the runs that are left
-            nothing = [gr.skip()] * (len(tick_outputs) - 3 - len(buttons))
+            nothing = [gr.skip()] * (len(tick_outputs) - 4 - len(buttons))
             return [str(err), *nothing, {}, gr.update(choices=common.run_choices(ctx), value=None),
-                    *[gr.update(interactive=False)] * len(buttons)]
+                    *[gr.update(interactive=False)] * len(buttons), gr.update(visible=False)]
 
     timer.tick(refresh, [picker, scrub, overlay, what_if_now, view], tick_outputs, concurrency_limit=None,
                show_progress="hidden", api_visibility="private", trigger_mode="always_last")
@@ -314,6 +320,18 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         return f"λ = {value:.2f} applies from the next step (marked on the curves).", session
 
     apply.click(apply_lambda, [picker, what_if, session], [controls.message, session], api_visibility="private")
+
+    @common.user_errors
+    def shorten_schedule(run_id, session):
+        session = common.ensure_owner(session)
+        shorter = ctx.jobs.status(run_id).get("shorter") if run_id else None
+        if not shorter:
+            raise gr.Error("This run has no shorter schedule to offer.", print_exception=False)
+        ctx.jobs.shorten(run_id, shorter["rounds"], session["owner"])
+        return (f"The run stops after round {shorter['rounds']} (a checkpoint is saved), then its copies are "
+                "measured.", session)
+
+    shorten.click(shorten_schedule, [picker, session], [controls.message, session], api_visibility="private")
 
     def show_pins(run_id, values):
         if not run_id or not values:

@@ -8,17 +8,24 @@ from pages import api, common
 from pages.train import DEMO_PRESET, PRESET_LABELS, demo_run_config
 
 POLL_SECONDS = 3.0
-INTRO = """
+
+
+def intro(demo) -> str:
+    """The home page's text, with the demo's numbers read from its recipe."""
+    train = demo.train
+    budget = f"planned for about {train.time_budget_minutes:g} minutes each on 2 CPU cores" if train.time_budget_minutes else ""
+    return f"""
 # Do diffusion models copy their training images?
 Trained on few images, a diffusion model starts to **reproduce its training images** instead of making new ones.
 This app trains small models live, shows the moment they start copying, and shows how **IET-AGC** (ECCV 2024)
 and **IET-AGC+** reduce it: split the data among several models (IET) and skip training samples whose loss is
 suspiciously low (AGC).
 
-**New here?** Press *Start the demo*: it trains a baseline and an IET-AGC model on 64 handwritten digits, one after
-the other (5 to 10 minutes each on a laptop CPU, much less on a GPU). Then follow the pages in order:
-**Monitor** while they train, **Memorization** to measure copying, **Compare** to put them side by side.
-**Learn** explains the ideas.
+**New here?** Press *Start the demo*: it trains a baseline and an IET-AGC model on {demo.data.subset} handwritten
+digits, one after the other ({train.rounds} rounds each, {budget}; the Monitor shows the time left as measured on
+this machine, and offers a shorter schedule when the machine is slower). Each run's copies are measured as soon as
+it finishes. Then follow the pages in order: **Monitor** while they train, **Memorization** to see the copies,
+**Compare** to put them side by side. **Learn** explains the ideas.
 """
 
 
@@ -37,7 +44,7 @@ def runs_table(ctx: common.AppContext) -> pd.DataFrame:
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     session = common.session_state(ctx)
-    gr.Markdown(INTRO)
+    gr.Markdown(intro(demo_run_config("ddpm")))
     with gr.Row():
         demo_both = gr.Button("▶ Start the demo: baseline, then IET-AGC", variant="primary", size="lg",
                               elem_id="start-demo", scale=2)

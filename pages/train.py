@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from iet_core.config import MODEL_PRESETS, MSR_POLICIES, DataConfig, RunConfig, method_for_mode, recipe_config
+from iet_core.neighbours import resolve_device
 from pages import common
 from pages.data import source_label
 
@@ -15,7 +16,8 @@ MODE_LABELS = {"ddpm": "Baseline DDPM (one model, all data)", "iet": "IET (K pro
 
 # The form's presets are the engine's recipes (iet_core.config.RECIPES), shown by these labels;
 # the data comes from the Data page.
-PRESET_LABELS = {"classroom": "Classroom demo · CPU · ~8 min", "quick": "Quick look · CPU · 2-3 min, curves only",
+PRESET_LABELS = {"classroom": f"Classroom demo · CPU · ~{recipe_config('classroom').train.time_budget_minutes:g} min",
+                 "quick": "Quick look · CPU · 2-3 min, curves only",
                  "gpu-small": "GPU · small model · 32×32 colour", "paper": "Paper reference · GPU · hours"}
 DEMO_PRESET = "classroom"
 
@@ -28,6 +30,25 @@ def preset_values(recipe: str) -> dict:
     return dict(model=config.model.preset, shards=config.method.num_shards, rounds=train.rounds,
                 unit="steps" if in_steps else "epochs", amount=train.local_steps if in_steps else train.local_epochs,
                 batch_size=train.batch_size, lr=train.lr, preview=train.preview_samples)
+
+
+GPU_PRESETS = {"gpu-small": (32, 3), "paper": (32, 3)}  # the data each GPU preset is made for
+
+
+def preset_note(recipe: str, data: DataConfig, device: str) -> str:
+    """A warning when a preset does not fit the chosen data or this machine ('' when it does)."""
+    if recipe not in GPU_PRESETS:
+        return ""
+    notes = []
+    if device == "cpu":
+        notes.append("this server has no GPU: on its CPU this preset takes hours (the CPU presets take minutes)")
+    resolution, channels = GPU_PRESETS[recipe]
+    if (data.resolution, data.channels) != (resolution, channels):
+        notes.append(f"it is made for {resolution}×{resolution} colour images, and the chosen data is "
+                     f"{data.resolution}×{data.resolution} {'greyscale' if data.channels == 1 else 'colour'}: "
+                     "choose the data on the [Data page](data) first")
+    text = "; ".join(notes)
+    return f"⚠ {text[:1].upper()}{text[1:]}." if notes else ""
 
 
 def data_config(session: dict | None) -> DataConfig:
@@ -79,6 +100,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 preset = gr.Dropdown([(label, recipe) for recipe, label in PRESET_LABELS.items()], value=DEMO_PRESET, label="Preset", scale=3,
                                      info="Fills the settings below; the data comes from the Data page.")
                 name = gr.Textbox(label="Run name", placeholder="(automatic)", scale=2)
+            preset_warning = gr.Markdown(elem_id="preset-warning")
             mode = gr.Radio([(label, m) for m, label in MODE_LABELS.items()], value="iet-agc", label="Method",
                             info="Train a baseline and an IET-AGC run on the same data, then compare them.")
             with gr.Row():
@@ -129,13 +151,14 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 taa_strength=taa_strength, preview=preview, evaluate_after=evaluate_after)
     keys = list(form)
 
-    def apply_preset(choice):
+    def apply_preset(choice, session):
         values = preset_values(choice)
         return (values["model"], values["shards"], values["rounds"], values["unit"], values["amount"],
-                values["batch_size"], values["lr"], values["preview"])
+                values["batch_size"], values["lr"], values["preview"],
+                preset_note(choice, data_config(session), resolve_device("auto").type))
 
-    preset.change(apply_preset, preset, [model, shards, rounds, unit, amount, batch_size, lr, preview],
-                  api_visibility="private")
+    preset.change(apply_preset, [preset, session], [model, shards, rounds, unit, amount, batch_size, lr, preview,
+                                                    preset_warning], api_visibility="private")
 
     def show_mode(choice):
         return (gr.update(visible=choice != "ddpm"), gr.update(visible=choice in ("iet-agc", "iet-agc+")),

@@ -339,3 +339,24 @@ def test_a_run_can_be_evaluated_as_soon_as_it_finishes(tmp_path):
     assert summary["num_samples"] == 4 and summary["checkpoint_step"] == jobs.status(run_id)["global_step"]
     other = jobs.submit(tiny_config("ddpm", rounds=1), ME)  # off by default
     assert jobs.wait(other, 120) == "finished" and not (jobs.run(other).path / "eval").exists()
+
+
+def test_a_slow_machine_is_offered_a_shorter_schedule_and_the_run_stops_there(tmp_path):
+    from iet_core.evaluate import load_eval
+
+    config = tiny_config("iet-agc", rounds=200, local_steps=3)
+    config.train.time_budget_minutes = 0.001  # less than any round takes: the first round shows it
+    config.eval.after_training, config.eval.num_samples, config.eval.steps = True, 4, 2
+    jobs = JobManager(tmp_path)
+    run_id = jobs.submit(config, ME)
+    wait_until(lambda: jobs.status(run_id)["shorter"] is not None, what="the offer after the first round")
+    offer = jobs.status(run_id)["shorter"]
+    assert offer["rounds"] == 1 and offer["minutes"] > 0
+    with pytest.raises(JobError, match="between 1 and 199"):
+        jobs.shorten(run_id, 200, ME)
+    with pytest.raises(JobError, match="another browser session"):
+        jobs.shorten(run_id, 3, OTHER)
+    jobs.shorten(run_id, 3, ME)
+    assert jobs.wait(run_id, 120) == "stopped"
+    assert jobs.status(run_id)["round"] == 3  # three rounds done, none begun after them
+    assert load_eval(jobs.run(run_id)).summary["checkpoint_step"] == jobs.status(run_id)["global_step"]

@@ -75,7 +75,7 @@ def test_a_tick_redraws_only_what_changed(ctx, agc_run):
     first = monitor.tick(ctx, agc_run, 100, True, 0.5, {})
     assert {"status", "loss", "histogram", "what_if_text", "shards", "skipped"} <= set(first)
     again = monitor.tick(ctx, agc_run, 100, True, 0.5, first["view"])
-    assert set(again) == {"status", "controls", "view"}  # the same store: nothing is drawn again
+    assert set(again) == {"status", "controls", "shorter", "view"}  # the same store: nothing is drawn again
     moved = monitor.tick(ctx, agc_run, 100, True, 0.6, first["view"])
     assert "histogram" in moved and "skipped" not in moved  # a gallery is resent only when it changes
 
@@ -135,3 +135,24 @@ def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations
     evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
     _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
     assert "weights" not in notes and "sample counts" not in notes
+
+
+def test_the_monitor_draws_the_proxies_drift_per_round(ctx, agc_run):
+    drift = monitor.tick(ctx, agc_run, 100, True, 0.5, {})["drift"]
+    rows = ctx.jobs.history(agc_run).drift()
+    assert len(rows) == 3 * 2  # three rounds, two proxies
+    moved = next(trace for trace in drift.data if trace.name == "from the other proxies")
+    expected = 100 * rows.groupby("round").distance_to_others.mean() / rows.groupby("round").start_norm.mean()
+    np.testing.assert_allclose(moved.y, expected.to_numpy())
+    assert {"own shard", "other shards", "averaged model"} <= {trace.name for trace in drift.data}
+
+
+def test_a_gpu_preset_warns_on_a_cpu_and_on_data_it_was_not_made_for():
+    from iet_core.config import DataConfig
+    from pages import train
+
+    grey16 = DataConfig(source="digits", resolution=16, channels=1)
+    note = train.preset_note("gpu-small", grey16, "cpu")
+    assert "no GPU" in note and "32×32 colour" in note and "16×16 greyscale" in note
+    assert train.preset_note("gpu-small", DataConfig(source="digits", resolution=32, channels=3), "cuda") == ""
+    assert train.preset_note("classroom", grey16, "cpu") == ""

@@ -261,3 +261,26 @@ def test_cli_fine_tunes_evaluates_and_exports(tmp_path, pipeline_folder, capsys)
     assert load_eval(run).summary["num_captions"] == 2
     assert main(["export", str(run), "--out", str(tmp_path / "lora")]) == 0
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_the_app_trains_a_fine_tune_and_its_memorization_page_shows_prompt_generation_nearest(tmp_path, pipeline_folder):
+    from iet_core.data import SourcePolicy
+    from iet_core.jobs import JobManager
+    from pages import common, memorization
+
+    root = tmp_path / "runs"
+    ctx = common.AppContext.create(root, JobManager(root, sources=SourcePolicy.allowing(tmp_path / "data", pipeline_folder)))
+    try:
+        data = captioned_folder(tmp_path / "data", count=4)
+        run_id = ctx.jobs.submit(t2i_config(pipeline_folder, data, rounds=1, local_steps=1), "owner-me-123456")
+        assert ctx.jobs.wait(run_id, 120) == "finished"
+        run = ctx.jobs.run(run_id)
+        assert len(run.metrics()) == 2  # the Monitor's history, as for any run
+        evaluate_run(run)
+        summary, _, histogram, _, gallery, _, most = memorization.result_view(ctx, run_id, load_eval(run))
+        assert "Similarity above 0.5" in summary and "pixel correlation" in summary
+        prompts = [caption.split(" · ")[0] for _, caption in gallery]
+        assert len(gallery) == 4 and set(prompts) == set(load_dataset(run.config.data).captions)
+        assert set(most.columns) >= {"training_id", "times_nearest", "times_memorized"}
+    finally:
+        ctx.jobs.shutdown(timeout=60)

@@ -17,7 +17,7 @@ from ..data import ImageDataset
 from ..evaluate import COPY_DETECTION, EvalResult, _side_by_side
 from ..features import FeatureExtractor, cosine_neighbours, load_feature_extractor, similarity_ratio
 from ..metrics import copy_counts, proportion_interval
-from ..runs import Run
+from ..runs import Run, checkpoint_step
 from ..train import derive_seed
 from .export import trained_components
 from .model import Components
@@ -25,8 +25,9 @@ from .model import Components
 @dataclass
 class CopyResult(EvalResult):
     def pairs(self, limit: int | None = None) -> list[tuple[np.ndarray, str]]:
-        """(generation | nearest training image, "prompt: similarity"), most similar first."""
-        order = self.table.sort_values(["similarity", "sample_id"], ascending=[False, True]).index[:limit]
+        """(generation | nearest training image, "prompt -> train id: similarity"), in the order
+        of EvalResult.pairs (lowest distance ratio first), so galleries read both alike."""
+        order = self.table.sort_values(["memorization_ratio", "sample_id"]).index[:limit]
         out = []
         for i in order:
             row = self.table.loc[i]
@@ -80,12 +81,14 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
         "sample_id": np.arange(len(generated)), "caption_id": ids[caption_positions],
         "caption": [dataset.captions[p] for p in caption_positions],
         "nearest_id": ids[index[:, 0]], "similarity": sims[:, 0], "second_similarity": sims[:, 1],
-        "ratio": ratio, "copy": sims[:, 0] > copy_threshold, "memorized": ratio < ratio_threshold,
+        "memorization_ratio": ratio, "copy": sims[:, 0] > copy_threshold, "memorized": ratio < ratio_threshold,
         "own_image": index[:, 0] == caption_positions})
     copies, memorized, total = int(table["copy"].sum()), int(table["memorized"].sum()), len(table)
     times_nearest, times_copied = copy_counts(index[:, 0], len(dataset), table["copy"].to_numpy())
-    most_copied = pd.DataFrame({"sample_id": ids, "caption": dataset.captions, "times_nearest": times_nearest,
-                                "times_copied": times_copied}).sort_values(["times_copied", "times_nearest"], ascending=False)
+    _, times_memorized = copy_counts(index[:, 0], len(dataset), table["memorized"].to_numpy())
+    most_copied = pd.DataFrame({"training_id": ids, "caption": dataset.captions, "times_nearest": times_nearest,
+                                "times_copied": times_copied, "times_memorized": times_memorized}
+                               ).sort_values(["times_copied", "times_nearest", "training_id"], ascending=[False, False, True])
     summary = {
         "kind": COPY_DETECTION, "measure": extractor.name, "num_samples": total, "num_training": len(dataset),
         "num_captions": int(len(np.unique(caption_positions))),
@@ -94,6 +97,7 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
         "memorization_threshold": ratio_threshold, "memorized_count": memorized, "memorized_fraction": memorized / total,
         "memorized_interval": list(proportion_interval(memorized, total)),
         "mean_similarity": float(sims[:, 0].mean()), "own_image_nearest": int(table["own_image"].sum()),
+        "distinct_nearest": int((times_nearest > 0).sum()),
         "seconds": {"features": time.perf_counter() - started},
     }
     nearest = dataset.images[torch.from_numpy(index[:, 0])].numpy()
@@ -118,7 +122,8 @@ def copies_of_run(run: Run, checkpoint: Path, dataset: ImageDataset, config: Eva
     sampling_seconds = time.perf_counter() - started
     result = detect_copies(generated, positions, dataset, load_feature_extractor(settings.feature_extractor, device),
                            settings.copy_threshold, config.memorization_threshold)
-    result.summary.update({"run_id": run.id, "checkpoint": checkpoint.name, "weights": "ema" if config.use_ema else "model",
+    result.summary.update({"run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": checkpoint_step(checkpoint),
+                           "weights": "ema" if config.use_ema else "model",
                            "sampler": config.sampler, "steps": config.steps, "seed": config.seed,
                            "guidance_scale": settings.guidance_scale, "images_per_caption": settings.images_per_caption,
                            "device": str(device)})
