@@ -146,6 +146,7 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     # The round the status line shows (a stopped run's unfinished round, a finished run's last one).
     out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, common.round_shown(status) - 1,
                                           plan["steps_per_proxy"])
+    out["drift"] = charts.drift_figure(history.drift())
     previews = run.previews()
     if changed("previews", [number for number, _ in previews]):
         out["previews"] = [(common.image_file(common.read_image(path)), f"round {number}")
@@ -235,6 +236,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 "drawn from the global model after each round. Below: the training images AGC skipped most.</span>")
     with gr.Row(equal_height=False):
         shards_plot = gr.Plot(label="Shards", show_label=False, elem_id="shards-chart")
+        drift_plot = gr.Plot(label="Proxy drift", show_label=False, elem_id="drift-plot")
         previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
     skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10,
                                  height=250, allow_preview=False, elem_id="most-skipped")
@@ -253,14 +255,14 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     timer = gr.Timer(POLL_SECONDS)
 
     buttons = {**controls.buttons, "apply": apply}
-    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, previews,
+    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, drift_plot, previews,
                     skipped_gallery, view, picker, *buttons.values(), shorten]
 
     def outputs_of(run_id: str, out: dict) -> list:
         """tick()'s dict as the values of tick_outputs (gr.skip() where nothing changed)."""
         values = [out["status"]] + [out.get(name, gr.skip()) for name in
                                     ("loss", "kept", "histogram", "what_if_text", "what_if_images", "shards",
-                                     "previews")]
+                                     "drift", "previews")]
         skipped = out.get("skipped")
         values.append(gr.update(label=skipped[0], value=skipped[1]) if skipped else gr.skip())
         values.append(out["view"])
