@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import ConfigError, EvalConfig, TextToImageConfig
+from ..config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig, TextToImageConfig
 from ..data import ImageDataset
 from ..evaluate import COPY_DETECTION, EvalResult, _side_by_side
 from ..features import FeatureExtractor, cosine_neighbours, load_feature_extractor, similarity_ratio
@@ -67,7 +67,7 @@ def generate(components: Components, prompts: list[str], *, resolution: int, gui
 
 
 def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDataset, extractor: FeatureExtractor,
-                  copy_threshold: float = 0.5, ratio_threshold: float = 1 / 3) -> CopyResult:
+                  copy_threshold: float = 0.5, ratio_threshold: float = MEMORIZATION_THRESHOLD) -> CopyResult:
     """Every generation's nearest training images in the extractor's space. caption_positions:
     the dataset position of each generation's prompt. A copy: cosine similarity above
     copy_threshold; memorized: distance ratio nearest / second nearest below ratio_threshold."""
