@@ -349,7 +349,7 @@ class EvalConfig:
     # their nearest other training image, Carlini et al.'s (l2, delta) style) and "mq".
     memorization_threshold: float = MEMORIZATION_THRESHOLD
     distance_quantile: float = 0.05
-    mq_threshold: float = MEMORIZATION_THRESHOLD  # the same 1/3 as experiments' mq_below_1_3
+    mq_threshold: float = MEMORIZATION_THRESHOLD  # as experiments' mq_below_1_3
     mq_neighbours: int = 50
     flip_aware: bool | None = None  # None: on when training flipped images (train.hflip or TAA flips)
     nn_margin: int = 16  # extra float32-shortlisted candidates per sample before the exact recompute

@@ -234,7 +234,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
         from .text2image.evaluate import copies_of_run
 
         text2image = text2image or run.config.text2image
-        result = copies_of_run(run, checkpoint, dataset, config, text2image, device)
+        result = copies_of_run(run, checkpoint, dataset, config, text2image, device, progress)
         if save:
             result.path = save_eval(run, result, name or f"{default_name}-cfg{text2image.guidance_scale:g}", config.gallery_pairs)
         return result

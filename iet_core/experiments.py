@@ -298,7 +298,7 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("feature FD to held-out images (lower = more realistic)")
-    ax.set_ylabel("memorized samples (%, nearest / second < 1/3)")
+    ax.set_ylabel(f"memorized samples (%, nearest / second < {MEMORIZATION_THRESHOLD:.2f})")
     ax.set_title("Memorization against quality over training\n(each seed a line; bars: 95% intervals)", fontsize=10)
     ax.legend()
     fig.tight_layout()

@@ -360,8 +360,9 @@ class Run:
         """The samples drawn after round `round_` (counted from 0) as a PNG."""
         atomic_write(self.path / "previews" / f"round-{round_ + 1:04d}.png", png)
 
-    def preview_paths(self) -> list[Path]:
-        return sorted((self.path / "previews").glob("round-*.png"))
+    def previews(self) -> list[tuple[int, Path]]:
+        """(round number counted from 1, PNG file) of the samples drawn after each round, oldest first."""
+        return [(int(path.stem.split("-")[-1]), path) for path in sorted((self.path / "previews").glob("round-*.png"))]
 
     # -- ownership (app runs) --------------------------------------------------------------
     def write_owner(self, digest: str) -> None:

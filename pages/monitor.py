@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from iet_core.config import RunConfig
-from iet_core.history import RunHistory
+from iet_core.history import RATIO_BIN_WIDTH, RunHistory
 from iet_core.jobs import JobError
 from pages import charts, common
 
@@ -147,10 +147,10 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, common.round_shown(status) - 1,
                                           plan["steps_per_proxy"])
     out["drift"] = charts.drift_figure(history.drift())
-    paths = run.preview_paths()
-    if changed("previews", [p.name for p in paths]):
-        out["previews"] = [(common.image_file(common.read_image(path)), f"round {int(path.stem.split('-')[-1])}")
-                           for path in reversed(paths)]
+    previews = run.previews()
+    if changed("previews", [number for number, _ in previews]):
+        out["previews"] = [(common.image_file(common.read_image(path)), f"round {number}")
+                           for number, path in reversed(previews)]
     label, ids, captions = most_skipped(history, config.method.agc.enabled)
     if changed("skipped", [label, list(ids), list(captions)]):
         out["skipped"] = (label, common.training_images(ctx, run_id, ids, captions))
@@ -214,7 +214,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             gr.Markdown("### Threshold what-if\nMove λ to see at once how many visits AGC would skip and which "
                         "training images those are; the histogram is coloured at this λ. **Apply** changes the "
                         "running run from its next step; the curves mark the change.")
-            what_if = gr.Slider(0.05, 1.0, value=0.5, step=0.01, label="What-if λ", elem_id="what-if")
+            what_if = gr.Slider(0.05, 1.0, value=0.5, step=RATIO_BIN_WIDTH, label="What-if λ", elem_id="what-if")
             what_if_text = gr.Markdown(elem_id="what-if-text")
             with gr.Row():
                 apply = gr.Button("Apply this λ to the running run", variant="primary", interactive=False,

@@ -232,7 +232,7 @@ def test_end_to_end_train_checkpoint_export_sample(tmp_path):
     assert set(records.columns) >= {"sample_id", "shard", "timestep", "loss", "ratio", "skipped"}
     assert set(records.sample_id) <= set(run.dataset().ids.tolist())
     assert len(run.metrics()) == 12 and len(run.rounds()) == 2
-    assert len(run.preview_paths()) == 2
+    assert [number for number, _ in run.previews()] == [1, 2]
     assert [p.name for p in run.checkpoints()] == ["ckpt-000000006", "ckpt-000000012"]
     folder = run.export(tmp_path / "pipeline")
     pipeline = DDPMPipeline.from_pretrained(folder)
