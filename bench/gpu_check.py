@@ -7,14 +7,14 @@ runs four parts, each in its own process and stopped at its own time budget with
 1. tests: the `cuda`-marked tests (tests/test_cuda.py);
 2. bench: `bench/all.py --gpu` (K = 10 round against the reference approach, AGC overhead, MFU
    in bf16, 10k x 50k neighbours, sampling throughput);
-3. demo: the GPU demo, timed: a baseline DDPM (small preset, bf16) on a few hundred real
-   CIFAR-10 images for about a minute and a half, then its memorized share;
+3. demo: the GPU demo, timed: a baseline DDPM (small preset, bf16) trained 80 s on 256 real
+   CIFAR-10 images, then its memorized share;
 4. pilot: the fair-regime experiment of issue 12 (K = 4 class-balanced shards, 750 local steps
    per proxy per round, raw averaged weights, 512 samples, the same flip setting for every mode),
    baseline and IET-AGC, one seed, in as many rounds as the time left allows (from the demo's speed).
 
-Everything lands in --out ($OUT when set): gpu_check.json, gpu_check.md (the tables), log.txt,
-and the pilot's report, results and galleries.
+Everything lands in --out ($OUT when set), 8 files: gpu_check.json (every figure), gpu_check.md
+(the tables), log.txt, bench.json, and each pilot mode's report and nearest-neighbour gallery.
 
     python3 bench/gpu_check.py --wheels .whl --out "$OUT"      # on the GPU machine
     python bench/gpu_check.py --dry-run --out /tmp/gpu-check    # the same, tiny sizes on the CPU
@@ -258,7 +258,8 @@ def markdown(results: dict) -> str:
     if parts.get("demo", {}).get("memorized_fraction") is not None:
         demo = parts["demo"]
         lines += ["", "## Demo: baseline DDPM on real images", "",
-                  f"{demo['images']} CIFAR-10 images at {demo['resolution']}x{demo['resolution']}, preset {demo['preset']}, "
+                  f"{demo['images']} images of {demo['data']} at {demo['resolution']}x{demo['resolution']}, "
+                  f"preset {demo['preset']}, "
                   f"batch {demo['batch_size']}, {demo['precision']}: {demo['steps']} steps in {demo['train_seconds']:.0f} s "
                   f"({demo['steps_per_second']:.1f} steps/s); {demo['memorized_count']} of {demo['samples']} samples "
                   f"memorized ({100 * demo['memorized_fraction']:.0f}%, 95% interval {100 * demo['interval'][0]:.0f}-"
@@ -330,7 +331,8 @@ def run_demo(spec: dict) -> None:
     device = config.train.device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     Path(spec["answer"]).write_text(json.dumps({
-        "device": name, "torch": torch.__version__, "images": spec["subset"], "resolution": config.data.resolution,
+        "device": name, "torch": torch.__version__, "data": Path(spec["data"]).name, "images": spec["subset"],
+        "resolution": config.data.resolution,
         "preset": config.model.preset, "batch_size": config.train.batch_size, "precision": config.train.precision,
         "steps": steps, "train_seconds": train_seconds, "steps_per_second": steps / train_seconds,
         "samples": result["num_samples"], "memorized_count": result["memorized_count"],

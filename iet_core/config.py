@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("ddpm", "iet", "iet-agc", "iet-agc+")
-SHARD_SPLITS = ("random", "class")
+SHARD_SPLITS = ("auto", "class", "random")  # auto: class-balanced when the data has labels
+RESIZE_FILTERS = ("auto", "lanczos", "bicubic", "bilinear", "box", "nearest")  # auto: lanczos down, bicubic up
 MSR_POLICIES = ("least-skipped", "round-robin")
 OPTIMIZERS = ("adam", "adamw")
 SAMPLERS = ("ddim", "ddpm")
@@ -131,6 +132,8 @@ class DataConfig:
     # Captions for text-to-image: the metadata.jsonl field or dataset column ("text" by the
     # imagefolder convention; same-name .txt files also count). None: images only.
     caption_column: str | None = None
+    # How images are resized to `resolution`; it changes pixel distances, so every result records it.
+    resize_filter: str = "auto"
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source is empty: give a built-in name ('digits'), a folder, a .zip, an .npz or 'hf:<id>'.")
@@ -141,6 +144,7 @@ class DataConfig:
         _check_seed(self.subset_seed, "data.subset_seed")
         _check(self.caption_column is None or 0 < len(self.caption_column) <= 200,
                "data.caption_column: name a field of up to 200 characters (\"text\" by convention), or none.")
+        _check(self.resize_filter in RESIZE_FILTERS, f"data.resize_filter={self.resize_filter!r}: choose one of {', '.join(RESIZE_FILTERS)}.")
 
 
 @dataclass
@@ -216,7 +220,8 @@ class TAAConfig:
 @dataclass
 class MethodConfig:
     num_shards: int = 1  # K; 1 with everything off is plain DDPM
-    shard_split: str = "random"  # or "class" (class-balanced, needs labels)
+    # "auto": class-balanced when the data has labels (as the reference), else random; "class" needs labels
+    shard_split: str = "auto"
     agc: AGCConfig = field(default_factory=AGCConfig)
     msr: MSRConfig = field(default_factory=MSRConfig)
     taa: TAAConfig = field(default_factory=TAAConfig)
@@ -263,7 +268,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    warmup_steps: int = 5000  # linear warmup, counted per proxy over the whole run
+    # Linear warmup from lr 0, counted per proxy over the whole run. None: as the reference, each
+    # proxy warms up over warmup_share of its first round's local steps (15 of 100 local epochs).
+    warmup_steps: int | None = None
+    warmup_share: float = 0.15
     hflip: bool = True  # random horizontal flip, as in the reference
     reset_optimizer_each_round: bool = False  # the reference keeps each proxy's Adam state
     seed: int = 0
@@ -275,6 +283,7 @@ class TrainConfig:
     # (vmapped) computation; "auto" batches on a GPU when the proxies fit in memory.
     execution: str = "auto"
     log_every: int = 10  # steps between telemetry flushes (one host sync each)
+    drift_probe: int = 16  # images per shard in the drift telemetry's fixed probe batch (0: no drift telemetry)
     checkpoint_every_rounds: int = 1
     keep_checkpoints: int = 2
     record_samples: bool = True  # per-sample records (id, shard, t, loss, ratio, skipped)
@@ -290,6 +299,12 @@ class TrainConfig:
             return self.local_steps
         return max(1, -(-int(self.local_epochs * shard_size) // self.batch_size))
 
+    def warmup_for_shard(self, first_shard_size: int) -> int:
+        """A proxy's warmup steps, given its shard's size in the first round."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round(self.warmup_share * self.steps_for_shard(first_shard_size))
+
     def validate(self) -> None:
         _check_range(self.rounds, 1, MAX_ROUNDS, "train.rounds", " rounds")
         _check((self.local_steps is None) != (self.local_epochs is None), "train: set exactly one of local_steps and local_epochs.")
@@ -302,12 +317,14 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0.")
         _check(self.grad_clip > 0, "train.grad_clip must be positive (the reference uses 1.0).")
         _check(0 <= self.ema_decay < 1, f"train.ema_decay={self.ema_decay}: use a value in [0, 1).")
-        _check_range(self.warmup_steps, 0, MAX_COUNT, "train.warmup_steps")
+        _check_range(self.warmup_steps, 0, MAX_COUNT, "train.warmup_steps", ", or none for warmup_share of the first round")
+        _check(0.0 <= self.warmup_share <= 1.0, f"train.warmup_share={self.warmup_share}: use a share of the first round's local steps in [0, 1].")
         _check_seed(self.seed, "train.seed")
         check_device_name(self.device)
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}.")
         _check(self.execution in EXECUTIONS, f"train.execution={self.execution!r}: choose one of {', '.join(EXECUTIONS)}.")
         _check_range(self.log_every, 1, MAX_COUNT, "train.log_every")
+        _check_range(self.drift_probe, 0, 256, "train.drift_probe", " images per shard (0 turns the drift telemetry off)")
         _check_range(self.checkpoint_every_rounds, 1, MAX_ROUNDS, "train.checkpoint_every_rounds")
         _check_range(self.keep_checkpoints, 1, 1000, "train.keep_checkpoints")
         _check(0 <= self.preview_samples <= 256, "train.preview_samples: use between 0 and 256.")
@@ -324,10 +341,15 @@ class EvalConfig:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
-    use_ema: bool = True
+    use_ema: bool = False  # the reference evaluated the raw averaged weights (use_ema=False)
     batch_size: int = 256
     seed: int = 0
-    memorization_threshold: float = MEMORIZATION_THRESHOLD  # nearest / second-nearest L2 below this is a copy
+    # Copy criteria, each named in results: "ratio" (L2 nearest / second nearest below this),
+    # "distance" (L2 nearest below delta = this quantile of the training images' distances to
+    # their nearest other training image, Carlini et al.'s (l2, delta) style) and "mq".
+    memorization_threshold: float = MEMORIZATION_THRESHOLD
+    distance_quantile: float = 0.05
+    mq_threshold: float = MEMORIZATION_THRESHOLD  # as experiments' mq_below_1_3
     mq_neighbours: int = 50
     flip_aware: bool | None = None  # None: on when training flipped images (train.hflip or TAA flips)
     nn_margin: int = 16  # extra float32-shortlisted candidates per sample before the exact recompute
@@ -348,6 +370,8 @@ class EvalConfig:
         _check_range(self.batch_size, 1, 65536, "eval.batch_size")
         _check_seed(self.seed, "eval.seed")
         _check(0 < self.memorization_threshold < 1, f"eval.memorization_threshold: use a value in (0, 1); the convention is {MEMORIZATION_THRESHOLD:.4g}.")
+        _check(0 < self.distance_quantile < 1, "eval.distance_quantile: use a quantile in (0, 1); 0.05 is the default.")
+        _check(0 < self.mq_threshold < 1, "eval.mq_threshold: use a value in (0, 1).")
         _check_range(self.mq_neighbours, 1, MAX_IMAGES, "eval.mq_neighbours")
         _check_range(self.nn_margin, 0, MAX_IMAGES, "eval.nn_margin", " (16 is a good default)")
         _check_range(self.nn_query_chunk, 1, MAX_SAMPLES, "eval.nn_query_chunk", " images, or none for automatic")
@@ -507,10 +531,11 @@ def _coerce(value: Any, annotation: str, where: str):
 RECIPES: dict[str, dict] = {
     "reference": {},
     # Memorizes on 2 CPU cores within minutes: 64 digits at 16x16, tiny UNet, 3,000 steps of
-    # batch 64 in every mode.
+    # batch 64 in every mode. Warmup as the reference (each proxy over 15% of its first round),
+    # not a fixed count, which warmed IET's short-round proxies over 4 rounds and the baseline over 1.
     "demo": {"name": "demo-{mode}", "share_steps": True, "model": {"preset": "tiny"},
              "train": {"rounds": 30, "local_steps": 100, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw",
-                       "warmup_steps": 100, "ema_decay": 0.995, "hflip": False}},
+                       "ema_decay": 0.995, "hflip": False}},
     # The demo stopped at 20 of its 30 rounds for a class, in local epochs (the same compute
     # whatever K is): at 2,000 steps the baseline memorized 78% of its samples in all three
     # seeds of docs/results.md, in about 7 minutes on 2 CPU cores.

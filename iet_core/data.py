@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import MAX_IMAGES, ConfigError, DataConfig
+from .config import MAX_IMAGES, RESIZE_FILTERS, ConfigError, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BUILTIN = ("digits",)
@@ -103,6 +103,7 @@ class ImageDataset:
     name: str = "dataset"
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     captions: list[str] | None = None  # one per image, for text-to-image fine-tuning
+    resize_filter: str = "auto"  # how the images were resized (it changes distances: recorded with results)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -126,7 +127,8 @@ class ImageDataset:
         positions = torch.as_tensor(positions, dtype=torch.long)
         labels = None if self.labels is None else self.labels[positions]
         captions = None if self.captions is None else [self.captions[i] for i in positions.tolist()]
-        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected), captions)
+        return ImageDataset(self.images[positions], labels, self.ids[positions], self.name, list(self.rejected), captions,
+                            self.resize_filter)
 
     def to_model_space(self) -> torch.Tensor:
         """float32 in [-1, 1], the model's input space."""
@@ -135,9 +137,13 @@ class ImageDataset:
 
 # -- conversion ---------------------------------------------------------------------------
 
-def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
+RESAMPLING = {name: getattr(Image.Resampling, name.upper()) for name in RESIZE_FILTERS if name != "auto"}
+
+
+def pil_to_array(image: Image.Image, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """Any PIL image (L, LA, RGBA, P, I;16, CMYK, ...) to uint8 (C, res, res): centre-crop to a
-    square, resize, convert. Transparent pixels are composited on white."""
+    square, resize (filter "auto": lanczos down, bicubic up), convert. Transparent pixels are
+    composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -157,12 +163,15 @@ def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarr
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != resolution:
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC if side < resolution else Image.Resampling.LANCZOS)
+        if resize_filter == "auto":
+            resize_filter = "bicubic" if side < resolution else "lanczos"
+        image = image.resize((resolution, resolution), RESAMPLING[resize_filter])
     arr = np.asarray(image, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudget | None = None) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudget | None = None,
+                 resize_filter: str = "auto") -> np.ndarray:
     """Bytes of an image file to uint8 (C, res, res); raises DataError with the reason."""
     if len(data) > MAX_FILE_BYTES:
         raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
@@ -173,7 +182,7 @@ def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudg
             if budget is not None:
                 budget.take(image.width, image.height)
             image.load()
-            return pil_to_array(image, resolution, channels)
+            return pil_to_array(image, resolution, channels, resize_filter)
     except DataError:
         raise
     except Image.DecompressionBombError:
@@ -184,7 +193,7 @@ def decode_image(data: bytes, resolution: int, channels: int, budget: _PixelBudg
         raise DataError(f"not a readable image ({err})") from None
 
 
-def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+def array_to_images(array: np.ndarray, resolution: int, channels: int, resize_filter: str = "auto") -> np.ndarray:
     """An image array (N,H,W), (N,H,W,C) or (N,C,H,W) of any numeric type to uint8 (N,C,res,res)."""
     arr = np.asarray(array)
     if arr.ndim == 3:
@@ -219,20 +228,20 @@ def array_to_images(array: np.ndarray, resolution: int, channels: int) -> np.nda
     out = np.empty((len(arr), channels, resolution, resolution), np.uint8)
     for i, img in enumerate(arr):
         pixels = img[0] if src_channels == 1 else img.transpose(1, 2, 0)
-        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels)
+        out[i] = pil_to_array(Image.fromarray(pixels, mode), resolution, channels, resize_filter)
     return out
 
 
 # -- loaders ------------------------------------------------------------------------------
 
-def load_builtin(name: str, resolution: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_builtin(name: str, resolution: int, channels: int, resize_filter: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         # scikit-learn ships these 1,797 8x8 digits (values 0..16) inside the package: no network.
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = (digits.images * (255.0 / 16.0)).astype(np.float64)
-        return array_to_images(images[:, None].astype(np.uint8), resolution, channels), digits.target.astype(np.int64)
+        return array_to_images(images[:, None].astype(np.uint8), resolution, channels, resize_filter), digits.target.astype(np.int64)
     raise DataError(f"unknown built-in dataset {name!r}: choose one of {', '.join(BUILTIN)}.")
 
 
@@ -245,13 +254,13 @@ def _labels_from_names(names: list[str]) -> np.ndarray | None:
     return np.array([classes[p] for p in parents], dtype=np.int64)
 
 
-def _decode_many(entries, resolution: int, channels: int, where: str):
+def _decode_many(entries, resolution: int, channels: int, where: str, resize_filter: str = "auto"):
     """(name, bytes-reader) pairs to images, the names decoded and rejects (name, reason)."""
     images, names, rejected = [], [], []
     budget = _PixelBudget()
     for name, read in entries:
         try:
-            images.append(decode_image(read(), resolution, channels, budget))
+            images.append(decode_image(read(), resolution, channels, budget, resize_filter))
             names.append(name)
         except DataError as err:
             rejected.append((name, str(err)))
@@ -333,12 +342,12 @@ def image_entries(files: dict, where: str) -> tuple[list, list[tuple[str, str]]]
     return entries, [(name, "not an image file (by extension)") for name in files if not is_image_name(name)]
 
 
-def load_files(path: Path, resolution: int, channels: int):
+def load_files(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
     """Images of a folder or a .zip, class labels from their folders."""
     where = source_name(path)
     with source_files(path) as (files, rejected):
         entries, others = image_entries(files, where)
-        images, names, bad = _decode_many(entries, resolution, channels, where)
+        images, names, bad = _decode_many(entries, resolution, channels, where, resize_filter)
     return images, _labels_from_names(names), rejected + others + bad
 
 
@@ -355,7 +364,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def load_npz(path: Path, resolution: int, channels: int):
+def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz:
@@ -367,11 +376,11 @@ def load_npz(path: Path, resolution: int, channels: int):
         raise DataError(f"{path.name} is not a readable .npz file ({reason}).") from None
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
-    return array_to_images(images, resolution, channels), labels, []
+    return array_to_images(images, resolution, channels, resize_filter), labels, []
 
 
 def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, caption_column: str | None,
-            resolution: int, channels: int):
+            resolution: int, channels: int, resize_filter: str = "auto"):
     """A Hugging Face dataset: a Hub id (`owner/name`, always read from the Hub), or a local
     folder written by `save_to_disk`. Returns images, labels, captions (when caption_column is
     given) and rejected rows."""
@@ -409,7 +418,7 @@ def load_hf(spec: str, split: str, image_column: str | None, label_column: str |
         try:
             if texts is not None:
                 check_caption(texts[i])
-            images.append(pil_to_array(image, resolution, channels))
+            images.append(pil_to_array(image, resolution, channels, resize_filter))
             kept.append(i)
         except DataError as err:
             rejected.append((f"row {i}", str(err)))
@@ -437,7 +446,7 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
     config.validate()
     if policy is not None:
         policy.check(config.source)
-    source, res, ch = config.source, config.resolution, config.channels
+    source, res, ch, resize = config.source, config.resolution, config.channels, config.resize_filter
     rejected: list[tuple[str, str]] = []
     labels = captions = None
     path = Path(source).expanduser()
@@ -445,11 +454,11 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
         raise DataError(f"data.caption_column is set but {path.name!r} has no captions: give a captioned folder or .zip "
                         "(metadata.jsonl or same-name .txt files) or 'hf:<id>' with a text column, or unset it.")
     if source in BUILTIN:
-        images, labels = load_builtin(source, res, ch)
+        images, labels = load_builtin(source, res, ch, resize)
         name = source
     elif source.startswith("hf:"):
         images, labels, captions, rejected = load_hf(source[3:], config.hf_split, config.hf_image_column,
-                                                     config.hf_label_column, config.caption_column, res, ch)
+                                                     config.hf_label_column, config.caption_column, res, ch, resize)
         name = source[3:]
     else:
         name = path.stem
@@ -459,11 +468,11 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
         if (path.is_dir() or path.suffix.lower() == ".zip") and config.caption_column:
             from .text2image.data import load_captioned_files
 
-            images, captions, rejected = load_captioned_files(path, config.caption_column, res, ch)
+            images, captions, rejected = load_captioned_files(path, config.caption_column, res, ch, resize)
         elif path.is_dir() or path.suffix.lower() == ".zip":
-            images, labels, rejected = load_files(path, res, ch)
+            images, labels, rejected = load_files(path, res, ch, resize)
         elif path.suffix.lower() == ".npz":
-            images, labels, rejected = load_npz(path, res, ch)
+            images, labels, rejected = load_npz(path, res, ch, resize)
         else:
             raise DataError(f"{path.name}: unsupported file type; give a folder of images, a .zip or an .npz.")
     ids = np.arange(len(images), dtype=np.int64)
@@ -474,5 +483,5 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
         captions = None if captions is None else [captions[i] for i in keep]
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images)),
                         None if labels is None else torch.from_numpy(labels), torch.from_numpy(ids), name, rejected,
-                        captions)
+                        captions, resize)
 

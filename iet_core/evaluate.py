@@ -7,7 +7,8 @@ samples a run's checkpoint first and saves the result under `RUN/eval/<name>/`:
     summary.json     aggregate numbers (memorized share, MQ shares, FID or why not, settings)
     most_copied.csv  per training image: times it is the nearest, with its training skip stats
     images.npz       generated images and their nearest training images (for galleries)
-    gallery.png      (generated | nearest) pairs, most memorized first
+    gallery.png      (generated | nearest) pairs, most memorized first (ratio criterion);
+                     gallery-distance.png and gallery-mq.png sort by the other criteria
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig, TextToImageConfig
+from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig, RunConfig, TextToImageConfig
 from .data import ImageDataset
 from .fid import FIDUnavailable, fid_score
-from .metrics import MQ_THRESHOLDS, copy_counts, memorization_ratio, mq_ratio, shares_below
+from .metrics import (MQ_THRESHOLDS, copy_counts, distance_threshold, memorization_ratio, mq_ratio, share_summary,
+                      shares_below)
 from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
 from .runs import Run, check_eval_name, checkpoint_step
 from .sample import Cancelled, generate_from_run
@@ -36,6 +38,11 @@ from .sample import Cancelled, generate_from_run
 COPY_DETECTION = "text2image"  # summary["kind"] of text-to-image copy detection (iet_core.text2image.evaluate)
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
 Progress = Callable[[str, int, int], None]
+
+# Copy criteria by name: (the table's score column, lower = more copied; its flag column).
+COPY_CRITERIA = {"ratio": ("memorization_ratio", "memorized"), "distance": ("l2_nearest", "copy_distance"),
+                 "mq": ("mq_ratio", "copy_mq")}
+CALIBRATION_IMAGES = 2048  # training images whose nearest other image calibrates delta (a seeded subset beyond)
 
 
 @dataclass
@@ -47,15 +54,18 @@ class EvalResult:
     nearest: np.ndarray  # uint8 (G, C, H, W): each sample's nearest training image, as matched (mirrored if flipped)
     path: Path | None = None  # the folder it was saved in
 
-    def pairs(self, limit: int | None = None) -> list[tuple[np.ndarray, str]]:
-        """(generated | nearest side by side as HxW or HxWx3 uint8, caption), most memorized
-        first: ready for an image gallery."""
-        order = self.table.sort_values(["memorization_ratio", "sample_id"]).index[:limit]
+    def pairs(self, limit: int | None = None, criterion: str = "ratio") -> list[tuple[np.ndarray, str]]:
+        """(generated | nearest side by side as HxW or HxWx3 uint8, caption), most copied by
+        the named criterion (see COPY_CRITERIA) first: ready for an image gallery."""
+        if criterion not in COPY_CRITERIA:
+            raise ConfigError(f"copy criterion {criterion!r} is unknown: choose one of {', '.join(COPY_CRITERIA)}.")
+        order = self.table.sort_values([COPY_CRITERIA[criterion][0], "sample_id"]).index[:limit]
         out = []
         for i in order:
             row = self.table.loc[i]
             image = _side_by_side(self.generated[i], self.nearest[i])
-            flag = "memorized, " if row["memorized"] else ""
+            copied = [name for name, (_, flag) in COPY_CRITERIA.items() if row.get(flag, False)]
+            flag = f"memorized by {'+'.join(copied)}, " if copied else ""
             mirror = " (mirrored)" if row["nearest_flipped"] else ""
             out.append((image, f"sample {row['sample_id']} | train {row['nearest_id']}{mirror}: "
                                f"{flag}ratio {row['memorization_ratio']:.3f}, L2 {row['l2_nearest']:.3f}"))
@@ -95,6 +105,9 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     ratio = memorization_ratio(found.sq_dist)
     memorized = ratio < config.memorization_threshold
     mq = mq_ratio(found.sq_dist, config.mq_neighbours)
+    started = time.perf_counter()
+    delta = calibrated_distance(dataset, config.distance_quantile, flip_aware, device)
+    seconds["calibration"] = time.perf_counter() - started
     table = pd.DataFrame({
         "sample_id": np.arange(len(generated)),
         "nearest_id": ids[found.index[:, 0]],
@@ -106,6 +119,8 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
         "memorized": memorized,
         "sq_l2_nearest": found.sq_dist[:, 0],
         "mq_ratio": mq,
+        "copy_distance": found.l2[:, 0] < delta,
+        "copy_mq": mq < config.mq_threshold,
     })
     times_nearest, times_memorized = copy_counts(found.index[:, 0], len(dataset), memorized)
     most_copied = pd.DataFrame({"training_id": ids, "times_nearest": times_nearest,
@@ -124,14 +139,26 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     if config.fid:
         seconds["fid"] = fid_seconds
 
+    ratio_share = share_summary(memorized)
     summary = {
         "num_samples": len(generated),
         "num_training": len(dataset),
         "dataset": dataset.name,
+        "resize_filter": dataset.resize_filter,
         "flip_aware": flip_aware,
         "memorization_threshold": config.memorization_threshold,
-        "memorized_count": int(memorized.sum()),
-        "memorized_fraction": float(memorized.mean()),
+        "memorized_count": ratio_share["count"],
+        "memorized_fraction": ratio_share["share"],
+        "memorized_interval": [ratio_share["low"], ratio_share["high"]],
+        # Each criterion's share with its sample count and 95% Wilson interval.
+        "criteria": {
+            "ratio": {"rule": f"L2 nearest / L2 second nearest < {config.memorization_threshold:.3g}", **ratio_share},
+            "distance": {"rule": f"L2 nearest < delta = {delta:.4f}, the {config.distance_quantile:g} quantile of "
+                                 "training images' L2 to their nearest other training image",
+                         "delta": delta, **share_summary(table["copy_distance"])},
+            "mq": {"rule": f"MQ (squared L2 nearest / mean of {min(config.mq_neighbours, len(dataset))} nearest) "
+                           f"< {config.mq_threshold:.3g}", **share_summary(table["copy_mq"])},
+        },
         "mq_neighbours": min(config.mq_neighbours, len(dataset)),
         "mq_shares": {f"{t:g}": share for t, share in shares_below(mq, MQ_THRESHOLDS).items()},
         "mean_l2_nearest": float(table["l2_nearest"].mean()),
@@ -144,6 +171,17 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
         "seconds": seconds,
     }
     return EvalResult(table, summary, most_copied, generated.numpy(), nearest.numpy())
+
+
+def calibrated_distance(dataset: ImageDataset, quantile: float, flip_aware: bool, device: torch.device) -> float:
+    """delta of the "distance" criterion on this dataset, with the evaluation's flip setting
+    (an image's own mirror image is the image itself, not another one)."""
+    positions = np.arange(len(dataset))
+    if len(dataset) > CALIBRATION_IMAGES:
+        positions = np.sort(np.random.default_rng(0).choice(len(dataset), CALIBRATION_IMAGES, replace=False))
+    found = nearest_neighbours(dataset.images[torch.from_numpy(positions)], dataset.images, k=2, flip_aware=flip_aware,
+                               device=device)
+    return distance_threshold(found.l2[:, 1], quantile)  # column 0 is the image itself
 
 
 def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
@@ -165,9 +203,8 @@ def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, dev
     return fid, note, time.perf_counter() - started
 
 
-def flips_in_training(run: Run) -> bool:
+def flips_in_training(config: RunConfig) -> bool:
     """Whether training showed mirrored images (random flips or TAA flips)."""
-    config = run.config
     return config.train.hflip or (config.method.taa.enabled and config.method.taa.flip)
 
 
@@ -197,7 +234,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
         from .text2image.evaluate import copies_of_run
 
         text2image = text2image or run.config.text2image
-        result = copies_of_run(run, checkpoint, dataset, config, text2image, device)
+        result = copies_of_run(run, checkpoint, dataset, config, text2image, device, progress)
         if save:
             result.path = save_eval(run, result, name or f"{default_name}-cfg{text2image.guidance_scale:g}", config.gallery_pairs)
         return result
@@ -207,7 +244,7 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
                                batch_size=config.batch_size, cancelled=cancelled,
                                progress=(lambda d, t: progress("sampling", d, t)) if progress else None)
     sampling_seconds = time.perf_counter() - started
-    flip_aware = flips_in_training(run) if config.flip_aware is None else config.flip_aware
+    flip_aware = flips_in_training(run.config) if config.flip_aware is None else config.flip_aware
     result = evaluate_images(images, dataset, config, flip_aware=flip_aware, per_sample=run.per_sample(),
                              device=device, progress=progress)
     result.summary.update({
@@ -310,17 +347,23 @@ def _check_trained_on(run: Run, checkpoint: Path, dataset: ImageDataset) -> None
 # -- saved results --------------------------------------------------------------------------
 
 def save_eval(run: Run, result: EvalResult, name: str, gallery_pairs: int = 32) -> Path:
-    """Write the result into RUN/eval/<name>/, replacing an older one of that name."""
+    """Write the result into RUN/eval/<name>/, replacing an older one of that name, with a
+    gallery per copy criterion it has (a result of another kind, e.g. text-to-image, has one)."""
+    criteria = [c for c in COPY_CRITERIA if c in result.summary.get("criteria", {})] or [None]
+    galleries = {gallery_name(c): _gallery_png(result, gallery_pairs, c) for c in criteria} if gallery_pairs else {}
     return run.write_eval(name, result.table, result.most_copied, result.summary,
-                          {"generated": result.generated, "nearest": result.nearest},
-                          _gallery_png(result, gallery_pairs) if gallery_pairs else None)
+                          {"generated": result.generated, "nearest": result.nearest}, galleries)
 
 
-def _gallery_png(result: EvalResult, limit: int) -> bytes:
+def gallery_name(criterion: str | None) -> str:
+    return f"gallery-{criterion}.png" if criterion not in (None, "ratio") else "gallery.png"
+
+
+def _gallery_png(result: EvalResult, limit: int, criterion: str | None) -> bytes:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    pairs = [np.atleast_3d(image) for image, _ in result.pairs(limit)]
+    pairs = [np.atleast_3d(image) for image, _ in (result.pairs(limit, criterion) if criterion else result.pairs(limit))]
     scale = max(1, 64 // pairs[0].shape[0])  # small images get big enough pixels to see
     tiles = torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     grid = make_grid(tiles, nrow=max(1, int(np.ceil(np.sqrt(len(pairs) / 2)))), padding=2, pad_value=255)
@@ -361,11 +404,13 @@ def format_summary(summary: dict) -> str:
     if "run_id" in summary:
         lines.append(f"run {summary['run_id']}  {summary['checkpoint']} ({summary['weights']} weights), "
                      f"{summary['sampler']} {summary['steps']} steps, seed {summary['seed']}")
+    lines.append(f"samples {summary['num_samples']} vs {summary['num_training']} training images"
+                 f"{' (and their mirror images)' if summary['flip_aware'] else ''}"
+                 f", resized with {summary.get('resize_filter', 'auto')}")
+    for name, criterion in summary.get("criteria", {}).items():
+        lines.append(f"copies by {name} ({criterion['rule']}): {criterion['count']}/{criterion['total']} = "
+                     f"{100 * criterion['share']:.1f}% (95% CI {100 * criterion['low']:.1f}-{100 * criterion['high']:.1f}%)")
     lines += [
-        f"samples {summary['num_samples']} vs {summary['num_training']} training images"
-        f"{' (and their mirror images)' if summary['flip_aware'] else ''}",
-        f"memorized (L2 nearest / second < {summary['memorization_threshold']:.3g}): "
-        f"{summary['memorized_count']} = {100 * summary['memorized_fraction']:.1f}%",
         "MQ share below   " + "  ".join(f"{t:>5}" for t in summary["mq_shares"]),
         "                 " + "  ".join(f"{100 * s:>4.0f}%" for s in summary["mq_shares"].values()),
         f"nearest L2: mean {summary['mean_l2_nearest']:.4f}, median {summary['median_l2_nearest']:.4f}; "
@@ -389,7 +434,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int, help="samples per generation batch")
-    parser.add_argument("--weights", choices=("ema", "model"), help="EMA (default) or raw weights")
+    parser.add_argument("--weights", choices=("ema", "model"), help="raw averaged weights (the default, as the reference) or EMA")
     parser.add_argument("--threshold", type=float, help=f"memorized when L2 nearest / second nearest is below this ({MEMORIZATION_THRESHOLD:.4g})")
     parser.add_argument("--flip-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="also compare with mirrored training images (default: when training flipped)")

@@ -9,6 +9,12 @@ Writes into --out: results.csv (one row per method, seed and evaluation point), 
 ratio histograms, memorization against quality, nearest-neighbour galleries) and report.md.
 Quality is FID when Inception weights are given (--set eval.fid=true), and always the offline
 "feature FD" and held-out distance of `iet_core.quality` (say which in any write-up).
+
+Fair by construction: every method of one comparison is evaluated on the same kind of weights
+(raw averaged weights unless eval.use_ema) and with the same flip setting (mirrored training
+images count as copies for all methods or for none, also when only IET-AGC+'s TAA flips);
+settings that would mix them are refused. Every memorized share comes with its sample count and
+95% Wilson interval, feature FD with a 95% bootstrap interval.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 from .cli import add_config_arguments, apply_settings, config_from_args
 from .config import MEMORIZATION_THRESHOLD, MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
-from .evaluate import evaluate_images
+from .evaluate import COPY_CRITERIA, evaluate_images, flips_in_training
 from .neighbours import resolve_device
 from .quality import QualityMeter
 from .runs import Run, atomic_write, list_runs
@@ -44,7 +50,7 @@ class Experiment:
     steps: int = 3000  # optimizer steps of base.train.batch_size per method (equal compute)
     rounds: int = 30
     eval_points: int = 5  # evaluations spread over the rounds (the last one at the end)
-    num_samples: int = 64
+    num_samples: int = 512  # per evaluation point: +-4 points at most on a share (64 gave +-12)
     sample_steps: int = 50
     heldout: int = 500  # images of the same source never trained on, for the quality measure
     classifier_steps: int = 300
@@ -77,6 +83,23 @@ class Experiment:
                 raise ConfigError(f"{self.steps} steps over {self.rounds} rounds leave no local step for {shards} "
                                   "proxies: raise steps or lower rounds or num_shards.")
             self.run_config(label, self.seeds[0])  # a variant's settings are checked here
+        self.evaluation()
+
+    def evaluation(self) -> dict:
+        """The one evaluation setting of the comparison: {"use_ema", "flip_aware"}. A variant may
+        not change evaluation settings (refused); flips follow eval.flip_aware or, when it is
+        unset, are on for every method as soon as any method trained on mirrored images (e.g.
+        IET-AGC+'s TAA flips), so no method is judged against mirrored copies alone."""
+        configs = {label: self.run_config(label, self.seeds[0]) for label in self.labels}
+        changed = [label for label, config in configs.items() if config.eval != self.base.eval]
+        if changed:
+            raise ConfigError(f"variant(s) {', '.join(changed)} change evaluation settings (weights, flips or "
+                              "thresholds), which must be the same for every method of one comparison: set eval.* "
+                              "once for all with --set, not in a variant.")
+        flips = self.base.eval.flip_aware
+        if flips is None:
+            flips = any(map(flips_in_training, configs.values()))
+        return {"use_ema": self.base.eval.use_ema, "flip_aware": bool(flips)}
 
     def _method(self, label: str) -> dict:
         """The mode's switches over the base's method settings, then the variant's settings."""
@@ -130,12 +153,17 @@ def matching_run(root: Path, config: RunConfig) -> Run | None:
 
 def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.DataFrame:
     experiment.validate()
+    evaluation = experiment.evaluation()
+    for name, frame in experiment.overlays.items():
+        check_same_evaluation(frame, evaluation, f"overlay {name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     heldout = heldout_set(experiment.base, experiment.heldout)
     meter = QualityMeter.fit(heldout, steps=experiment.classifier_steps)
     log(f"quality classifier: {len(heldout)} held-out images, accuracy {meter.accuracy:.2f}")
+    log(f"every method evaluated on {'EMA' if evaluation['use_ema'] else 'raw averaged'} weights, "
+        f"flip-aware {evaluation['flip_aware']}, {experiment.num_samples} samples per point")
     rows, finals = [], {}
     for seed in experiment.seeds:
         for mode in experiment.labels:
@@ -155,9 +183,13 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
             train_seconds = float(run.rounds()["seconds"].sum())  # training only, also when reused
             dataset = run.dataset()
             for checkpoint in run.checkpoints():
-                rows.append(_evaluate_point(run, checkpoint, dataset, meter, experiment, mode, seed, train_seconds))
-                log(f"{mode:9s} seed {seed} step {rows[-1]['step']:6d}: memorized {rows[-1]['memorized_fraction']:.2f}, "
-                    f"feature FD {rows[-1]['feature_fd']:.2f}, held-out L2 {rows[-1]['heldout_l2']:.3f}")
+                rows.append(_evaluate_point(run, checkpoint, dataset, meter, experiment, evaluation, mode, seed,
+                                            train_seconds))
+                row = rows[-1]
+                log(f"{mode:9s} seed {seed} step {row['step']:6d}: memorized {row['memorized_fraction']:.3f} "
+                    f"[{row['memorized_low']:.3f}, {row['memorized_high']:.3f}] of {row['num_samples']}, "
+                    f"feature FD {row['feature_fd']:.2f} [{row['feature_fd_low']:.2f}, {row['feature_fd_high']:.2f}], "
+                    f"held-out L2 {row['heldout_l2']:.3f}")
             finals[(mode, seed)] = rows[-1].pop("_result")
             for row in rows:
                 row.pop("_result", None)
@@ -173,18 +205,36 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
 
 
 def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, experiment: Experiment,
-                    mode: str, seed: int, train_seconds: float) -> dict:
+                    evaluation: dict, mode: str, seed: int, train_seconds: float) -> dict:
     config = run.config
     _, meta = run.load_checkpoint(checkpoint)
     samples = generate_from_run(run, experiment.num_samples, checkpoint=checkpoint, steps=experiment.sample_steps,
-                                seed=1000 + seed, use_ema=config.eval.use_ema, device=resolve_device(config.train.device))
-    flips = config.train.hflip or (config.method.taa.enabled and config.method.taa.flip)
-    result = evaluate_images(samples, dataset, config.eval, flip_aware=flips, per_sample=run.per_sample())
-    summary = result.summary
+                                seed=1000 + seed, use_ema=evaluation["use_ema"], device=resolve_device(config.train.device))
+    result = evaluate_images(samples, dataset, experiment.base.eval, flip_aware=evaluation["flip_aware"], per_sample=run.per_sample())
+    summary, criteria = result.summary, result.summary["criteria"]
     return {"mode": mode, "seed": seed, "round": meta["round"], "step": meta["global_step"],
-            "visits": meta["global_step"] * config.train.batch_size, "memorized_fraction": summary["memorized_fraction"],
+            "visits": meta["global_step"] * config.train.batch_size, "num_samples": summary["num_samples"],
+            "memorized_fraction": summary["memorized_fraction"], "memorized_low": criteria["ratio"]["low"],
+            "memorized_high": criteria["ratio"]["high"],
+            **{f"{name}_{key}": criteria[name][key] for name in COPY_CRITERIA if name != "ratio"
+               for key in ("share", "low", "high")},
+            "copy_delta": criteria["distance"]["delta"],
             "mq_below_1_3": float((result.table["mq_ratio"] < MEMORIZATION_THRESHOLD).mean()), "mean_l2_nearest": summary["mean_l2_nearest"],
-            **meter.measure(samples), "fid": summary["fid"], "train_seconds": train_seconds, "_result": result}
+            **meter.measure(samples), "fid": summary["fid"], "weights": "ema" if evaluation["use_ema"] else "raw",
+            "flip_aware": evaluation["flip_aware"], "resize_filter": summary["resize_filter"],
+            "train_seconds": train_seconds, "_result": result}
+
+
+def check_same_evaluation(results: pd.DataFrame, evaluation: dict, what: str) -> None:
+    """Refuse to compare results evaluated on other weights or with another flip setting (rows
+    written before these were recorded carry no such columns and are taken as they are)."""
+    weights = "ema" if evaluation["use_ema"] else "raw"
+    if "weights" in results and set(results["weights"].dropna()) - {weights}:
+        raise ConfigError(f"{what} was evaluated on {', '.join(sorted(set(results['weights'])))} weights, this "
+                          f"comparison on {weights}: evaluate both on the same weights (eval.use_ema).")
+    if "flip_aware" in results and set(results["flip_aware"].dropna().astype(bool)) - {evaluation["flip_aware"]}:
+        raise ConfigError(f"{what} used another flip setting than this comparison (flip-aware "
+                          f"{evaluation['flip_aware']}): set eval.flip_aware to the same value for both.")
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -192,7 +242,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     at the first evaluation point where the mode's seed-mean feature FD reaches the level every
     mode reaches (the worst of the modes' best)."""
     final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
-    metrics = ["memorized_fraction", "mq_below_1_3", "mean_l2_nearest", "feature_fd", "heldout_l2"]
+    metrics = [m for m in ["memorized_fraction", "distance_share", "mq_share", "mq_below_1_3", "mean_l2_nearest",
+                           "feature_fd", "heldout_l2"] if m in results]
     table = final.groupby("mode", sort=False)[metrics].agg(["mean", "std"])
     table.columns = [f"{m}_{s}" for m, s in table.columns]
     curves = results.groupby(["mode", "step"], sort=False)[["memorized_fraction", "feature_fd"]].mean().reset_index()
@@ -235,19 +286,20 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     fig.savefig(out / "ratio_histograms.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for label, frame, style in [("", results, "-"), *[(f" ({name})", other, "--") for name, other in experiment.overlays.items()]]:
-        curves = frame.groupby(["mode", "step"], sort=False)[["memorized_fraction", "feature_fd"]].mean().reset_index()
-        for mode in curves["mode"].unique():
-            curve = curves[curves["mode"] == mode]
-            ax.plot(curve.feature_fd, curve.memorized_fraction * 100, style, marker="o", label=mode + label)
+        for i, mode in enumerate(frame["mode"].unique()):
+            colour = colours[(i + (len(modes) if label else 0)) % len(colours)]
+            for j, (seed, run) in enumerate(frame[frame["mode"] == mode].sort_values("step").groupby("seed")):
+                plot_seed(ax, run, style, colour, mode + label if j == 0 else None)
     ax.set_xscale("log")  # quality spans an order of magnitude over training
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("feature FD to held-out images (lower = more realistic)")
-    ax.set_ylabel("memorized samples (%)")
-    ax.set_title("Memorization against quality over training")
+    ax.set_ylabel(f"memorized samples (%, nearest / second < {MEMORIZATION_THRESHOLD:.2f})")
+    ax.set_title("Memorization against quality over training\n(each seed a line; bars: 95% intervals)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "memorization_vs_quality.png", dpi=120)
@@ -264,12 +316,23 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
         image.resize((image.width * 3, image.height * 3), Image.Resampling.NEAREST).save(out / f"neighbours_{mode}.png")
 
 
+def plot_seed(ax, run: pd.DataFrame, style: str, colour: str, label: str | None) -> None:
+    """One seed's evaluation points over training, with their intervals where recorded."""
+    x, y = run["feature_fd"].to_numpy(), run["memorized_fraction"].to_numpy() * 100
+    ax.plot(x, y, style, marker="o", markersize=3, linewidth=0.8, color=colour, label=label)
+    if {"feature_fd_low", "memorized_low"} <= set(run.columns):
+        # rounding can put a bound a hair inside its value
+        ax.errorbar(x, y, xerr=np.maximum([x - run["feature_fd_low"], run["feature_fd_high"] - x], 0),
+                    yerr=np.maximum([y - run["memorized_low"] * 100, run["memorized_high"] * 100 - y], 0),
+                    fmt="none", ecolor=colour, elinewidth=0.6, alpha=0.5, capsize=1.5)
+
+
 def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Experiment, out: Path,
                  seconds: float, accuracy: float) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
-    columns = ["mode", "memorized_fraction_mean", "memorized_fraction_std", "mq_below_1_3_mean", "feature_fd_mean",
+    columns = ["mode", "memorized_fraction_mean", "memorized_fraction_std", "distance_share_mean", "mq_share_mean", "feature_fd_mean",
                "feature_fd_std", "heldout_l2_mean", "mean_l2_nearest_mean", "memorized_at_equal_quality", "equal_quality_step"]
-    base = experiment.base
+    base, evaluation = experiment.base, experiment.evaluation()
     text = [f"# Experiment: {', '.join(experiment.labels)}", "",
             f"- data: {base.data.source}, {base.data.subset} images at {base.data.resolution}x{base.data.resolution}, "
             f"{base.data.channels} channel(s); model preset {base.model.preset}",
@@ -278,6 +341,11 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
             f"- equal compute: {experiment.steps} optimizer steps of batch {base.train.batch_size} per method "
             f"({experiment.steps * base.train.batch_size:,} sample visits), {experiment.rounds} rounds, K = {experiment.num_shards}",
             f"- seeds: {', '.join(map(str, experiment.seeds))}; {experiment.num_samples} samples per evaluation, DDIM {experiment.sample_steps} steps",
+            f"- evaluation, the same for every method: {'EMA' if evaluation['use_ema'] else 'raw averaged'} weights, "
+            f"flip-aware {evaluation['flip_aware']}, images resized with {base.data.resize_filter}; copies by three "
+            f"criteria: ratio (nearest / second < {base.eval.memorization_threshold:.3g}), distance (L2 below the "
+            f"{base.eval.distance_quantile:g} quantile of training nearest-other distances), MQ < {base.eval.mq_threshold:.3g}; "
+            "results.csv has each share's 95% Wilson interval and feature FD's 95% bootstrap interval",
             f"- quality: feature FD and held-out L2 against {experiment.heldout} held-out images "
             f"(classifier accuracy on them {accuracy:.2f}); see iet_core/quality.py",
             f"- command: `python -m iet_core.experiments {' '.join(sys.argv[1:])}`",
@@ -309,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per method (equal compute)")
     parser.add_argument("--eval-points", type=int, default=5)
-    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=512, help="samples per evaluation point (512: +-4 points)")
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--heldout", type=int, default=500)
     parser.add_argument("--classifier-steps", type=int, default=300)

@@ -135,5 +135,5 @@ def cosine_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 2, chu
 
 def similarity_ratio(sims: np.ndarray) -> np.ndarray:
     """The memorization ratio (distance to the nearest / to the second nearest, copies below
-    1/3) in the embedding space: for unit vectors the squared distance is 2 - 2 cos."""
+    config.MEMORIZATION_THRESHOLD) in the embedding space: for unit vectors the squared distance is 2 - 2 cos."""
     return memorization_ratio(np.maximum(2.0 - 2.0 * sims[:, :2], 0.0))

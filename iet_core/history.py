@@ -19,7 +19,7 @@ import pandas as pd
 
 from .metrics import proportion_interval
 from .runs import Run
-from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
                         StepEvent)
 
 # Loss-ratio histogram bins: RATIO_BIN_WIDTH wide on [0, RATIO_MAX); larger ratios land in the
@@ -141,6 +141,7 @@ class RunHistory:
         self._shard = np.zeros(0, np.int64)
         self._proxies: dict[int, dict] = {}
         self._rounds: list[dict] = []
+        self._drift: list[dict] = []  # DriftEvent rows, one per round and proxy
         self._plan: dict | None = None  # the current round's steps per proxy
         self._settings: list[dict] = []
         self._status: dict = {}
@@ -163,6 +164,8 @@ class RunHistory:
                 self._rounds.append({"round": event.round, "global_step": event.global_step,
                                      "skip_rate": event.skip_rate, "moves": len(event.moves),
                                      "seconds": event.seconds, "shard_sizes": list(event.shard_sizes)})
+            elif isinstance(event, DriftEvent):
+                self._drift.extend(event.rows())
             elif isinstance(event, RoundStartEvent):
                 self._plan = {"round": event.round, "steps_per_proxy": list(event.steps_per_proxy)}
                 self._status.update(total_steps=event.total_steps, round=event.round)
@@ -318,6 +321,13 @@ class RunHistory:
     def rounds(self) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self._rounds]
+
+    def drift(self) -> pd.DataFrame:
+        """Per round and proxy: drift from the round's start, mean distance to the other proxies,
+        loss on its own and on the other shards' probes, the average's loss on its shard, and the
+        full distance_to_j / loss_on_j columns (see DriftEvent.rows). Empty before a round ends."""
+        with self._lock:
+            return pd.DataFrame(self._drift)
 
     def round_plan(self) -> dict | None:
         """The current round (or, read from a folder, the last complete one): round and

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MAX_IMAGES, ConfigError, RunConfig
+from .config import ConfigError, RunConfig
 from .data import SourcePolicy
 from .evaluate import evaluate_run
 from .history import RunHistory
@@ -93,12 +93,11 @@ class JobManager:
         for all users together, so fresh owner tokens cannot get around them."""
         if max_running < 1:
             raise ConfigError(f"max_running={max_running}: allow at least 1 concurrent job.")
-        self.quota = Quota(max_runs_per_owner, max_bytes_per_owner)
+        self.quota = Quota(max_runs_per_owner, max_bytes_per_owner, max_live_jobs, max_steps_per_run)
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.sources = sources or SourcePolicy.allowing(self.runs_root / DATASETS_DIR)
         self.claim_unowned = claim_unowned
-        self.max_live_jobs, self.max_steps_per_run = max_live_jobs, max_steps_per_run
         self.max_running = max_running
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
@@ -118,9 +117,9 @@ class JobManager:
             raise JobError("eval.fid_weights and eval.fid_cache name files on the server: there they are its admin's "
                            "to set; leave them empty.")
         resolve_device(config.train.device)
-        self._check_size(config)
+        self.quota.check_size(config)
         with self._lock:
-            self._check_room()
+            self.quota.check_room(self._live_count())
             self.quota.check(self.runs_root, owner)
             run = Run.create(self.runs_root, config, run_id=run_id)
             run.write_owner(owner_digest(owner))
@@ -142,7 +141,7 @@ class JobManager:
             holder = run.describe_writer()
             if holder is not None:
                 raise JobError(f"run {run_id} is being trained by {holder}: stop it there first.")
-            self._check_room()
+            self.quota.check_room(self._live_count())
             state = run.status().get("state")
             if state == "finished":
                 raise JobError(f"run {run_id} has finished; start a new run to train longer.")
@@ -158,22 +157,10 @@ class JobManager:
         check_recorded_owner(run, owner, action)
         return run
 
-    def _check_size(self, config: RunConfig) -> None:
-        if self.max_steps_per_run is None:
-            return
-        images = min(config.data.subset or MAX_IMAGES, MAX_IMAGES)  # an upper bound before the data is read
-        shards = config.method.num_shards
-        steps = config.train.rounds * shards * config.train.steps_for_shard(-(-images // shards))
-        if steps > self.max_steps_per_run:
-            raise JobError(f"this run asks for up to {steps:,} training steps and this server allows "
-                           f"{self.max_steps_per_run:,} per run: lower train.rounds or train.local_steps.")
-
-    def _check_room(self) -> None:
+    def _live_count(self) -> int:
+        """Jobs training or queued."""
         with self._lock:
-            live = sum(1 for job in self._jobs.values() if not job.done)
-            if self.max_live_jobs is not None and live >= self.max_live_jobs:
-                raise JobError(f"{live} runs are training or waiting on this server, its limit: "
-                               "try again when one has finished.")
+            return sum(1 for job in self._jobs.values() if not job.done)
 
     def _enqueue(self, job: Job) -> None:
         with self._lock:

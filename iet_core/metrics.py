@@ -1,8 +1,11 @@
 """Memorization metrics from nearest-neighbour distances: pure functions of arrays.
 
-- Memorization ratio (Yoon et al., Gu et al.): L2 to the nearest / L2 to the second nearest
+Three named copy criteria, each a flag per sample:
+- "ratio": the memorization ratio (Yoon et al., Gu et al.): L2 to the nearest / L2 to the second nearest
   training image; a sample is memorized when it is below a threshold (config.MEMORIZATION_THRESHOLD by convention).
-- Reference MQ (the IET-AGC authors' evaluation): squared L2 to the nearest / mean squared L2
+- "distance": L2 to the nearest training image below delta, a low quantile of the training
+  images' distances to their nearest other training image (`distance_threshold`).
+- "mq", the reference MQ (the IET-AGC authors' evaluation): squared L2 to the nearest / mean squared L2
   to the 50 nearest (the nearest included); the share of samples below each of MQ_THRESHOLDS.
 Exact copies (distance 0) count as memorized by both (the reference script dropped them).
 """
@@ -57,7 +60,26 @@ def proportion_interval(count: int, total: int, confidence: float = 0.95) -> tup
     share = count / total
     centre = (share + z * z / (2 * total)) / (1 + z * z / total)
     half = z * np.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    # None or all flagged: the bound on that side is exactly 0 or 1 (the formula leaves rounding dust)
+    return (0.0 if count == 0 else float(centre - half)), (1.0 if count == total else float(centre + half))
+
+
+def share_summary(flags, confidence: float = 0.95) -> dict:
+    """A share of flagged samples with what it rests on: count, total, share and the Wilson
+    interval (low, high). The one way a memorized share is reported."""
+    flags = np.asarray(flags, bool)
+    count, total = int(flags.sum()), int(flags.size)
+    low, high = proportion_interval(count, total, confidence)
+    return {"count": count, "total": total, "share": count / total if total else 0.0, "low": low, "high": high}
+
+
+def distance_threshold(nearest_other_l2: np.ndarray, quantile: float) -> float:
+    """delta of the (l2, delta) copy criterion (Carlini et al. 2023 style), calibrated on the data:
+    this quantile of the training images' L2 distances to their nearest other training image.
+    A sample nearer to a training image than that is closer than almost any two training images."""
+    if not len(nearest_other_l2):
+        raise ConfigError("calibrating the copy distance needs at least 2 training images.")
+    return float(np.quantile(np.asarray(nearest_other_l2, np.float64), quantile))
 
 
 def copy_counts(nearest: np.ndarray, num_training: int, memorized: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

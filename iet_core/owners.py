@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .config import MAX_IMAGES, ConfigError, RunConfig
 from .runs import Run, list_runs, set_aside_folders
 
 
@@ -48,10 +48,29 @@ def check_recorded_owner(run: Run, owner: str, action: str, required: bool = Fal
 
 @dataclass
 class Quota:
-    """Per-owner limits on the number of runs kept and their disk use (None: no limit)."""
+    """What a server allows (None: no limit): per owner, the runs kept and their disk use; for
+    all users together (so fresh owner tokens cannot get around them), the jobs training or
+    queued and the training steps of one run."""
 
     max_runs: int | None = None
     max_bytes: int | None = None
+    max_live_jobs: int | None = None
+    max_steps_per_run: int | None = None
+
+    def check_size(self, config: RunConfig) -> None:
+        if self.max_steps_per_run is None:
+            return
+        images = min(config.data.subset or MAX_IMAGES, MAX_IMAGES)  # an upper bound before the data is read
+        shards = config.method.num_shards
+        steps = config.train.rounds * shards * config.train.steps_for_shard(-(-images // shards))
+        if steps > self.max_steps_per_run:
+            raise JobError(f"this run asks for up to {steps:,} training steps and this server allows "
+                           f"{self.max_steps_per_run:,} per run: lower train.rounds or train.local_steps.")
+
+    def check_room(self, live_jobs: int) -> None:
+        if self.max_live_jobs is not None and live_jobs >= self.max_live_jobs:
+            raise JobError(f"{live_jobs} runs are training or waiting on this server, its limit: "
+                           "try again when one has finished.")
 
     def check(self, runs_root: Path, owner: str) -> None:
         """Raise when the owner has no room for another run."""

@@ -44,7 +44,7 @@ def reference_round(model: torch.nn.Module, images: torch.Tensor, shard_of: np.n
         optimizer_type = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         optimizer = optimizer_type(proxy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         positions = torch.from_numpy(np.flatnonzero(shard_of == k))
-        steps = tc.steps_for_shard(len(positions))
+        steps, warmup = tc.steps_for_shard(len(positions)), tc.warmup_for_shard(len(positions))
         order = positions[data_order(tc.seed, round_, k, len(positions), steps * tc.batch_size)]
         for step in range(steps):
             batch = order[step * tc.batch_size:(step + 1) * tc.batch_size]
@@ -58,8 +58,8 @@ def reference_round(model: torch.nn.Module, images: torch.Tensor, shard_of: np.n
                 keep = torch.ones(len(batch), dtype=torch.bool)
             skips.index_add_(0, batch, (~keep).float())  # a batch may hold an image twice
             if keep.any():
-                for group in optimizer.param_groups:  # linear warmup over the proxy's steps
-                    group["lr"] = tc.lr * (min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+                for group in optimizer.param_groups:  # linear warmup from lr 0 over the proxy's steps
+                    group["lr"] = tc.lr * (min(step, warmup) / warmup if warmup else 1.0)
                 optimizer.zero_grad()
                 (losses[keep].sum() / keep.sum()).backward()
                 torch.nn.utils.clip_grad_norm_(proxy.parameters(), tc.grad_clip)

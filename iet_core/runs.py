@@ -5,6 +5,7 @@
       status.json          state, round, step, message (rewritten atomically)
       metrics.csv          one row per optimizer step of any proxy
       rounds.csv           one row per round (shard sizes, skip rate, MSR moves, seconds)
+      drift.csv            per round and proxy: weight drift, distances, probe losses (DriftEvent)
       samples.csv          per-sample records (id, shard, t, loss, ratio, skipped, ...)
       msr_moves.csv        every MSR move
       settings.csv         settings changed while running (e.g. skip_lambda)
@@ -14,7 +15,7 @@
       checkpoints/ckpt-NNNNNNNN/{model,ema,state}.safetensors + state.json + unet_config.json
                            (the UNet's own config, as diffusers' save_pretrained keeps it), and LATEST
       eval/<name>/         an evaluation: table.csv, summary.json, most_copied.csv, images.npz,
-                           gallery.png (iet_core.evaluate says what they hold)
+                           gallery*.png (iet_core.evaluate says what they hold)
       export/              a diffusers DDPMPipeline
       tensorboard/         event files of the trackers that keep local files (train.trackers)
     <root>/.deleted/       run folders set aside for removal (never listed: no config.json at the top)
@@ -49,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
 from .optim import shard_weights
-from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
                         StepEvent)
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class RunBusy(ConfigError):
     """Another trainer holds the run's writer lock; the message names it."""
 
 
-CSV_LOGS = ("metrics.csv", "rounds.csv", "samples.csv", "msr_moves.csv", "settings.csv")
+CSV_LOGS = ("metrics.csv", "rounds.csv", "drift.csv", "samples.csv", "msr_moves.csv", "settings.csv")
+ROUND_END_LOGS = ("rounds.csv", "drift.csv")  # rows stamped with the round's last step, which a checkpoint there includes
 OWNER_FILE = "owner.json"
 UNET_CONFIG = "unet_config.json"
 DATASETS_DIR = "datasets"
@@ -248,6 +250,9 @@ class Run:
     def rounds(self) -> pd.DataFrame:
         return read_csv(self.path / "rounds.csv")
 
+    def drift(self) -> pd.DataFrame:
+        return read_csv(self.path / "drift.csv")
+
     def sample_records(self) -> pd.DataFrame:
         return read_csv(self.path / "samples.csv")
 
@@ -266,7 +271,7 @@ class Run:
             path = self.path / name
             frame = read_csv(path)
             if len(frame) and "global_step" in frame:
-                kept = frame[frame["global_step"] < global_step] if name != "rounds.csv" else frame[frame["global_step"] <= global_step]
+                kept = frame[frame["global_step"] <= global_step] if name in ROUND_END_LOGS else frame[frame["global_step"] < global_step]
                 atomic_write(path, kept.to_csv(index=False))
 
     @property
@@ -310,6 +315,10 @@ class Run:
             events.append(RoundEvent(int(row["round"]), int(row["global_step"]), sizes, shard_weights(sizes),
                                      [tuple(m) for m in moved[["sample_id", "from_shard", "to_shard"]].to_numpy().tolist()]
                                      if len(moved) else [], float(row["skip_rate"]), float(row["seconds"])))
+        drift = self.drift()
+        if len(drift) and before_step is not None:
+            drift = drift[drift["global_step"] <= before_step]
+        events += [DriftEvent.from_rows(part.to_dict("records")) for _, part in drift.groupby("round", sort=True)] if len(drift) else []
         settings = self.settings_history()
         if len(settings) and before_step is not None:
             settings = settings[settings["global_step"] < before_step]
@@ -351,8 +360,9 @@ class Run:
         """The samples drawn after round `round_` (counted from 0) as a PNG."""
         atomic_write(self.path / "previews" / f"round-{round_ + 1:04d}.png", png)
 
-    def preview_paths(self) -> list[Path]:
-        return sorted((self.path / "previews").glob("round-*.png"))
+    def previews(self) -> list[tuple[int, Path]]:
+        """(round number counted from 1, PNG file) of the samples drawn after each round, oldest first."""
+        return [(int(path.stem.split("-")[-1]), path) for path in sorted((self.path / "previews").glob("round-*.png"))]
 
     # -- ownership (app runs) --------------------------------------------------------------
     def write_owner(self, digest: str) -> None:
@@ -462,7 +472,7 @@ class Run:
 
     # -- evaluations -------------------------------------------------------------------------
     def write_eval(self, name: str, table: pd.DataFrame, most_copied: pd.DataFrame, summary: dict,
-                   images: dict[str, np.ndarray], gallery_png: bytes | None = None) -> Path:
+                   images: dict[str, np.ndarray], galleries: dict[str, bytes] | None = None) -> Path:
         """Write an evaluation into eval/<name>/ (replacing an older one of that name) all at
         once: it is assembled in a hidden folder and renamed into place."""
         check_eval_name(name)
@@ -475,8 +485,8 @@ class Run:
             most_copied.to_csv(tmp / "most_copied.csv", index=False)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
             np.savez_compressed(tmp / "images.npz", **images)
-            if gallery_png is not None:
-                (tmp / "gallery.png").write_bytes(gallery_png)
+            for file_name, png in (galleries or {}).items():  # gallery.png and one per other copy criterion
+                (tmp / file_name).write_bytes(png)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -628,6 +638,8 @@ class RunLogger:
                 append_csv(path / "msr_moves.csv", pd.DataFrame(
                     [(event.round, event.global_step, *m) for m in event.moves],
                     columns=["round", "global_step", "sample_id", "from_shard", "to_shard"]))
+        elif isinstance(event, DriftEvent):
+            append_csv(path / "drift.csv", pd.DataFrame(event.rows()))
         elif isinstance(event, SettingEvent):
             append_csv(path / "settings.csv", pd.DataFrame([{
                 "global_step": event.global_step, "name": event.name, "value": event.value}]))

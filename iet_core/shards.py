@@ -6,11 +6,21 @@ import numpy as np
 from .config import ConfigError, MSRConfig
 
 
-def split_shards(num_samples: int, num_shards: int, method: str = "random", labels: np.ndarray | None = None,
+def resolve_split(method: str, labels: np.ndarray | None) -> str:
+    """The split "auto" stands for: class-balanced when there are labels (as the reference's
+    shards), random otherwise; other methods stand for themselves."""
+    if method == "auto":
+        return "random" if labels is None else "class"
+    return method
+
+
+def split_shards(num_samples: int, num_shards: int, method: str = "auto", labels: np.ndarray | None = None,
                  seed: int = 0) -> np.ndarray:
     """Shard index per sample. "random": a seeded permutation dealt round-robin (sizes differ
     by at most one). "class": each class dealt round-robin on its own, continuing where the
-    previous class stopped, so every shard gets the same mix of classes."""
+    previous class stopped, so every shard gets the same mix of classes. "auto": "class" when
+    labels are given, else "random"."""
+    method = resolve_split(method, labels)
     if num_shards > num_samples:
         raise ConfigError(f"cannot split {num_samples} images into {num_shards} shards: use at most {num_samples} shards.")
     rng = np.random.default_rng(seed)
@@ -26,7 +36,7 @@ def split_shards(num_samples: int, num_shards: int, method: str = "random", labe
             shard_of[members] = (offset + np.arange(len(members))) % num_shards
             offset += len(members)
     else:
-        raise ConfigError(f"unknown shard split {method!r}: use 'random' or 'class'.")
+        raise ConfigError(f"unknown shard split {method!r}: use 'auto', 'class' or 'random'.")
     return shard_of
 
 

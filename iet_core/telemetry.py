@@ -64,6 +64,53 @@ class RoundEvent:
 
 
 @dataclass
+class DriftEvent:
+    """After a round, before averaging: whether the proxies learned different things. Distances
+    are L2 in weight space; losses are on each shard's probe batch (a few of its first-round
+    images with noise and timesteps fixed for the whole run, the model in eval mode), so rounds
+    compare with each other and the measurement costs a few forward passes."""
+
+    round: int
+    global_step: int
+    start_norm: float  # |w| of the global weights at the round's start: the scale of the distances
+    drift: list[float]  # per proxy k: |w_k - w_start|
+    distances: list[list[float]]  # (K, K): |w_i - w_j|
+    probe_loss: list[list[float]]  # (K, K): proxy i's loss on shard j's probe
+    average_loss: list[float]  # per shard j: the averaged weights' loss on its probe
+
+    def rows(self) -> list[dict]:
+        """One row per proxy, as drift.csv keeps it: the distances and losses in full
+        (distance_to_j, loss_on_j), then the summaries a chart shows (mean over the other proxies
+        or shards; NaN with one proxy)."""
+        k = len(self.drift)
+        rows = []
+        for i in range(k):
+            others = [j for j in range(k) if j != i]
+            rows.append({
+                "round": self.round, "global_step": self.global_step, "proxy": i, "start_norm": self.start_norm,
+                "drift": self.drift[i],
+                "distance_to_others": float(np.mean([self.distances[i][j] for j in others])) if others else np.nan,
+                "loss_own": self.probe_loss[i][i],
+                "loss_others": float(np.mean([self.probe_loss[i][j] for j in others])) if others else np.nan,
+                "average_loss_own": self.average_loss[i],
+                **{f"distance_to_{j}": self.distances[i][j] for j in range(k)},
+                **{f"loss_on_{j}": self.probe_loss[i][j] for j in range(k)},
+            })
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "DriftEvent":
+        """The event back from its rows (one round's, as drift.csv keeps them)."""
+        rows = sorted(rows, key=lambda row: row["proxy"])
+        k = len(rows)
+        return cls(int(rows[0]["round"]), int(rows[0]["global_step"]), float(rows[0]["start_norm"]),
+                   [float(row["drift"]) for row in rows],
+                   [[float(row[f"distance_to_{j}"]) for j in range(k)] for row in rows],
+                   [[float(row[f"loss_on_{j}"]) for j in range(k)] for row in rows],
+                   [float(row["average_loss_own"]) for row in rows])
+
+
+@dataclass
 class RoundStartEvent:
     """A round's plan: each proxy's local steps (they follow its shard's size, which MSR
     changes between rounds) and the run's expected total."""
@@ -99,7 +146,7 @@ class SettingEvent:
     global_step: int
 
 
-Event = Union[StepEvent, SampleEvent, RoundEvent, RoundStartEvent, StatusEvent, CheckpointEvent, SettingEvent]
+Event = Union[StepEvent, SampleEvent, RoundEvent, DriftEvent, RoundStartEvent, StatusEvent, CheckpointEvent, SettingEvent]
 Sink = Callable[[Event], None]
 
 

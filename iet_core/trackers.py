@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TRACKERS, ConfigError
-from .telemetry import Event, RoundEvent, StatusEvent, StepEvent
+from .telemetry import DriftEvent, Event, RoundEvent, StatusEvent, StepEvent
 
 def _available(name: str) -> bool:
     from accelerate.utils import is_tensorboard_available, is_trackio_available, is_wandb_available
@@ -32,7 +32,7 @@ def check_trackers(names) -> None:
 
 class TrackerSink:
     """An event sink that logs each step's loss, kept share, learning rate and λ, and each
-    round's skip rate and duration, to accelerate trackers; the run's config is stored as
+    round's skip rate, duration and proxy drift, to accelerate trackers; the run's config is stored as
     hyperparameters. Finishes the trackers when the run stops, finishes or fails."""
 
     def __init__(self, names, run_name: str, folder: str | Path, config: dict):
@@ -58,6 +58,10 @@ class TrackerSink:
         elif isinstance(event, RoundEvent):
             self._log({"round/skip_rate": event.skip_rate, "round/seconds": event.seconds, "round/index": event.round},
                       event.global_step)
+        elif isinstance(event, DriftEvent):
+            for row in event.rows():
+                self._log({f"drift/proxy{row['proxy']}/{key}": row[key]
+                           for key in ("drift", "distance_to_others", "loss_own", "loss_others")}, event.global_step)
         elif isinstance(event, StatusEvent) and event.state in ("stopped", "finished", "failed"):
             for tracker in self.trackers:
                 tracker.finish()

@@ -44,14 +44,15 @@ from .models import forward_noise, has_dropout, seeded_global_rng, training_sche
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, RunLogger, WriterLock
-from .shards import redistribute, split_shards
-from .telemetry import (CheckpointEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
+from .shards import redistribute, resolve_split, split_shards
+from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, Sink, StatusEvent,
                         StepEvent, StepRecorder)
 from .trackers import TrackerSink
 
 CHECKPOINT_FORMAT = 1
 _STREAM_TAG = 2**31 - 1  # seed tag of a proxy's data order, distinct from any step index
 _DROPOUT_TAG = 2**31 - 2  # seed tag of a step's dropout masks
+_PROBE_TAG = 2**31 - 3  # seed tag of the drift telemetry's probe batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -171,7 +172,11 @@ class Trainer:
 
         n, k = len(self.dataset), config.method.num_shards
         labels = None if self.dataset.labels is None else self.dataset.labels.numpy()
-        self.shard_of = split_shards(n, k, config.method.shard_split, labels, config.train.seed)
+        self.shard_split = resolve_split(config.method.shard_split, labels)
+        self.shard_of = split_shards(n, k, self.shard_split, labels, config.train.seed)
+        # Each proxy's warmup follows its first-round shard (checkpoints restore later shards).
+        self.warmup = [config.train.warmup_for_shard(size) for size in np.bincount(self.shard_of, minlength=k)]
+        self.probes = self._probe_batches()
         self._check_memory(k)
         self.global_weights = self.flat.data.clone()
         self.global_ema = self.flat.data.clone()
@@ -195,6 +200,8 @@ class Trainer:
         self.round_started = time.time()
         self.total_steps = self._expected_total_steps()
         self.recorders = [StepRecorder(config.train.record_samples) for _ in range(k)]
+        if self.writer:  # what "auto" chose, for whoever reads the run
+            run.write_status(run.status().get("state", "created"), shard_split=self.shard_split)
 
     # -- what a model family changes (see iet_core.text2image for text-to-image) ------------
     def build_model(self) -> torch.nn.Module:
@@ -412,8 +419,10 @@ class Trainer:
         kept = keep.sum(dim=1)
         do_step = (kept > 0)[:, None] if config.method.agc.enabled else None
         clip_grad_norm_(self.grads[rows], tc.grad_clip)
-        iterations = self.iterations[proxies[0]]  # proxies side by side have taken the same steps
-        lr = tc.lr * (min(1.0, (iterations + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        # From lr 0, as the reference's LambdaLR; proxies side by side have taken the same steps
+        # (and their warmups, set by first-round shards, are over once their step counts agree).
+        iterations, warmup = self.iterations[proxies[0]], self.warmup[proxies[0]]
+        lr = tc.lr * (min(iterations, warmup) / warmup if warmup else 1.0)
         adam_step(self.weights[rows], self.grads[rows], self.adam.rows(rows), lr, do_step,
                   weight_decay=tc.weight_decay, decoupled=tc.optimizer == "adamw")
         ema_update_(self.ema[rows], self.weights[rows], tc.ema_decay, do_step)
@@ -454,6 +463,10 @@ class Trainer:
             for event in self.group.gather_to_writer(self.outbox):
                 self._emit(event)
             self.outbox = []
+            if self.probes is not None:  # the drift compares every proxy's weights
+                self._share_rows([self.weights])
+        if self.probes is not None and self.writer:
+            self._emit(self._drift(averages[0]))
         self.global_weights.copy_(averages[0])
         self.global_ema.copy_(averages[1])
         moves: list[tuple[int, int, int]] = []
@@ -476,6 +489,50 @@ class Trainer:
         self.stopping = self.group is not None and self.group.any(self.control.stop_requested)
         if self.round % config.train.checkpoint_every_rounds == 0 or self.round == rounds or self.stopping:
             self.save_checkpoint()
+
+    def _probe_batches(self) -> tuple[torch.Tensor, ...] | None:
+        """Up to train.drift_probe first-round images of every shard, noised at fixed timesteps
+        with fixed noise, the same for every round of the run: (positions, shard of each, x_t, t,
+        target), or None when the drift telemetry is off."""
+        count, k = self.config.train.drift_probe, self.config.method.num_shards
+        if not count:
+            return None
+        generator = torch.Generator().manual_seed(derive_seed(self.config.train.seed, _PROBE_TAG))
+        picks = [torch.from_numpy(np.flatnonzero(self.shard_of == shard)) for shard in range(k)]
+        picks = [members[torch.randperm(len(members), generator=generator)[:count]] for members in picks]
+        positions = torch.cat(picks).to(self.device)
+        shard = torch.cat([torch.full((len(pick),), j) for j, pick in enumerate(picks)]).to(self.device)
+        x0 = self.images[positions]
+        t = torch.randint(0, self.num_timesteps, (len(positions),), generator=generator).to(self.device)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        return positions, shard, forward_noise(x0, noise, self.alphas_cumprod[t]), t, self.target(x0, noise, t)
+
+    @torch.no_grad()
+    def _probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, K): the loss of each weight vector in rows (R, P) on each shard's probe batch."""
+        positions, shard, x_t, t, target = self.probes
+        condition = [c[0] for c in self.conditioning(positions[None])]
+        k = self.config.method.num_shards
+        losses = torch.empty(len(rows), k, device=self.device)
+        self.unet.eval()  # no dropout: the probe is deterministic
+        for r in range(len(rows)):
+            params = {name: value[0] for name, value in self.flat.unflatten(rows[r:r + 1]).items()}
+            prediction = functional_call(self.unet, params, (x_t, t, *condition)).sample
+            per_sample = (prediction.float() - target).square().mean(dim=tuple(range(1, target.dim())))
+            losses[r] = torch.zeros(k, device=self.device).index_add_(0, shard, per_sample) / torch.bincount(shard, minlength=k)
+        self.unet.train()
+        return losses
+
+    def _drift(self, average: torch.Tensor) -> DriftEvent:
+        """How far the proxies moved from the round's start (the global weights, not yet
+        replaced by the average) and from each other, and their losses on every shard's probe."""
+        weights, start, k = self.weights, self.global_weights, self.config.method.num_shards
+        # Norms of differences in float64: float32 sums over millions of weights drift by 1e-5.
+        norm = lambda vector: float(vector.double().norm())
+        losses = self._probe_losses(torch.cat([weights, average[None]])).cpu()
+        return DriftEvent(self.round, self.global_step, norm(start), [norm(weights[i] - start) for i in range(k)],
+                          [[norm(weights[i] - weights[j]) for j in range(k)] for i in range(k)],
+                          losses[:k].tolist(), losses[k].tolist())
 
     def _share_round(self) -> None:
         """Give every process what the others did this round: their proxies' banks and

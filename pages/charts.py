@@ -131,6 +131,31 @@ def shard_progress(proxies: dict[int, dict], num_shards: int, round_: int, steps
     return figure
 
 
+def drift_figure(drift: pd.DataFrame) -> go.Figure:
+    """Whether IET's averaging has anything to average, round by round (means over proxies):
+    how far the proxies moved from the round's start and from each other (as % of the weights'
+    norm), and their probe loss on their own shard against the other shards and the average's."""
+    if drift.empty:
+        return empty_figure("Proxy drift appears after the first round.")
+    from plotly.subplots import make_subplots
+
+    rounds = drift.groupby("round").mean(numeric_only=True).reset_index()
+    x = rounds["round"] + 1
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Weights moved (% of |w|)", "Probe loss"))
+    for i, (column, name) in enumerate([("drift", "from the round's start"), ("distance_to_others", "from the other proxies")]):
+        if rounds[column].notna().any():
+            figure.add_scatter(x=x, y=100 * rounds[column] / rounds["start_norm"], mode="lines+markers", name=name,
+                               line=dict(color=COLORS[i]), row=1, col=1)
+    for i, (column, name) in enumerate([("loss_own", "own shard"), ("loss_others", "other shards"),
+                                        ("average_loss_own", "averaged model")]):
+        if rounds[column].notna().any():
+            figure.add_scatter(x=x, y=rounds[column], mode="lines+markers", name=name,
+                               line=dict(color=COLORS[2 + i]), row=1, col=2)
+    figure.update_layout(**LAYOUT, title="Proxy drift per round")
+    figure.update_xaxes(title_text="round")
+    return figure
+
+
 def memorization_histogram(ratios: np.ndarray, threshold: float, title: str = "Nearest / second-nearest distance") -> go.Figure:
     if not len(ratios):
         return empty_figure("Evaluate a run to see how close its samples are to training images.")

@@ -372,7 +372,7 @@ TERMS = {
     "loss ratio": "a visit's loss divided by bank[t]; far below 1 means suspiciously easy, the sign of a memorized image",
     "λ": "AGC's skip threshold: a visit whose loss ratio is below λ gives no gradient",
     "EMA": "a slowly moving average of the weights, often sampled instead of the raw weights; early in training it lags behind",
-    "copy": "a generated sample less than 1/3 as far from its nearest training image as from the second nearest",
+    "copy": "a generated sample less than a third as far from its nearest training image as from the second nearest",
     "MQ": "the reference code's memorization measure: distance to the nearest training image over the mean distance to the 50 nearest",
     "FID / feature FD": "how far the samples' image statistics are from real images' (lower is better); feature FD is the offline stand-in",
 }

@@ -105,8 +105,8 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
             charts.overlay_histograms(ratios, "Loss ratio at the end of training", "loss / bank[t]", (0, 3), 0.05),
             charts.overlay_histograms(copies, "Nearest / second-nearest distance of samples", "ratio", (0, 1),
                                       0.025, line=MEMORIZATION_THRESHOLD),
-            [(common.image_file(common.read_image(paths[-1])), names[r])
-             for r in run_ids if (paths := ctx.jobs.run(r).preview_paths())])
+            [(common.image_file(common.read_image(previews[-1][1])), names[r])
+             for r in run_ids if (previews := ctx.jobs.run(r).previews())])
 
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from iet_core.config import RunConfig
-from iet_core.history import RunHistory
+from iet_core.history import RATIO_BIN_WIDTH, RunHistory
 from iet_core.jobs import JobError
 from pages import charts, common
 
@@ -146,10 +146,11 @@ def tick(ctx: common.AppContext, run_id: str, scrub: float, overlay: bool, what_
     # The round the status line shows (a stopped run's unfinished round, a finished run's last one).
     out["shards"] = charts.shard_progress(history.proxies(), config.method.num_shards, common.round_shown(status) - 1,
                                           plan["steps_per_proxy"])
-    paths = run.preview_paths()
-    if changed("previews", [p.name for p in paths]):
-        out["previews"] = [(common.image_file(common.read_image(path)), f"round {int(path.stem.split('-')[-1])}")
-                           for path in reversed(paths)]
+    out["drift"] = charts.drift_figure(history.drift())
+    previews = run.previews()
+    if changed("previews", [number for number, _ in previews]):
+        out["previews"] = [(common.image_file(common.read_image(path)), f"round {number}")
+                           for number, path in reversed(previews)]
     label, ids, captions = most_skipped(history, config.method.agc.enabled)
     if changed("skipped", [label, list(ids), list(captions)]):
         out["skipped"] = (label, common.training_images(ctx, run_id, ids, captions))
@@ -213,7 +214,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
             gr.Markdown("### Threshold what-if\nMove λ to see at once how many visits AGC would skip and which "
                         "training images those are; the histogram is coloured at this λ. **Apply** changes the "
                         "running run from its next step; the curves mark the change.")
-            what_if = gr.Slider(0.05, 1.0, value=0.5, step=0.01, label="What-if λ", elem_id="what-if")
+            what_if = gr.Slider(0.05, 1.0, value=0.5, step=RATIO_BIN_WIDTH, label="What-if λ", elem_id="what-if")
             what_if_text = gr.Markdown(elem_id="what-if-text")
             with gr.Row():
                 apply = gr.Button("Apply this λ to the running run", variant="primary", interactive=False,
@@ -235,6 +236,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 "drawn from the global model after each round. Below: the training images AGC skipped most.</span>")
     with gr.Row(equal_height=False):
         shards_plot = gr.Plot(label="Shards", show_label=False, elem_id="shards-chart")
+        drift_plot = gr.Plot(label="Proxy drift", show_label=False, elem_id="drift-plot")
         previews = gr.Gallery(fit_columns=False, label="Samples after each round (newest first)", columns=4, height=300)
     skipped_gallery = gr.Gallery(fit_columns=False, label="Most-skipped training images (skipped / visits)", columns=10,
                                  height=250, allow_preview=False, elem_id="most-skipped")
@@ -253,14 +255,14 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     timer = gr.Timer(POLL_SECONDS)
 
     buttons = {**controls.buttons, "apply": apply}
-    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, previews,
+    tick_outputs = [status, loss_plot, kept_plot, hist_plot, what_if_text, what_if_gallery, shards_plot, drift_plot, previews,
                     skipped_gallery, view, picker, *buttons.values(), shorten]
 
     def outputs_of(run_id: str, out: dict) -> list:
         """tick()'s dict as the values of tick_outputs (gr.skip() where nothing changed)."""
         values = [out["status"]] + [out.get(name, gr.skip()) for name in
                                     ("loss", "kept", "histogram", "what_if_text", "what_if_images", "shards",
-                                     "previews")]
+                                     "drift", "previews")]
         skipped = out.get("skipped")
         values.append(gr.update(label=skipped[0], value=skipped[1]) if skipped else gr.skip())
         values.append(out["view"])

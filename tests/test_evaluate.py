@@ -13,6 +13,7 @@ from helpers import tiny_config
 from iet_core import ConfigError, EvalConfig, ImageDataset, Run, train
 from iet_core.cli import main
 from iet_core.config import ModelConfig
+from iet_core.metrics import proportion_interval
 from iet_core.evaluate import evaluate_images, evaluate_run, list_evals, load_eval, save_eval
 from iet_core.runs import checkpoint_step
 from iet_core.models import build_unet, training_scheduler
@@ -74,7 +75,8 @@ def test_saved_results_read_back(tmp_path):
     run = Run.create(tmp_path, tiny_config())
     result = evaluate_images(small_dataset().images[:4], small_dataset())
     folder = save_eval(run, result, "manual", gallery_pairs=4)
-    assert {p.name for p in folder.iterdir()} == {"table.csv", "summary.json", "most_copied.csv", "images.npz", "gallery.png"}
+    assert {p.name for p in folder.iterdir()} == {"table.csv", "summary.json", "most_copied.csv", "images.npz", "gallery.png",
+                                                  "gallery-distance.png", "gallery-mq.png"}
     loaded = load_eval(run)
     pd.testing.assert_frame_equal(loaded.table, result.table)
     assert loaded.summary == json.loads(json.dumps(result.summary))
@@ -100,8 +102,9 @@ def test_evaluate_run_samples_the_checkpoint_and_saves(trained_run):
     # Same settings, same samples: generation is seeded.
     again = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3), save=False)
     np.testing.assert_array_equal(again.generated, result.generated)
-    raw = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3, use_ema=False), save=False)
-    assert raw.summary["weights"] == "model" and not np.array_equal(raw.generated, result.generated)
+    assert summary["weights"] == "model"  # the raw averaged weights by default, as the reference evaluated
+    ema = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3, use_ema=True), save=False)
+    assert ema.summary["weights"] == "ema" and not np.array_equal(ema.generated, result.generated)
 
 
 def test_evaluate_cli_prints_the_summary(trained_run, tmp_path):
@@ -114,7 +117,8 @@ def test_evaluate_cli_prints_the_summary(trained_run, tmp_path):
                           "cli", "--step", str(first), "--threads", "1"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "memorized (L2 nearest / second < 0.333)" in out.stdout and "MQ share below" in out.stdout
+    assert "copies by ratio (L2 nearest / L2 second nearest < 0.333): " in out.stdout and "95% CI" in out.stdout
+    assert "copies by distance" in out.stdout and "copies by mq" in out.stdout and "MQ share below" in out.stdout
     summary = json.loads((trained_run.path / "eval" / "cli" / "summary.json").read_text())
     assert summary["num_samples"] == 8 and summary["steps"] == 5 and summary["checkpoint_step"] == first < latest
     missing = subprocess.run([command, "evaluate", str(trained_run.path), "--step", str(latest + 1)], cwd=tmp_path,
@@ -133,3 +137,30 @@ def test_evaluate_needs_a_checkpoint_and_a_run_folder(tmp_path, capsys):
         evaluate_run(run, EvalConfig(num_samples=2, steps=2))
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_three_named_copy_criteria_with_counts_intervals_and_galleries():
+    """Flat grey 8x8 images: distances are known. delta is the 0.25 quantile of the training
+    images' distances to their nearest other image; a sample halfway between two close training
+    images is a copy by distance but not by ratio (nearest / second = 1)."""
+    levels = [0, 4, 20, 40, 70, 100, 140, 190, 250]
+    flat = lambda values: torch.tensor(values, dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).contiguous()
+    data = ImageDataset(flat(levels), None, torch.arange(len(levels)), "grey", resize_filter="box")
+    generated = flat([250, 2, 121, 165])
+    result = evaluate_images(generated, data, EvalConfig(distance_quantile=0.25, mq_threshold=0.15))
+    gaps = np.array([4, 4, 16, 20, 30, 30, 40, 50, 60]) * 8 / 255  # each level's L2 to its nearest other level
+    criteria = result.summary["criteria"]
+    assert criteria["distance"]["delta"] == pytest.approx(np.quantile(gaps, 0.25))
+    assert list(result.table["copy_distance"]) == [True, True, False, False]
+    assert list(result.table["memorized"]) == [True, False, False, False]
+    assert list(result.table["copy_mq"]) == list(result.table["mq_ratio"] < 0.15)
+    for name, flags in (("ratio", [1, 0, 0, 0]), ("distance", [1, 1, 0, 0])):
+        low, high = proportion_interval(sum(flags), 4)
+        assert (criteria[name]["count"], criteria[name]["total"], criteria[name]["low"], criteria[name]["high"]) == (sum(flags), 4, low, high)
+    assert result.summary["memorized_interval"] == [criteria["ratio"]["low"], criteria["ratio"]["high"]]
+    assert result.summary["resize_filter"] == "box"
+    # Each gallery is sorted by its own criterion's score.
+    assert [caption.split()[1] for _, caption in result.pairs(criterion="distance")] == ["0", "1", "2", "3"]
+    assert [caption.split()[1] for _, caption in result.pairs(criterion="ratio")] == ["0", "2", "1", "3"]
+    with pytest.raises(ConfigError, match="criterion"):
+        result.pairs(criterion="pixels")

@@ -311,6 +311,25 @@ def test_two_jobs_at_once_end_bit_identical_to_solo_runs(tmp_path):
                                            msg=f"{run_id} {group}.{name}")
 
 
+def test_history_queries_say_what_agc_skips_at_a_lambda():
+    ratios = np.array([0.1, 0.2, 0.45, 0.55, 0.9, 1.5, np.inf, 0.3], np.float32)
+    ids = np.array([0, 0, 1, 2, 3, 4, 5, 6])
+    store = RunHistory()
+    store(SampleEvent(0, 0, np.arange(8) // 4, ids, ids % 2, ids, ratios, ratios, ratios < 0.5, np.zeros(8, np.float32)))
+    window = store.window()
+    assert window.share_below(0.5) == 4 / 8 and window.share_below(0.25) == 2 / 8  # unseen timesteps count as kept
+    assert window.share_below(1.0) == 6 / 8
+    below = store.visits_below(0.5)
+    assert below.to_dict("list") == {"sample_id": [0, 1, 6], "below": [2, 1, 1], "visits": [2, 1, 1]}
+    skipped, top = store.most_skipped(limit=2)
+    assert skipped and top["sample_id"].tolist() == [0, 1]
+    summary = store.summary()
+    assert (summary["visits"], summary["skips"], summary["skipped_share"], summary["images"]) == (8, 4, 0.5, 7)
+    low, high = summary["skipped_interval"]
+    assert low < 0.5 < high
+    assert store.skip_lambda(0.5) == 0.5  # no step logged yet: the configured lambda
+
+
 def test_a_running_job_reports_its_round_and_the_time_left(tmp_path):
     jobs = JobManager(tmp_path)
     run_id = jobs.submit(tiny_config("iet-agc", rounds=200, local_steps=3), ME)

@@ -96,5 +96,6 @@ def test_proportion_interval_matches_the_wilson_score_interval():
     low, high = proportion_interval(5, 100, confidence=0.99)
     assert low < proportion_interval(5, 100)[0] and high > proportion_interval(5, 100)[1]
     assert proportion_interval(0, 0) == (0.0, 1.0)
+    assert proportion_interval(0, 512)[0] == 0.0 and proportion_interval(512, 512)[1] == 1.0  # exactly: a share lies inside
     with pytest.raises(ValueError, match="impossible"):
         proportion_interval(5, 4)

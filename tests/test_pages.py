@@ -137,6 +137,16 @@ def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations
     assert "weights" not in notes and "sample counts" not in notes
 
 
+def test_the_monitor_draws_the_proxies_drift_per_round(ctx, agc_run):
+    drift = monitor.tick(ctx, agc_run, 100, True, 0.5, {})["drift"]
+    rows = ctx.jobs.history(agc_run).drift()
+    assert len(rows) == 3 * 2  # three rounds, two proxies
+    moved = next(trace for trace in drift.data if trace.name == "from the other proxies")
+    expected = 100 * rows.groupby("round").distance_to_others.mean() / rows.groupby("round").start_norm.mean()
+    np.testing.assert_allclose(moved.y, expected.to_numpy())
+    assert {"own shard", "other shards", "averaged model"} <= {trace.name for trace in drift.data}
+
+
 def test_a_gpu_preset_warns_on_a_cpu_and_on_data_it_was_not_made_for():
     from iet_core.config import DataConfig
     from pages import train

@@ -54,3 +54,12 @@ def test_msr_least_skipped_policy_and_never_empties_a_shard():
                                 MSRConfig(enabled=True, threshold=0.5, policy="round-robin"), 3)
     assert rr_moves == [(0, 0, 1), (2, 1, 2), (3, 2, 0)]  # each to the next shard, none emptied
     assert np.bincount(rr, minlength=3).min() >= 1
+
+
+def test_class_balanced_shards_are_the_default_when_labels_exist():
+    from iet_core.config import MethodConfig
+
+    labels = np.repeat(np.arange(4), 8)
+    default = MethodConfig().shard_split
+    assert np.array_equal(split_shards(32, 4, default, labels, seed=3), split_shards(32, 4, "class", labels, seed=3))
+    assert np.array_equal(split_shards(32, 4, default, None, seed=3), split_shards(32, 4, "random", None, seed=3))

@@ -284,3 +284,16 @@ def test_the_app_trains_a_fine_tune_and_its_memorization_page_shows_prompt_gener
         assert set(most.columns) >= {"training_id", "times_nearest", "times_memorized"}
     finally:
         ctx.jobs.shutdown(timeout=60)
+
+
+def test_a_cancelled_evaluation_of_a_fine_tune_stops_and_saves_nothing(tmp_path, pipeline_folder):
+    from iet_core.sample import Cancelled
+
+    data = captioned_folder(tmp_path / "data", count=4)
+    config = t2i_config(pipeline_folder, data, rounds=1, local_steps=1)
+    config.eval.batch_size = 2  # two batches: cancelled after the first
+    run = train(config, runs_root=tmp_path / "runs")
+    stages = []
+    with pytest.raises(Cancelled):
+        evaluate_run(run, progress=lambda *report: stages.append(report), cancelled=lambda: len(stages) >= 1)
+    assert stages == [("sampling", 2, 4)] and not (run.path / "eval").exists()

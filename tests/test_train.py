@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,9 +7,10 @@ from diffusers import DDPMPipeline
 
 from helpers import tiny_config
 from iet_core import ConfigError, Run, TrainControl, Trainer, train
+from iet_core.history import RunHistory
 from iet_core.models import build_unet, training_scheduler
-from iet_core.telemetry import RoundEvent, RoundStartEvent, SampleEvent, StepEvent
-from iet_core.train import create_run, data_order, derive_seed
+from iet_core.telemetry import DriftEvent, RoundEvent, RoundStartEvent, SampleEvent, StepEvent
+from iet_core.train import create_run, data_order, derive_seed, prepare_trainer
 
 
 def make_trainer(tmp_path, config, **kwargs):
@@ -83,6 +85,7 @@ def test_round_average_is_shard_size_weighted(tmp_path):
 def test_msr_moves_are_applied_and_logged(tmp_path):
     config = tiny_config("iet-agc+", rounds=3, local_steps=None, local_epochs=1.0)  # steps follow shard sizes
     config.method.num_shards = 3
+    config.method.shard_split = "random"  # the split this scenario of moves was written for
     config.method.agc.skip_lambda = 1.0
     config.method.msr.threshold = 0.0  # every sample skipped at least once in a round moves
     config.method.msr.min_visits = 1
@@ -229,7 +232,7 @@ def test_end_to_end_train_checkpoint_export_sample(tmp_path):
     assert set(records.columns) >= {"sample_id", "shard", "timestep", "loss", "ratio", "skipped"}
     assert set(records.sample_id) <= set(run.dataset().ids.tolist())
     assert len(run.metrics()) == 12 and len(run.rounds()) == 2
-    assert len(run.preview_paths()) == 2
+    assert [number for number, _ in run.previews()] == [1, 2]
     assert [p.name for p in run.checkpoints()] == ["ckpt-000000006", "ckpt-000000012"]
     folder = run.export(tmp_path / "pipeline")
     pipeline = DDPMPipeline.from_pretrained(folder)
@@ -309,6 +312,50 @@ def test_fine_tune_from_a_local_diffusers_unet(tmp_path):
     config.data.channels, config.model.pretrained = 1, "no-such-user/no-such-unet"  # tests run offline
     with pytest.raises(ConfigError, match="cannot load model.pretrained"):
         train(config, runs_root=tmp_path / "hub")
+
+
+def test_drift_telemetry_measures_the_proxies_real_weights(tmp_path):
+    """A 2-round run with K = 2: per round, each proxy's drift from the round's start and their
+    distance apart agree with the saved averages (|avg - start|^2 = a d0^2 + b d1^2 - ab D01^2);
+    the probe losses are reproducible from the run's seed; the run folder keeps them."""
+    config = tiny_config("iet", rounds=2, local_steps=4, keep_checkpoints=3)
+    events = []
+    run = train(config, runs_root=tmp_path / "runs", sinks=[events.append])
+    drift = [e for e in events if isinstance(e, DriftEvent)]
+    weights = [e.weights for e in events if isinstance(e, RoundEvent)]
+    assert [e.round for e in drift] == [0, 1]
+    assert run.status()["shard_split"] == "class"  # digits have labels: the reference's class-balanced shards
+
+    torch.manual_seed(config.train.seed)  # the trainer's initial weights
+    flat = lambda unet: torch.cat([p.detach().reshape(-1) for p in unet.parameters()]).double()
+    starts = [flat(build_unet(config.model, 8, 1))] + [flat(run.load_unet(ema=False, checkpoint=c)) for c in run.checkpoints()]
+    for event, (a, b), start, end in zip(drift, weights, starts, starts[1:]):
+        d0, d1 = event.drift
+        distance = event.distances[0][1]
+        assert event.distances[1][0] == distance and event.distances[0][0] == 0 and distance > 0
+        assert abs(d0 - d1) <= distance <= d0 + d1  # triangle through the round's start
+        expected = (a * d0**2 + b * d1**2 - a * b * distance**2) ** 0.5
+        assert abs((end - start).norm().item() - expected) < 1e-4 * expected
+        assert event.start_norm == pytest.approx(start.norm().item(), rel=1e-6)
+
+    trainer = prepare_trainer(run, resume=True)  # a fresh trainer draws the same probe batches
+    np.testing.assert_allclose(trainer._probe_losses(trainer.global_weights[None])[0].numpy(), drift[-1].average_loss, rtol=1e-5)
+    trainer.writer_lock.release()
+    logged = run.drift()
+    assert len(logged) == 4 and np.allclose(logged["loss_on_1"], [row[1] for e in drift for row in e.probe_loss])
+    assert np.allclose(logged["distance_to_others"], [e.distances[0][1] for e in drift for _ in range(2)])
+    # The run's history reads them back as the events that wrote them.
+    assert [e for e in run.read_events() if isinstance(e, DriftEvent)] == drift
+    pd.testing.assert_frame_equal(RunHistory.from_run(run).drift(), logged)
+
+
+def test_each_proxy_warms_up_from_lr_zero_over_a_share_of_its_first_round(tmp_path):
+    config = tiny_config("iet", rounds=2, local_steps=5, warmup_steps=None, warmup_share=0.4, lr=1e-3)
+    run = train(config, runs_root=tmp_path / "runs")
+    metrics = run.metrics()
+    for (round_, proxy), part in metrics.groupby(["round", "proxy"]):
+        expected = [0.0, 0.5e-3, 1e-3, 1e-3, 1e-3] if round_ == 0 else [1e-3] * 5  # 40% of 5 local steps
+        np.testing.assert_allclose(part.sort_values("local_step")["lr"], expected, rtol=1e-6)
 
 
 def test_a_run_reports_to_tensorboard_when_asked(tmp_path):

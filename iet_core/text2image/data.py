@@ -62,7 +62,7 @@ def _metadata_captions(files: dict, caption_column: str) -> tuple[dict[str, str]
     return captions, rejected, used
 
 
-def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int):
+def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int, resize_filter: str = "auto"):
     """Images of a folder or a .zip and their captions; images without one are rejected with
     the reason. Returns images, captions and rejected (name, reason)."""
     where = source_name(path)
@@ -86,5 +86,5 @@ def load_captioned_files(path: Path, caption_column: str, resolution: int, chann
                 rejected.append((name, f"no caption: add a {METADATA} line with \"file_name\" and {caption_column!r}, "
                                        "or a same-name .txt file"))
         rejected += [(name, reason) for name, reason in others if name not in used]
-        images, names, bad = _decode_many(captioned, resolution, channels, where)
+        images, names, bad = _decode_many(captioned, resolution, channels, where, resize_filter)
     return images, [captions[n] for n in names], rejected + bad

@@ -7,12 +7,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..config import ConfigError, EvalConfig, TextToImageConfig
+from ..config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig, TextToImageConfig
 from ..data import ImageDataset
 from ..evaluate import COPY_DETECTION, EvalResult, _side_by_side
 from ..features import FeatureExtractor, cosine_neighbours, load_feature_extractor, similarity_ratio
@@ -47,9 +48,10 @@ class CopyResult(EvalResult):
 
 @torch.no_grad()
 def generate(components: Components, prompts: list[str], *, resolution: int, guidance_scale: float, steps: int,
-             sampler: str = "ddim", device: torch.device, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+             sampler: str = "ddim", device: torch.device, seed: int = 0, batch_size: int = 8,
+             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """uint8 (N, 3, H, W) at the training resolution, prompt i from its own seed (seed, i), so
-    an image does not depend on the batch it was drawn in."""
+    an image does not depend on the batch it was drawn in. progress(done, total) after each batch."""
     pipeline = components.pipeline(sampler).to(device)
     pipeline.set_progress_bar_config(disable=True)
     out = []
@@ -59,11 +61,13 @@ def generate(components: Components, prompts: list[str], *, resolution: int, gui
         images = pipeline(prompt=batch, height=resolution, width=resolution, num_inference_steps=steps,
                           guidance_scale=guidance_scale, generator=generators, output_type="np").images
         out.append(torch.from_numpy(np.rint(images * 255.0).astype(np.uint8)).permute(0, 3, 1, 2))
+        if progress is not None:
+            progress(start + len(batch), len(prompts))
     return torch.cat(out)
 
 
 def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDataset, extractor: FeatureExtractor,
-                  copy_threshold: float = 0.5, ratio_threshold: float = 1 / 3) -> CopyResult:
+                  copy_threshold: float = 0.5, ratio_threshold: float = MEMORIZATION_THRESHOLD) -> CopyResult:
     """Every generation's nearest training images in the extractor's space. caption_positions:
     the dataset position of each generation's prompt. A copy: cosine similarity above
     copy_threshold; memorized: distance ratio nearest / second nearest below ratio_threshold."""
@@ -105,11 +109,13 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
 
 
 def copies_of_run(run: Run, checkpoint: Path, dataset: ImageDataset, config: EvalConfig,
-                  settings: TextToImageConfig, device: torch.device) -> CopyResult:
+                  settings: TextToImageConfig, device: torch.device,
+                  progress: Callable[[str, int, int], None] | None = None) -> CopyResult:
     """Generate settings.images_per_caption images for each of config.num_samples /
     images_per_caption training captions (a seeded choice) from the checkpoint, and detect
     copies with settings.feature_extractor. `iet_core.evaluate.evaluate_run` checks the
-    inputs, calls this for text-to-image runs and saves the result."""
+    inputs, calls this for text-to-image runs and saves the result; progress(stage, done, total)
+    as there (it may raise to cancel)."""
     settings.validate()
     count = max(1, min(len(dataset), config.num_samples // settings.images_per_caption))
     chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset), count, replace=False))
@@ -118,7 +124,8 @@ def copies_of_run(run: Run, checkpoint: Path, dataset: ImageDataset, config: Eva
     started = time.perf_counter()
     generated = generate(components, [dataset.captions[p] for p in positions], resolution=run.config.data.resolution,
                          guidance_scale=settings.guidance_scale, steps=config.steps, sampler=config.sampler, device=device,
-                         seed=config.seed, batch_size=config.batch_size)
+                         seed=config.seed, batch_size=config.batch_size,
+                         progress=(lambda done, total: progress("sampling", done, total)) if progress else None)
     sampling_seconds = time.perf_counter() - started
     result = detect_copies(generated, positions, dataset, load_feature_extractor(settings.feature_extractor, device),
                            settings.copy_threshold, config.memorization_threshold)
