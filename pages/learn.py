@@ -55,7 +55,7 @@ def illustrative_histogram():
 
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
-    common.page_header("Learn: memorization and how IET-AGC reduces it", "Seven ideas, each with the place in this app "
+    common.page_header("Learn: memorization and how IET-AGC tries to reduce it", "Seven ideas, each with the place in this app "
                        "where you can see it.")
     gr.Markdown("""
 ## 1 · A diffusion model learns to remove noise
@@ -105,13 +105,19 @@ closer its loss ratio comes to λ, so it is harder to memorize. → [Train](trai
 settings.
 
 ## 7 · Judge at equal quality, not only at equal compute
-Less memorization is good news only if the samples are as good. On the built-in demo (64 digits, 3,000
-steps, 3 seeds), IET-AGC with K = 4 memorizes almost nothing, but mostly because it learns more slowly:
-trained longer, it reaches the baseline's quality and memorizes about as much. With K = 2 it memorizes 41%
-against the baseline's 93%, with samples about as close to real digits; by the stricter quality measure the
-seeds scatter and, on average, sit on the baseline's curve. AGC's skip rule alone (K = 1) memorized about 16
-points less than the baseline after 2,000 steps, at equal quality. So: compare runs at several points of training, and look at
-quality next to memorization. → [Compare](compare): both side by side.
+Less memorization is good news only if the samples are as good. What this project measured on 64 digits
+(docs/results.md, with sample counts and 95% intervals):
+- With K = 4 and short rounds (25 local steps per proxy), IET-AGC memorizes almost nothing, but mostly because it
+  learns more slowly: trained longer, it reaches the baseline's quality and memorizes about as much.
+- With longer rounds (125 local steps, class-balanced shards, raw averaged weights as the papers evaluated), IET-AGC
+  made 0 copies in 512 samples where the baseline made 42%, but its samples were still worse than the baseline's
+  early ones: at equal quality the question is **open**. One round of 750 steps averaged into noise.
+- AGC's skip rule alone (K = 1) memorized about 16 points less than the baseline after 2,000 steps, at equal quality,
+  in three of three seeds.
+
+The papers train far longer (100 epochs per proxy per round on 5,000 images each, a 36M-parameter UNet). So:
+compare runs at several points of training, look at quality next to memorization, and read every share with its
+interval. → [Compare](compare): both side by side.
 
 ### Try it
 1. [Start](./): *Start the demo* (a baseline and an IET-AGC run on 64 digits).

@@ -19,7 +19,7 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGES = [("", "Do diffusion models copy their training images?"), ("data", "Choose the training data"),
          ("train", "Train"), ("monitor", "Monitor a run"), ("memorization", "Is the model copying?"),
-         ("compare", "Compare runs"), ("learn", "Learn: memorization and how IET-AGC reduces it")]
+         ("compare", "Compare runs"), ("learn", "Learn: memorization and how IET-AGC tries to reduce it")]
 
 
 @pytest.fixture(scope="module")
