@@ -45,6 +45,7 @@ DATA_PLACES = (REPO.parent / "shared" / "data" / DATA_NAME, REPO / ".gpu-data" /
 GRACE_SECONDS = 20  # after SIGINT at the budget: time to save a checkpoint and write what it has
 PILOT_LOCAL_STEPS = 750  # per proxy per round: long local training, as in the reference (issue 12)
 PILOT_SHARDS = 4
+PILOT_MIN_ROUNDS = 3  # IET is iterative: averaging once after long local training gives noise
 PILOT_MODES = ("ddpm", "iet-agc")
 # The pilot's speed per mode, as a share of the demo's steps per second: a cautious guess for two
 # processes sharing the GPU (a round cut short by the budget leaves nothing to evaluate).
@@ -223,12 +224,15 @@ class Check:
 
 def pilot_size(steps_per_second: float, seconds: float) -> tuple[int, int]:
     """Rounds and local steps per proxy for the pilot's training time: as many rounds of
-    PILOT_LOCAL_STEPS as fit, or one shorter round (a multiple of 50, at least 50) if none does."""
+    PILOT_LOCAL_STEPS as fit, but never fewer than PILOT_MIN_ROUNDS (shorter rounds, a multiple
+    of 50, at least 50): on CPU, one round of 750 local steps averaged four proxies into noise
+    (docs/results.md, section 1), so a single round answers nothing."""
     capacity = steps_per_second * SHARED_GPU_SPEED * max(0.0, seconds)  # optimizer steps per mode
     rounds = int(capacity // (PILOT_SHARDS * PILOT_LOCAL_STEPS))
-    if rounds:
+    if rounds >= PILOT_MIN_ROUNDS:
         return rounds, PILOT_LOCAL_STEPS
-    return 1, max(50, int(capacity // PILOT_SHARDS) // 50 * 50)
+    local_steps = int(capacity // (PILOT_SHARDS * PILOT_MIN_ROUNDS)) // 50 * 50
+    return PILOT_MIN_ROUNDS, max(50, local_steps)
 
 
 def finished_by(process: subprocess.Popen, when: float) -> bool:

@@ -50,7 +50,9 @@ def test_a_part_past_its_budget_is_interrupted_and_keeps_what_it_saved(tmp_path)
 
 
 def test_the_pilot_fits_whole_rounds_of_long_local_training_into_its_time():
-    assert pilot_size(steps_per_second=40, seconds=200) == (1, 750)  # 4,000 steps per mode: one round
-    assert pilot_size(steps_per_second=100, seconds=200) == (3, 750)
-    assert pilot_size(steps_per_second=10, seconds=200) == (1, 250)  # no whole round fits: a shorter one
-    assert pilot_size(steps_per_second=1, seconds=10) == (1, 50)
+    assert pilot_size(steps_per_second=100, seconds=200) == (3, 750)  # 10,000 steps per mode
+    assert pilot_size(steps_per_second=200, seconds=200) == (6, 750)
+    # Fewer than three rounds of 750 fit: three shorter rounds, never one long one.
+    assert pilot_size(steps_per_second=40, seconds=200) == (3, 300)
+    assert pilot_size(steps_per_second=10, seconds=200) == (3, 50)
+    assert pilot_size(steps_per_second=1, seconds=10) == (3, 50)
