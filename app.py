@@ -26,7 +26,7 @@ import gradio as gr
 from iet_core.data import SourcePolicy
 from iet_core.jobs import JobManager
 from iet_core.runs import DATASETS_DIR
-from pages import common, compare, data, learn, memorization, monitor, start, train
+from pages import api, common, compare, data, learn, memorization, monitor, start, train
 
 DEFAULT_RUNS_DIR = "runs"
 MAX_UPLOAD_MB = 200  # one uploaded file, refused by the server before it is stored
@@ -65,11 +65,13 @@ def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int |
     return demo, ctx
 
 
-def launch(demo: gr.Blocks, **kwargs):
-    """Launch with the app's look and without anything that reaches the network."""
+def launch(demo: gr.Blocks, ctx: common.AppContext, **kwargs):
+    """Launch with the app's look, its plain HTTP routes (served before Gradio's own) and
+    without anything that reaches the network."""
     kwargs.setdefault("share", False)
     kwargs.setdefault("max_file_size", MAX_UPLOAD_MB * 2**20)
-    return demo.queue(default_concurrency_limit=4).launch(theme=THEME, css=CSS, footer_links=["api"], **kwargs)
+    return demo.queue(default_concurrency_limit=4).launch(theme=THEME, css=CSS, footer_links=["api"],
+                                                          app_kwargs={"routes": api.status_routes(ctx)}, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     atexit.register(ctx.jobs.shutdown)
     atexit.register(ctx.evaluations.close)  # runs first: atexit calls in reverse order
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    launch(demo, server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20))
+    launch(demo, ctx, server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2**20))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main() -> None:
     owner = "bench-owner-token"
     with tempfile.TemporaryDirectory() as runs:
         demo, ctx = app.build_app(runs, max_runs_per_user=None)
-        _, url, _ = app.launch(demo, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+        _, url, _ = app.launch(demo, ctx, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
         try:
             client = Client(url, verbose=False)
             long_run = small_config("iet-agc", rounds=10_000)

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ class Job:
     error: str | None = None
     evaluating: bool = False  # measuring the finished run (eval.after_training)
     last_round: int | None = None  # stop after this round (counted from 1): a shorter schedule
+
+    @cached_property
+    def config(self) -> RunConfig:
+        """The run's settings, read once: config.json is written when the run is made, never
+        after, so status polls of a live job read no file."""
+        return self.run.config
 
     @property
     def state(self) -> str:
@@ -181,7 +188,7 @@ class JobManager:
         try:
             train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)], holder="the app")
             state = job.run.status().get("state")
-            if job.run.config.eval.after_training and (state == "finished" or job.last_round and state == "stopped"):
+            if job.config.eval.after_training and (state == "finished" or job.last_round and state == "stopped"):
                 self._evaluate(job)
         except Exception as err:  # the trainer has marked the run failed; keep the reason for the UI
             job.error = f"{type(err).__name__}: {err}"
@@ -229,13 +236,13 @@ class JobManager:
         """The step a shortened job stops at (rounds have about equal steps); None: its plan's end."""
         if job.last_round is None or not total_steps:
             return None
-        return total_steps * job.last_round // job.run.config.train.rounds
+        return total_steps * job.last_round // job.config.train.rounds
 
     def shorten(self, run_id: str, rounds: int, owner: str) -> None:
         """Stop a live job after `rounds` rounds (counted from 1) instead of its planned number,
         then measure it as a finished run would be (eval.after_training)."""
         job = self._live_job(run_id, owner)
-        planned = job.run.config.train.rounds
+        planned = job.config.train.rounds
         if not 1 <= rounds < planned:
             raise JobError(f"rounds={rounds}: a shorter schedule has between 1 and {planned - 1} rounds.")
         job.last_round = int(rounds)
@@ -243,7 +250,7 @@ class JobManager:
     def set_skip_lambda(self, run_id: str, value: float, owner: str) -> None:
         """Change the AGC threshold of a running job from its next step (recorded in its history)."""
         job = self._live_job(run_id, owner)
-        if not job.run.config.method.agc.enabled:
+        if not job.config.method.agc.enabled:
             raise JobError(f"run {run_id} trains without AGC, so it has no skip threshold to change.")
         job.control.set_skip_lambda(value)
 
@@ -316,6 +323,11 @@ class JobManager:
         job = self._jobs.get(run_id)
         return job.run if job is not None else self._open(run_id)
 
+    def config(self, run_id: str) -> RunConfig:
+        """A run's settings: a job's from memory, other runs' from their folder."""
+        job = self._jobs.get(run_id)
+        return job.config if job is not None else self._open(run_id).config
+
     def status(self, run_id: str) -> dict:
         """state (queued, running, paused, stopping, or the run folder's), queue position,
         round, global step, total steps, message, error; live jobs are read from memory."""
@@ -341,11 +353,11 @@ class JobManager:
         last = history.last_step if history is not None else -1
         state = job.state
         return {"run_id": run_id, "state": state, "queue_position": self.queue_position(run_id), "live": True,
-                "round": live.get("round", 0), "rounds": job.run.config.train.rounds,
+                "round": live.get("round", 0), "rounds": job.config.train.rounds,
                 "global_step": max(last + 1, live.get("global_step", 0)), "total_steps": live.get("total_steps"),
                 "seconds_left": (history.seconds_left(self._last_step(job, live.get("total_steps")))
                                  if history is not None and state == "running" else None),
-                "shorter": (history.shorter_schedule(job.run.config.train.rounds, job.run.config.train.time_budget_minutes)
+                "shorter": (history.shorter_schedule(job.config.train.rounds, job.config.train.time_budget_minutes)
                             if history is not None and job.last_round is None and state in ("running", "paused")
                             else None),
                 "last_round": job.last_round,

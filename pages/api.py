@@ -5,6 +5,7 @@
     owner = "any-random-string-you-keep"          # identifies you as the run's owner
     run = client.predict(config_json, owner, api_name="/start_run")
     client.predict(run["run_id"], api_name="/run_status")
+    urllib.request.urlopen(f"http://127.0.0.1:7860/status/{run['run_id']}")  # the same, outside the queue
     client.predict(run["run_id"], 64, 20, owner, api_name="/evaluate_run")
 
 The pages call the same JobManager methods; this module only adapts types.
@@ -14,21 +15,24 @@ from __future__ import annotations
 from typing import Callable
 
 import gradio as gr
+from fastapi import HTTPException
+from fastapi.routing import APIRoute
 from gradio.context import LocalContext
 
 from iet_core.config import ConfigError, EvalConfig, RunConfig
 from iet_core.evaluate import evaluate_run, load_eval
-from iet_core.owners import owner_digest
+from iet_core.owners import JobError, owner_digest
 from pages.common import AppContext, user_errors
 from pages.train import demo_run_config
 
 EVAL_CONCURRENCY = "evaluation"  # UI and API evaluations share one gate (AppContext.evaluations)
+STATUS_PATH = "/status/{run_id}"
 
 
 def run_summary(ctx: AppContext, run_id: str) -> dict:
     """A run's status with its name and mode, in JSON-friendly values."""
     status = ctx.jobs.status(run_id)
-    config = ctx.jobs.run(run_id).config
+    config = ctx.jobs.config(run_id)
     return {"run_id": run_id, "name": config.name, "mode": config.method.mode, "rounds": config.train.rounds,
             **{k: status.get(k) for k in ("state", "queue_position", "round", "global_step", "total_steps",
                                           "message", "error")}}
@@ -76,6 +80,23 @@ def run_evaluation(ctx: AppContext, run_id: str, config: EvalConfig, owner: str,
     with ctx.evaluations.slot(owner_digest(owner), client_gone()) as cancelled:
         return evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id), progress=progress,
                             cancelled=cancelled)
+
+
+def status_routes(ctx: AppContext) -> list[APIRoute]:
+    """`GET /status/<run id>`: the JSON of /run_status as a plain HTTP route, outside Gradio's
+    queue, so that many pages or scripts polling one server do not wait behind each other's
+    events (bench/status_load.py compares the two). Read-only; an unknown or malformed id is a
+    404, a run whose files cannot be read a 422, both with the message /run_status gives."""
+
+    def run_status(run_id: str) -> dict:
+        try:
+            return run_summary(ctx, run_id)
+        except JobError as err:
+            raise HTTPException(404, str(err)) from None
+        except ConfigError as err:
+            raise HTTPException(422, str(err)) from None
+
+    return [APIRoute(STATUS_PATH, run_status, methods=["GET"])]
 
 
 def register(ctx: AppContext) -> None:

@@ -38,7 +38,7 @@ def app_server(tmp_path_factory):
     import app
 
     demo, ctx = app.build_app(tmp_path_factory.mktemp("runs"))
-    _, url, _ = app.launch(demo, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    _, url, _ = app.launch(demo, ctx, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
     try:
         yield url, ctx
     finally:

@@ -2,7 +2,10 @@
 poll it to the end, evaluate it, read the results; queueing, ownership and bad input."""
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from gradio_client import Client
@@ -52,6 +55,27 @@ def test_train_poll_evaluate_and_read_results(client):
     assert listed[started["run_id"]]["state"] == "finished"
 
 
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def test_plain_http_status_is_run_status_outside_the_queue(client, app_server):
+    url, ctx = app_server
+    run_id = client.predict(tiny_config("ddpm", rounds=1).to_json(), OWNER, api_name="/start_run")["run_id"]
+    assert ctx.jobs.wait(run_id, 180) == "finished"
+    assert get_json(f"{url}status/{run_id}") == (200, client.predict(run_id, api_name="/run_status"))
+    code, body = get_json(f"{url}status/no-such-run")
+    assert code == 404 and "no run 'no-such-run'" in body["detail"]
+    for tricky in ("..", "..%5C..%5Cetc", "..%2F..%2Fetc%2Fpasswd", "%2E%2E"):
+        code, body = get_json(f"{url}status/{tricky}")
+        assert code == 404, (tricky, body)
+        assert str(ctx.runs_root) not in json.dumps(body) and "Traceback" not in json.dumps(body)
+
+
 def test_queue_positions_and_ownership(client):
     first = client.predict(tiny_config("ddpm").to_json(), OWNER, api_name="/start_run")["run_id"]
     client.predict(first, OWNER, api_name="/pause_run")
@@ -88,8 +112,8 @@ def test_runs_are_listed_after_a_restart(client, app_server):
     _, ctx = app_server
     listed = client.predict(api_name="/list_runs")
     assert listed, "the tests above leave runs behind"
-    demo, _ = app.build_app(ctx.runs_root)  # a second app on the same folder: a restart
-    _, url, _ = app.launch(demo, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    demo, restarted = app.build_app(ctx.runs_root)  # a second app on the same folder: a restart
+    _, url, _ = app.launch(demo, restarted, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
     try:
         again = Client(url, verbose=False).predict(api_name="/list_runs")
     finally:

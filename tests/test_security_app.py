@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -39,7 +41,7 @@ def server(tmp_path_factory):
     import app
 
     demo, ctx = app.build_app(tmp_path_factory.mktemp("runs"), max_eval_work=2_000_000)
-    _, url, _ = app.launch(demo, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    _, url, _ = app.launch(demo, ctx, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
     try:
         yield url, demo, ctx
     finally:
@@ -92,6 +94,9 @@ def test_a_run_with_a_damaged_config_is_listed_as_damaged_and_breaks_nothing(ser
         assert rows[damaged.name]["state"] == "damaged" and "train.rounds" in rows[damaged.name]["message"]
         with pytest.raises(AppError, match="train.rounds"):
             client.predict(damaged.name, api_name="/run_status")
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the plain HTTP status says the same
+            urllib.request.urlopen(f"{url}status/{damaged.name}", timeout=30)
+        assert refused.value.code == 422 and "train.rounds" in json.load(refused.value)["detail"]
     finally:
         (damaged / "config.json").unlink()
         damaged.rmdir()
