@@ -5,7 +5,8 @@
 Starts the app in-process on a fresh runs folder and a long tiny run, waits until it trains,
 then measures /run_status one call at a time (the baseline), then `callers` calls at once,
 each from its own thread through gradio_client, as many users' pages poll (again with the
-run paused, to tell the training's share from the server's); then `queued`
+run paused, to tell the training's share from the server's); each of these also through the
+plain HTTP route GET /status/<run id> (outside Gradio's queue), side by side; then `queued`
 runs submitted at once behind the training one: their /start_run latency and whether the
 queue positions come back 1..queued. A benchmark, not a test: it prints figures, asserts none.
 """
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,15 +53,24 @@ def timed(call) -> float:
     return time.perf_counter() - start
 
 
+def parallel(call, callers: int) -> list[float]:
+    """`callers` calls at once, each from its own thread."""
+    with ThreadPoolExecutor(callers) as pool:
+        return list(pool.map(lambda _: timed(call), range(callers)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--callers", type=int, default=200, help="parallel /run_status calls")
-    parser.add_argument("--baseline", type=int, default=20, help="sequential /run_status calls")
+    parser.add_argument("--callers", type=int, default=200, help="parallel status calls per endpoint (at most 1000)")
+    parser.add_argument("--baseline", type=int, default=20, help="sequential status calls per endpoint")
     parser.add_argument("--queued", type=int, default=5, help="runs submitted at once behind the training one")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    if not 1 <= args.callers <= 1000 or not 1 <= args.baseline <= 1000 or not 1 <= args.queued <= 50:
+        parser.error("--callers and --baseline go from 1 to 1000, --queued from 1 to 50")
 
     import app
+    from pages.api import run_summary
     from gradio_client import Client
 
     owner = "bench-owner-token"
@@ -69,17 +81,24 @@ def main() -> None:
             client = Client(url, verbose=False)
             long_run = small_config("iet-agc", rounds=10_000)
             run_id = client.predict(long_run.to_json(), owner, api_name="/start_run")["run_id"]
+            deadline = time.monotonic() + 600
             while ctx.jobs.status(run_id)["state"] != "running" or not ctx.jobs.status(run_id).get("global_step"):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the run did not start training within 10 minutes")
                 time.sleep(0.1)  # a benchmark may poll: it measures, it does not assert
             status = lambda: client.predict(run_id, api_name="/run_status")  # noqa: E731
-            baseline = [timed(status) for _ in range(args.baseline)]
-            with ThreadPoolExecutor(args.callers) as pool:
-                parallel = list(pool.map(lambda _: timed(status), range(args.callers)))
+            plain = lambda: urllib.request.urlopen(f"{url}status/{run_id}", timeout=120).read()  # noqa: E731
+            figures = {"machine": platform.machine(), "callers": args.callers,
+                       "handler_alone": percentiles([timed(lambda: run_summary(ctx, run_id)) for _ in range(args.baseline)])}
+            for name, call in (("run_status", status), ("http_status", plain)):
+                figures[f"{name}_one_at_a_time"] = percentiles([timed(call) for _ in range(args.baseline)])
+                figures[f"{name}_parallel"] = percentiles(parallel(call, args.callers))
+            figures["load_average_1min_while_training"] = os.getloadavg()[0]
             client.predict(run_id, owner, api_name="/pause_run")  # the same calls without training alongside
             while ctx.jobs.status(run_id)["state"] != "paused":
                 time.sleep(0.1)
-            with ThreadPoolExecutor(args.callers) as pool:
-                idle = list(pool.map(lambda _: timed(status), range(args.callers)))
+            for name, call in (("run_status", status), ("http_status", plain)):
+                figures[f"{name}_parallel_training_paused"] = percentiles(parallel(call, args.callers))
             client.predict(run_id, owner, api_name="/resume_run")
             configs = [small_config("ddpm", rounds=2).to_json() for _ in range(args.queued)]
 
@@ -93,14 +112,8 @@ def main() -> None:
         finally:
             ctx.jobs.shutdown(timeout=60)
             demo.close()
-    figures = {
-        "machine": platform.machine(), "callers": args.callers,
-        "run_status_one_at_a_time": percentiles(baseline),
-        "run_status_parallel": percentiles(parallel),
-        "run_status_parallel_training_paused": percentiles(idle),
-        "start_run_parallel": percentiles([s for s, _ in submitted]),
-        "queue_positions": sorted(p for _, p in submitted),
-    }
+    figures["start_run_parallel"] = percentiles([s for s, _ in submitted])
+    figures["queue_positions"] = sorted(p for _, p in submitted)
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
