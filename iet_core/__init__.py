@@ -10,6 +10,7 @@ from .config import (AGCConfig, ConfigError, DataConfig, EvalConfig, MethodConfi
 from .data import DataError, ImageDataset, load_dataset
 from .runs import Run, list_runs
 from .train import TrainControl, Trainer, TrainingDiverged, train
+from . import text2image  # registers the text-to-image family (iet_core.families) with the engine
 
 __all__ = ["AGCConfig", "ConfigError", "DataConfig", "EvalConfig", "MethodConfig", "ModelConfig", "MSRConfig",
            "RunConfig", "TAAConfig", "TrainConfig", "demo_config", "method_for_mode", "DataError", "ImageDataset",

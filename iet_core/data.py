@@ -7,6 +7,8 @@ the source before any subset is taken), plus the files that were rejected and wh
 from __future__ import annotations
 
 import io
+import json
+import posixpath
 import re
 import zipfile
 import zlib
@@ -440,6 +442,87 @@ def check_caption(text) -> str:
     return text.strip()
 
 
+# -- captioned sets, in the layouts people already have (hf:<id> with a text column: load_hf):
+# Hugging Face `imagefolder` (images plus `metadata.jsonl` lines {"file_name": ..., "text": ...},
+# a metadata.jsonl naming files relative to its own folder), or same-name `.txt` captions
+# (cat.png + cat.txt); a .zip of either.
+
+METADATA = "metadata.jsonl"
+
+
+def _read_text(read, name: str) -> str:
+    data = read()
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text") from None
+
+
+def _metadata_captions(files: dict, caption_column: str) -> tuple[dict[str, str], list[tuple[str, str]], set[str]]:
+    """Captions from every metadata.jsonl: {image name: caption}, rejected lines, files read."""
+    captions, rejected, used = {}, [], set()
+    for meta in (n for n in files if posixpath.basename(n) == METADATA):
+        used.add(meta)
+        try:
+            lines = _read_text(files[meta], meta).splitlines()
+        except DataError as err:
+            rejected.append((meta, str(err)))
+            continue
+        folder = posixpath.dirname(meta)
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{meta} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                rejected.append((where, "not valid JSON"))
+                continue
+            name = record.get("file_name") if isinstance(record, dict) else None
+            if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+                rejected.append((where, "needs a relative \"file_name\" inside the set"))
+                continue
+            name = posixpath.normpath(posixpath.join(folder, name))
+            if name not in files:
+                rejected.append((where, f"file {name} is not in the set"))
+                continue
+            try:
+                captions[name] = check_caption(record.get(caption_column))
+            except DataError as err:
+                rejected.append((where, f"{err} in field {caption_column!r}"))
+    return captions, rejected, used
+
+
+def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int, resize_filter: str = "auto"):
+    """Images of a folder or a .zip and their captions; images without one are rejected with
+    the reason. Returns images, captions and rejected (name, reason)."""
+    where = source_name(path)
+    with source_files(path) as (files, rejected):
+        entries, others = image_entries(files, where)
+        captions, bad_lines, used = _metadata_captions(files, caption_column)
+        rejected += bad_lines
+        captioned = []
+        for name, read in entries:
+            text_file = posixpath.splitext(name)[0] + ".txt"
+            if text_file in files:
+                used.add(text_file)
+            if name not in captions and text_file in files:
+                try:
+                    captions[name] = check_caption(_read_text(files[text_file], text_file))
+                except DataError as err:
+                    rejected.append((text_file, str(err)))
+            if name in captions:
+                captioned.append((name, read))
+            else:
+                rejected.append((name, f"no caption: add a {METADATA} line with \"file_name\" and {caption_column!r}, "
+                                       "or a same-name .txt file"))
+        rejected += [(name, reason) for name, reason in others if name not in used]
+        images, names, bad = _decode_many(captioned, resolution, channels, where, resize_filter)
+    return images, [captions[n] for n in names], rejected + bad
+
+
 def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> ImageDataset:
     """The dataset a DataConfig describes, subset and all. Raises DataError with what to do.
     A server passes its `policy`: then only the sources it allows are read."""
@@ -466,8 +549,6 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
             raise DataError(f"data source {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
                             "existing path: give a folder, a .zip or an .npz file, or 'hf:<dataset id>'.")
         if (path.is_dir() or path.suffix.lower() == ".zip") and config.caption_column:
-            from .text2image.data import load_captioned_files
-
             images, captions, rejected = load_captioned_files(path, config.caption_column, res, ch, resize)
         elif path.is_dir() or path.suffix.lower() == ".zip":
             images, labels, rejected = load_files(path, res, ch, resize)

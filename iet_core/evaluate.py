@@ -28,6 +28,7 @@ import torch
 
 from .config import MEMORIZATION_THRESHOLD, SAMPLERS, ConfigError, EvalConfig, RunConfig, TextToImageConfig
 from .data import ImageDataset
+from .families import TEXT_TO_IMAGE, family
 from .fid import FIDUnavailable, fid_score
 from .metrics import (MQ_THRESHOLDS, copy_counts, distance_threshold, memorization_ratio, mq_ratio, share_summary,
                       shares_below)
@@ -35,7 +36,7 @@ from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
 from .runs import Run, check_eval_name, checkpoint_step
 from .sample import Cancelled, generate_from_run
 
-COPY_DETECTION = "text2image"  # summary["kind"] of text-to-image copy detection (iet_core.text2image.evaluate)
+COPY_DETECTION = TEXT_TO_IMAGE  # summary["kind"] of text-to-image copy detection (iet_core.text2image.evaluate)
 # progress(stage, done, total); stages: "sampling", "neighbours", "fid"
 Progress = Callable[[str, int, int], None]
 
@@ -231,10 +232,8 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     weights = "ema" if config.use_ema else "model"
     default_name = f"{checkpoint.name}-{weights}-{config.sampler}{config.steps}-n{config.num_samples}-seed{config.seed}"
     if run.config.text2image.enabled:
-        from .text2image.evaluate import copies_of_run
-
         text2image = text2image or run.config.text2image
-        result = copies_of_run(run, checkpoint, dataset, config, text2image, device, progress)
+        result = family(TEXT_TO_IMAGE).evaluate(run, checkpoint, dataset, config, text2image, device, progress)
         if save:
             result.path = save_eval(run, result, name or f"{default_name}-cfg{text2image.guidance_scale:g}", config.gallery_pairs)
         return result
@@ -386,9 +385,7 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
             raise ConfigError(f"run {run.id} has no saved evaluation: run `python -m iet_core evaluate {run.path}`.")
         name = names[0]
     table, summary, most_copied, images, folder = run.read_eval(name)
-    result_class = EvalResult
-    if summary.get("kind") == COPY_DETECTION:
-        from .text2image.evaluate import CopyResult as result_class
+    result_class = family(COPY_DETECTION).result if summary.get("kind") == COPY_DETECTION else EvalResult
     return result_class(table, summary, most_copied, images["generated"], images["nearest"], folder)
 
 
@@ -397,9 +394,7 @@ def load_eval(run: Run | str | Path, name: str | None = None) -> EvalResult:
 def format_summary(summary: dict) -> str:
     """The summary as aligned text lines for a terminal."""
     if summary.get("kind") == COPY_DETECTION:
-        from .text2image.evaluate import format_copy_summary
-
-        return format_copy_summary(summary)
+        return family(COPY_DETECTION).format_summary(summary)
     lines = []
     if "run_id" in summary:
         lines.append(f"run {summary['run_id']}  {summary['checkpoint']} ({summary['weights']} weights), "

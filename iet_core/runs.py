@@ -49,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
+from .families import TEXT_TO_IMAGE, family
 from .optim import shard_weights
 from .telemetry import (CheckpointEvent, DriftEvent, Event, RoundEvent, RoundStartEvent, SampleEvent, SettingEvent, StatusEvent,
                         StepEvent)
@@ -575,9 +576,7 @@ class Run:
         folder = Path(folder) if folder else self.path / "export"
         tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:6]}")
         if self.config.text2image.enabled:  # a LoRA file, or a Stable Diffusion pipeline folder
-            from .text2image.export import export_text_to_image
-
-            export_text_to_image(self, tmp, ema)
+            family(TEXT_TO_IMAGE).export(self, tmp, ema)
         else:
             export_pipeline(self.load_unet(ema=ema), self.scheduler(), tmp)
         if folder.exists():

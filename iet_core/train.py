@@ -40,6 +40,7 @@ from . import agc
 from .config import ConfigError, RunConfig, TAAConfig, check_skip_lambda
 from .data import ImageDataset, load_dataset
 from .distributed import ProcessGroup
+from .families import TEXT_TO_IMAGE, family
 from .models import forward_noise, has_dropout, seeded_global_rng, training_scheduler, unet_config_json
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
@@ -713,9 +714,7 @@ def prepare_trainer(run: Run, dataset: ImageDataset | None = None, resume: bool 
     gone, checkpoint unreadable) marks the run failed with the reason."""
     lock = run.writer_lock(holder).acquire() if group is None or group.is_writer else None
     try:
-        trainer_class = Trainer
-        if run.config.text2image.enabled:
-            from .text2image.train import TextToImageTrainer as trainer_class
+        trainer_class = family(TEXT_TO_IMAGE).trainer if run.config.text2image.enabled else Trainer
         trainer = trainer_class(run, dataset=dataset, sinks=sinks, control=control, group=group)
         trainer.writer_lock = lock
         if resume and run.latest_checkpoint() is not None:
