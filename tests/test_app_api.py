@@ -3,7 +3,6 @@ poll it to the end, evaluate it, read the results; queueing, ownership and bad i
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -11,7 +10,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from helpers import tiny_config
+from helpers import tiny_config, wait_until
 from iet_core.runs import Run
 
 OWNER = "owner-token-for-tests"
@@ -24,13 +23,11 @@ def client(app_server):
 
 
 def wait_for(client, run_id, states=("finished", "stopped", "failed"), timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def done():
         status = client.predict(run_id, api_name="/run_status")
-        if status["state"] in states:
-            return status
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} still {status['state']} after {timeout} s")
+        return status if status["state"] in states else None
+
+    return wait_until(done, timeout, f"run {run_id} to reach {'/'.join(states)}", interval=0.2)
 
 
 def test_train_poll_evaluate_and_read_results(client):
@@ -137,17 +134,17 @@ def test_closing_the_app_stops_running_jobs_with_a_checkpoint(tmp_path):
     server = subprocess.Popen([sys.executable, "app.py", "--runs-dir", str(tmp_path), "--port", str(port)], cwd=root,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        def connected():
+            assert server.poll() is None, server.stdout.read()
             try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
+                return Client(f"http://127.0.0.1:{port}/", verbose=False)
             except Exception:  # not listening yet
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-                time.sleep(0.5)
+                return None
+
+        client = wait_until(connected, what="the app to listen", interval=0.2)
         run_id = client.predict(tiny_config("iet-agc", rounds=50).to_json(), OWNER, api_name="/start_run")["run_id"]
-        while client.predict(run_id, api_name="/run_status")["global_step"] < 3:
-            time.sleep(0.2)
+        wait_until(lambda: client.predict(run_id, api_name="/run_status")["global_step"] >= 3,
+                   what="three training steps", interval=0.1)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     finally:

@@ -2,13 +2,12 @@
 tokens, lambda changes, live telemetry versus the run folder, and listing after a restart."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import tiny_config, wait_until
 from iet_core.config import ConfigError
 from iet_core.history import RunHistory, bin_ratios
 from iet_core.data import SourcePolicy
@@ -18,15 +17,6 @@ from iet_core.runs import Run
 from iet_core.telemetry import SampleEvent, StepEvent
 
 ME, OTHER = "owner-me-123456", "owner-other-654321"
-
-
-def wait_until(condition, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_one_job_at_a_time_with_queue_positions(tmp_path):

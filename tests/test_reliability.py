@@ -11,14 +11,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers import random_images, tiny_config
+from helpers import random_images, tiny_config, wait_until
 from iet_core import ConfigError, RunConfig, Run, Trainer, train
 from iet_core.config import DataConfig
 from iet_core.data import DataError, load_dataset
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Runs the real trainer on an existing run folder; with "slow-checkpoint" the second checkpoint
 # pauses half-written (after its first file) and announces it, so the test can kill it there.
 TRAIN_SCRIPT = """
-import sys, time
+import signal, sys
 from pathlib import Path
 import iet_core.runs as runs
 from iet_core import Run, train
@@ -44,7 +43,7 @@ if mode == "slow-checkpoint":
         calls.append(path)
         if "ckpt-000000008" in path:
             marker.write_text(path)
-            time.sleep(600)
+            signal.pause()  # stall half-written until the test kills this process
     runs.save_file = save_then_stall
 train(run=Run.open(run_dir), resume=True)
 """
@@ -79,14 +78,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, where):
     mode = "slow-checkpoint" if where == "mid-checkpoint" else "plain"
     process = subprocess.Popen([sys.executable, str(script), str(run.path), mode, str(marker)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    def reached() -> bool:
+        if where == "mid-checkpoint":
+            return marker.exists()
+        return len(run.metrics()) >= 6 and run.latest_checkpoint() is not None  # inside round 2, after round 1's checkpoint
+
     try:
-        while time.time() < deadline and process.poll() is None:
-            if where == "mid-checkpoint" and marker.exists():
-                break
-            if where == "mid-step" and len(run.metrics()) >= 6 and run.latest_checkpoint() is not None:
-                break  # inside round 2, after the checkpoint of round 1
-            time.sleep(0.05)
+        wait_until(lambda: process.poll() is not None or reached(), timeout=300, what=f"the trainer to reach {where}")
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
     finally:
         process.send_signal(signal.SIGKILL)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import random_images, tiny_config
+from helpers import random_images, tiny_config, wait_until
 from iet_core import ConfigError, Run, RunConfig, train
 from iet_core.config import DataConfig
 from iet_core.data import DataError, SourcePolicy, load_dataset
@@ -134,11 +134,11 @@ def test_many_large_images_in_a_small_archive_hit_the_dataset_pixel_budget(tmp_p
 
 
 HOLD_LOCK = """
-import sys, time
+import signal, sys
 from iet_core.runs import Run
 Run.open(sys.argv[1]).writer_lock("the command line").acquire()
 print("locked", flush=True)
-time.sleep(600)
+signal.pause()  # hold the lock until the test kills this process
 """
 
 
@@ -189,7 +189,6 @@ def test_a_full_disk_gives_the_command_line_a_clear_message(tmp_path):
 
 def test_the_evaluation_gate_runs_one_keeps_a_short_line_and_one_place_per_owner():
     import threading
-    import time
 
     from iet_core.evaluate import EvaluationBusy, EvaluationGate
     from iet_core.sample import Cancelled
@@ -213,10 +212,7 @@ def test_the_evaluation_gate_runs_one_keeps_a_short_line_and_one_place_per_owner
     threads[0].start()
     assert entered.wait(60)
     threads[1].start()
-    deadline = time.monotonic() + 60
-    while gate._queued != 1:  # owner b is waiting in line
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: gate._queued == 1, timeout=60, what="owner b to wait in line")
     with pytest.raises(EvaluationBusy, match="already have an evaluation"):
         with gate.slot("owner-a"):
             pass

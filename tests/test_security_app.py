@@ -18,7 +18,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from helpers import tiny_config
+from helpers import tiny_config, wait_until
 from iet_core import ConfigError, Run, train
 from iet_core.evaluate import list_evals
 from iet_core.jobs import JobManager
@@ -26,14 +26,6 @@ from iet_core.owners import JobError
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER, OTHER = "owner-token-for-security", "someone-else-entirely"
-
-
-def wait_until(condition, timeout: float = 120.0, what: str = "the condition") -> None:
-    """Wait for server state another thread changes (an event we cannot subscribe to)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +137,11 @@ def test_fresh_owner_tokens_cannot_get_around_the_global_caps(tmp_path):
 
 
 HOLD_LOCK = """
-import sys, time
+import signal, sys
 from iet_core.runs import Run
 Run(sys.argv[1]).writer_lock("the command line").acquire()
 print("locked", flush=True)
-time.sleep(600)
+signal.pause()  # hold the lock until the test kills this process
 """
 
 
