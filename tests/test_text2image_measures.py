@@ -7,6 +7,7 @@ from test_fid import stand_in_weights  # noqa: F401 (a fixture)
 from test_text2image import CAPTIONS, captioned_folder, t2i_config
 
 from iet_core import train
+from iet_core.train import create_run, prepare_trainer
 from iet_core.config import ConfigError
 from iet_core.evaluate import evaluate_run, format_summary
 from iet_core.features import load_clip_scorer
@@ -78,3 +79,43 @@ def test_evaluation_reports_clip_score_and_fid_or_says_not_measured(tmp_path, pi
     assert "CLIP score (CLIP score, clip): " in text and "over 4 generations" in text
     assert "FID (64-d Inception features): " in text and "from 4 generations against 4 training images" in text
     assert "clip_score" in result.per_caption().columns
+
+
+def test_latents_and_text_embeddings_are_computed_once_and_read_back(tmp_path, pipeline_folder, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    encoded = []  # the real VAE encoder, counted
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: encoded.append(len(a[0])) or encode(self, *a, **k))
+    data = captioned_folder(tmp_path / "data", count=4)
+    config = t2i_config(pipeline_folder, data, rounds=1, local_steps=1)
+    config.text2image.input_cache = str(tmp_path / "cache")
+    first_run, _ = create_run(config, tmp_path / "runs")
+    first = prepare_trainer(first_run)
+    assert first.input_sources == {"text_embeddings": "computed", "latents": "computed"} and encoded == [4]
+    files = {path.name.split("-")[0]: path for path in (tmp_path / "cache").iterdir()}
+    assert set(files) == {"text", "latents"}
+    written = {kind: path.stat().st_mtime_ns for kind, path in files.items()}
+    assert first.fit() == "finished"
+
+    encoded.clear()
+    second = prepare_trainer(create_run(config, tmp_path / "runs")[0])  # a second run on the same data
+    resumed = prepare_trainer(first_run, resume=True)
+    for trainer in (second, resumed):
+        assert trainer.input_sources == {"text_embeddings": "read", "latents": "read"}
+        assert torch.equal(trainer.images, first.images) and torch.equal(trainer.text_embeddings, first.text_embeddings)
+    assert encoded == [] and {kind: path.stat().st_mtime_ns for kind, path in files.items()} == written
+    resumed.writer_lock.release()
+
+    files["latents"].write_bytes(files["latents"].read_bytes()[:100])  # truncated
+    damaged = prepare_trainer(create_run(config, tmp_path / "runs")[0])
+    assert damaged.input_sources == {"text_embeddings": "read", "latents": "recomputed"} and encoded == [4]
+    assert torch.equal(damaged.images, first.images)
+    files["latents"].write_bytes(files["text"].read_bytes())  # whole, but another key's file
+    assert prepare_trainer(create_run(config, tmp_path / "runs")[0]).input_sources["latents"] == "recomputed"
+
+    config.data.resolution = 8  # other latents, the same captions
+    smaller = prepare_trainer(create_run(config, tmp_path / "runs")[0])
+    assert smaller.input_sources == {"text_embeddings": "read", "latents": "computed"}
+    assert smaller.images.shape[-1] == first.images.shape[-1] // 2
+    assert len(list((tmp_path / "cache").iterdir())) == 3
