@@ -41,8 +41,9 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet_core" / "fid-stats"
+def user_cache_dir(kind: str) -> Path:
+    """The user cache folder of one kind of cached result (FID statistics, quality classifiers)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet_core" / kind
 
 
 def find_weights(path: str | Path | None = None) -> Path:
@@ -150,7 +151,7 @@ def training_statistics(model: InceptionV3, images, weights: Path, cache_dir: st
                         batch_size: int = 50, progress: Callable[[int, int], None] | None = None):
     """Feature mean and covariance of a training set, read from or written to the cache."""
     images = as_uint8_images(images, "training images")
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else user_cache_dir("fid-stats")
     path = cache / f"{statistics_key(images, model_dims(model), _file_digest(weights))}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:
