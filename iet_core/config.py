@@ -129,8 +129,8 @@ class DataConfig:
     hf_split: str = "train"
     hf_image_column: str | None = None  # None: the first image column
     hf_label_column: str | None = None  # None: "label" or "labels" when present
-    # Captions for text-to-image: the metadata.jsonl field or dataset column ("text" by the
-    # imagefolder convention; same-name .txt files also count). None: images only.
+    # Captions for text-to-image: the metadata.jsonl field, dataset column or .npz array ("text"
+    # by the imagefolder convention; same-name .txt files also count). None: images only.
     caption_column: str | None = None
     # How images are resized to `resolution`; it changes pixel distances, so every result records it.
     resize_filter: str = "auto"

@@ -120,6 +120,7 @@ class JobManager:
         config.validate()
         self.sources.check(config.data.source)
         self.sources.check_model(config.model.pretrained)
+        self.sources.check_feature_extractor(config.text2image.feature_extractor)
         if config.eval.fid_weights or config.eval.fid_cache:
             raise JobError("eval.fid_weights and eval.fid_cache name files on the server: there they are its admin's "
                            "to set; leave them empty.")
