@@ -529,6 +529,12 @@ def _metadata_captions(files: dict, caption_column: str) -> tuple[dict[str, str]
     return captions, rejected, used
 
 
+def has_captions(path: Path) -> bool:
+    """Whether a folder or .zip carries captions: a metadata.jsonl or a .txt file in it."""
+    with source_files(path) as (files, _):
+        return any(posixpath.basename(name) == METADATA or name.lower().endswith(".txt") for name in files)
+
+
 def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int, resize_filter: str = "auto"):
     """Images of a folder or a .zip and their captions; images without one are rejected with
     the reason. Returns images, captions and rejected (name, reason)."""

@@ -118,8 +118,10 @@ def test_an_upload_is_named_after_its_files_and_shown_without_server_paths(tmp_p
 
     for i in range(10):
         Image.new("L", (12, 12), 20 * i).save(tmp_path / f"cat {i}.png")
-    path, rejected = data.persist_upload([str(tmp_path / f"cat {i}.png") for i in range(10)], tmp_path / "runs", 16, 1)
+    config, rejected = data.persist_upload([str(tmp_path / f"cat {i}.png") for i in range(10)], tmp_path / "runs", 16, 1)
+    path = config.source
     assert not rejected and re.fullmatch(r"cat-0-and-9-more-16px-1ch-[0-9a-f]{8}\.npz", os.path.basename(path))
+    assert config.caption_column is None and config.channels == 1
     label = data.source_label(DataConfig(source=path, resolution=16, channels=1))
     assert label == f"uploaded: {os.path.basename(path)}" and str(tmp_path) not in label
 
