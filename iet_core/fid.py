@@ -40,10 +40,6 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
 
 
-def default_cache_dir() -> Path:
-    return user_cache_dir("fid-stats")
-
-
 def find_weights(path: str | Path | None = None) -> Path:
     """The weights file: `path` (a file, or a folder holding it), else the torch hub cache."""
     if path:
@@ -149,7 +145,7 @@ def training_statistics(model: InceptionV3, images, weights: Path, cache_dir: st
                         batch_size: int = 50, progress: Callable[[int, int], None] | None = None):
     """Feature mean and covariance of a training set, read from or written to the cache."""
     images = as_uint8_images(images, "training images")
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else user_cache_dir("fid-stats")
     path = cache / f"{statistics_key(images, model_dims(model), _file_digest(weights))}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:
