@@ -9,8 +9,9 @@ import gradio as gr
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
-from iet_core.evaluate import COPY_DETECTION, list_evals, load_eval
+from iet_core.evaluate import COPY_DETECTION, evaluation_warnings, list_evals, load_eval
 from iet_core.metrics import proportion_interval
+from iet_core.quality import quality_text
 from pages import api, charts, common
 
 TITLE, PATH = "4 · Memorization", "memorization"
@@ -35,7 +36,8 @@ def share_line(summary: dict) -> str:
     count, total = summary["memorized_count"], summary["num_samples"]
     low, high = proportion_interval(count, total)
     return (f"<span class='big-number'>{100 * count / total:.0f}%</span> copies: {count} of {total} samples "
-            f"(95% interval {100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}")
+            f"(95% interval {100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}"
+            + "".join(f"  \n⚠ **{warning}**" for warning in evaluation_warnings(summary)))
 
 
 def provenance(summary: dict) -> str:
@@ -43,15 +45,6 @@ def provenance(summary: dict) -> str:
     weights = {"ema": "EMA weights", "model": "raw weights"}.get(summary.get("weights"), "weights ?")
     step = summary.get("checkpoint_step")
     return f"step {step if step is not None else '?'}, {weights}"
-
-
-def quality_text(summary: dict) -> str:
-    """The quality figure: FID when it was computed, else the offline feature FD, else none."""
-    if summary.get("fid") is not None:
-        return f"FID {summary['fid']:.1f}"
-    if summary.get("feature_fd") is not None:
-        return f"feature FD {summary['feature_fd']:.2f}"
-    return "quality not measured"
 
 
 def summary_markdown(summary: dict) -> str:

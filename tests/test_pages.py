@@ -134,6 +134,10 @@ def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations
     assert [r["samples"] for r in rows] == [8, 16] and [r["weights"] for r in rows] == ["EMA", "raw"]
     assert all(re.fullmatch(r"\d+–\d+%", r["95% interval"]) for r in rows)
     assert "different weights" in notes and "different sample counts" in notes and "training steps" in notes
+    # A few steps of training make noise: no copy share reads as a result, and each has its quality.
+    assert all(r["copies"].startswith("⚠ means nothing yet: ") for r in rows)
+    assert "samples are still noise at step" in notes and "copies here means nothing yet" in notes
+    assert all(r["quality"].startswith("feature FD ") and "500 held-out images" in r["quality"] for r in rows)
     evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
     _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
     assert "weights" not in notes and "sample counts" not in notes
