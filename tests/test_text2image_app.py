@@ -109,6 +109,11 @@ def test_a_captioned_zip_upload_keeps_its_captions_and_lists_the_bad_entry(tmp_p
     assert "4 images" in data.data_summary(dataset, config) and "captioned" in data.data_summary(dataset, config)
     assert [caption for _, caption in data.captioned_gallery(dataset)["value"]] == dataset.captions
     assert str(tmp_path) not in data.source_label(config)
+    with zipfile.ZipFile(tmp_path / "plain.zip", "w") as archive:  # a README is not a caption
+        archive.writestr("a.png", png(0))
+        archive.writestr("README.txt", "unlabelled images")
+    plain, rejected = data.persist_upload([str(tmp_path / "plain.zip")], tmp_path / "runs", 16, 1)
+    assert plain.caption_column is None and plain.channels == 1 and dict(rejected)["README.txt"].startswith("not an image")
 
 
 def fine_tune_form(**changes) -> dict:
