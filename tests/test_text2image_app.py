@@ -4,7 +4,6 @@ run started the Train page's way on a tiny Stable Diffusion pipeline built from 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import shutil
 import zipfile
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from PIL import Image
 
 from iet_core.config import DataConfig
 from iet_core.data import DataError, SourcePolicy, load_dataset
@@ -21,6 +19,7 @@ from iet_core.evaluate import load_eval
 from iet_core.features import PIXEL_MEASURE
 from iet_core.text2image.tiny import build_tiny_pipeline
 from pages import data, memorization, monitor, train
+from test_text2image import png
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +62,6 @@ def test_models_come_from_the_admins_model_folders_only(tmp_path, model_dir):
 
 
 OWNER = "owner-token-for-fine-tunes"
-
-
-def png(seed: int, size: int = 16) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def captioned_zip(path, count: int = 4):
