@@ -396,6 +396,12 @@ class TextToImageConfig:
     # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder; None: a pixel-space stand-in
     feature_extractor: str | None = None
     copy_threshold: float = 0.5  # cosine similarity to the nearest training image above which a generation is a copy
+    # A CLIPModel transformers folder (with its tokenizer) for the CLIP score of generations
+    # against their prompts; None: not measured. Nothing is downloaded.
+    clip_model: str | None = None
+    # Folder for the latents and text embeddings computed once per data, encoders and
+    # resolution (None: the user cache, ~/.cache/iet_core/sd-inputs)
+    input_cache: str | None = None
 
     def validate(self) -> None:
         _check(self.lora_rank is None or 1 <= self.lora_rank <= 1024, f"text2image.lora_rank={self.lora_rank}: use 1..1024, or none for a full UNet fine-tune.")

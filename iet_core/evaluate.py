@@ -143,7 +143,7 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     mirrored = torch.from_numpy(found.flipped[:, 0])
     nearest[mirrored] = nearest[mirrored].flip(-1)
 
-    fid, fid_message, fid_seconds = _fid(generated, dataset, config, device, progress)
+    fid, fid_message, fid_seconds = measure_fid(generated, dataset, config, device, progress)
     if config.fid:
         seconds["fid"] = fid_seconds
 
@@ -195,7 +195,7 @@ def training_nn_distances(dataset: ImageDataset, flip_aware: bool, device: torch
     return found.l2[:, 1]  # column 0 is the image itself
 
 
-def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
+def measure_fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
          progress: Progress | None) -> tuple[float | None, str, float]:
     """(FID or None, a note on it, seconds); a missing weights file is a note, not an error."""
     if not config.fid:
@@ -472,6 +472,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="also compare with mirrored training images (default: when training flipped)")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")
     parser.add_argument("--fid-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--clip-model", help="text-to-image runs: a local CLIPModel folder for the CLIP score")
     parser.add_argument("--feature-extractor", help="text-to-image runs: SSCD TorchScript file or DINOv2 / CLIP "
                                                     "transformers folder for copy detection")
     parser.add_argument("--guidance-scale", type=float, help="text-to-image runs: classifier-free guidance")
@@ -491,7 +492,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  "flip_aware": args.flip_aware, "fid_weights": args.fid_weights,
                  "use_ema": None if args.weights is None else args.weights == "ema", "fid": args.fid or None}
     config = replace(run.config.eval, **{k: v for k, v in overrides.items() if v is not None})
-    copy_settings = {"feature_extractor": args.feature_extractor, "guidance_scale": args.guidance_scale,
+    copy_settings = {"feature_extractor": args.feature_extractor, "clip_model": args.clip_model, "guidance_scale": args.guidance_scale,
                      "images_per_caption": args.images_per_caption}
     text2image = replace(run.config.text2image, **{k: v for k, v in copy_settings.items() if v is not None})
     result = evaluate_run(run, config, device=args.device, name=args.name, save=not args.no_save,

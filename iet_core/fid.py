@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
 from .config import ConfigError
 from .neighbours import as_uint8_images, resolve_device
-from .runs import atomic_write
+from .runs import atomic_write, user_cache_dir
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _build_lock = threading.Lock()
@@ -39,11 +38,6 @@ class FIDUnavailable(ConfigError):
 
 def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
-
-
-def user_cache_dir(kind: str) -> Path:
-    """The user cache folder of one kind of cached result (FID statistics, quality classifiers)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet_core" / kind
 
 
 def find_weights(path: str | Path | None = None) -> Path:

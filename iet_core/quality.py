@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save
 
 from .config import ConfigError, DataConfig
 from .data import ImageDataset, load_dataset
-from .fid import frechet_distance, statistics, user_cache_dir
+from .fid import frechet_distance, statistics
 from .neighbours import as_uint8_images, nearest_neighbours
-from .runs import atomic_write
+from .runs import atomic_write, user_cache_dir
 
 HELDOUT_IMAGES = 500  # held-out images a quality figure is measured against (as the experiments)
 HELDOUT_SEED = 12345  # which ones: the same for every run on the same data
