@@ -176,10 +176,10 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         table = pd.DataFrame(dataset.rejected, columns=["file", "reason"])
         grid = common.image_grid(dataset.images[:PREVIEW_COUNT].numpy(), columns=16, min_tile=48)
         return (data_summary(dataset, config), grid, captioned_gallery(dataset),
-                gr.update(value=table, visible=bool(len(table))), session)
+                gr.update(value=table, visible=bool(len(table))), config.channels, session)
 
     inputs = [source, upload, hub_id, hub_split, hub_captions, resolution, channels, subset, session]
-    outputs = [summary, preview, captions, rejected, session]
+    outputs = [summary, preview, captions, rejected, channels, session]
     load.click(load_data, inputs, outputs, api_visibility="private")
 
     def restore(session):

@@ -27,16 +27,15 @@ def share_line(summary: dict) -> str:
     generations above the copy similarity, and the feature space it was measured in."""
     if summary.get("kind") == COPY_DETECTION:
         count, total = summary["copy_count"], summary["num_samples"]
-        low, high = proportion_interval(count, total)
-        return (f"<span class='big-number'>{100 * count / total:.0f}%</span> copies · Similarity above "
-                f"{summary['copy_threshold']:g} to the nearest training image: {count} of {total} generations from "
-                f"{summary['num_captions']} training captions (95% interval {100 * low:.0f}–{100 * high:.0f}%) · "
-                f"{provenance(summary)} · guidance {summary.get('guidance_scale', '?')}  \n"
-                f"Measured with **{summary['measure']}**")
-    count, total = summary["memorized_count"], summary["num_samples"]
+        share = (f"copies · Similarity above {summary['copy_threshold']:g} to the nearest training image: {count} of "
+                 f"{total} generations from {summary['num_captions']} training captions")
+        measure = f" · guidance {summary.get('guidance_scale', '?')}  \nMeasured with **{summary['measure']}**"
+    else:
+        count, total = summary["memorized_count"], summary["num_samples"]
+        share, measure = f"copies: {count} of {total} samples", ""
     low, high = proportion_interval(count, total)
-    return (f"<span class='big-number'>{100 * count / total:.0f}%</span> copies: {count} of {total} samples "
-            f"(95% interval {100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}"
+    return (f"<span class='big-number'>{100 * count / total:.0f}%</span> {share} (95% interval "
+            f"{100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}{measure}"
             + "".join(f"  \n⚠ **{warning}**" for warning in evaluation_warnings(summary)))
 
 
@@ -64,6 +63,12 @@ def summary_markdown(summary: dict) -> str:
                     f"space: {summary['memorized_count']} of {summary['num_samples']} (95% interval "
                     f"{100 * low:.0f}–{100 * high:.0f}%) · {summary['distinct_nearest']} different training images "
                     "are nearest to some generation")
+        if summary.get("clip_score") is not None:
+            lines.append(f"CLIP score {summary['clip_score']:.2f} (95% interval {summary['clip_score_low']:.2f}–"
+                         f"{summary['clip_score_high']:.2f}, {summary['clip_score_count']} generations; their captions' "
+                         f"training images: {summary['clip_score_training']:.2f})")
+        elif summary.get("clip_message"):
+            lines.append(f"<span class='explain'>CLIP score: {summary['clip_message']}</span>")
     if summary.get("fid_message"):
         lines.append(f"<span class='explain'>{summary['fid_message']}</span>")
     return "  \n".join(lines)
