@@ -3,6 +3,7 @@
     python app.py                       # http://127.0.0.1:7860, runs kept in ./runs
     python app.py --runs-dir /data/runs --max-jobs 1 --port 7860
     python app.py --data-dir /data/images        # users may also train on folders in there
+    python app.py --model-dir /data/models       # ... and fine-tune the Stable Diffusion pipelines in there
 
 The same file is a Hugging Face Space's entry point (see README). Training runs in background
 threads owned by a JobManager; pages only poll it, so closing or refreshing a tab never stops
@@ -52,15 +53,17 @@ CSS = """
 
 def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int | None = None,
               max_disk_per_user_mb: float | None = None, data_dirs: tuple[str | Path, ...] = (),
+              model_dirs: tuple[str | Path, ...] = (),
               claim_cli_runs: bool = False, max_live_jobs: int | None = None, max_steps_per_run: int | None = None,
               max_eval_work: int = common.MAX_EVAL_WORK, max_live_jobs_per_client: int | None = None,
               max_evals_per_client: int | None = None, proxy_hops: int = 0) -> tuple[gr.Blocks, common.AppContext]:
     """The Gradio app and its context (job manager, runs folder) for a runs folder. Users may
-    train on built-in data, Hub datasets, their uploads and the admin's `data_dirs`. Per-client
-    limits count by network address: the connection's, or behind `proxy_hops` proxies the one
-    they forward (access.client_address)."""
+    train on built-in data, Hub datasets, their uploads and the admin's `data_dirs`, and fine-tune
+    Hub models and what the admin's `model_dirs` hold (pipelines, copy-detection extractors).
+    Per-client limits count by network address: the connection's, or behind `proxy_hops`
+    proxies the one they forward (access.client_address)."""
     max_bytes = None if max_disk_per_user_mb is None else int(max_disk_per_user_mb * 2**20)
-    sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs)
+    sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs, models=model_dirs)
     jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes,
                       sources=sources, claim_unowned=claim_cli_runs, max_live_jobs=max_live_jobs,
                       max_steps_per_run=max_steps_per_run, max_live_jobs_per_client=max_live_jobs_per_client,
@@ -101,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", action="append", default=[],
                         help="admin: a folder of datasets users may train on by path (repeatable; otherwise only "
                              "built-in data, Hub ids and uploads)")
+    parser.add_argument("--model-dir", action="append", default=[],
+                        help="admin: a folder of models users may fine-tune or measure copies with, listed by name on "
+                             "the Train page: diffusers Stable Diffusion pipeline folders, and SSCD TorchScript files or "
+                             "DINOv2 / CLIP folders as feature extractors (repeatable; otherwise only Hub ids)")
     parser.add_argument("--claim-cli-runs", action="store_true",
                         help="admin: let any user resume or evaluate runs made with the command line (they have no owner)")
     parser.add_argument("--max-live-jobs", type=int, default=int(os.environ.get("IET_MAX_LIVE_JOBS", "20")),
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     demo, ctx = build_app(args.runs_dir, max_jobs=args.max_jobs, max_runs_per_user=args.max_runs_per_user,
                           max_disk_per_user_mb=args.max_disk_per_user_mb, data_dirs=tuple(args.data_dir),
+                          model_dirs=tuple(args.model_dir),
                           claim_cli_runs=args.claim_cli_runs, max_live_jobs=args.max_live_jobs,
                           max_steps_per_run=args.max_steps_per_run, max_eval_work=args.max_eval_work,
                           max_live_jobs_per_client=args.max_live_jobs_per_client,

@@ -31,6 +31,7 @@ SHORTCUTS = {
     "lora-rank": ("text2image.lora_rank", "text-to-image: LoRA rank ('none' for a full UNet fine-tune)"),
     "guidance-scale": ("text2image.guidance_scale", "text-to-image: classifier-free guidance in evaluation"),
     "feature-extractor": ("text2image.feature_extractor", "text-to-image copy detection: SSCD TorchScript file or DINOv2 / CLIP folder"),
+    "clip-model": ("text2image.clip_model", "text-to-image: a local CLIPModel folder for the CLIP score"),
 }
 
 

@@ -129,8 +129,8 @@ class DataConfig:
     hf_split: str = "train"
     hf_image_column: str | None = None  # None: the first image column
     hf_label_column: str | None = None  # None: "label" or "labels" when present
-    # Captions for text-to-image: the metadata.jsonl field or dataset column ("text" by the
-    # imagefolder convention; same-name .txt files also count). None: images only.
+    # Captions for text-to-image: the metadata.jsonl field, dataset column or .npz array ("text"
+    # by the imagefolder convention; same-name .txt files also count). None: images only.
     caption_column: str | None = None
     # How images are resized to `resolution`; it changes pixel distances, so every result records it.
     resize_filter: str = "auto"
@@ -396,6 +396,12 @@ class TextToImageConfig:
     # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder; None: a pixel-space stand-in
     feature_extractor: str | None = None
     copy_threshold: float = 0.5  # cosine similarity to the nearest training image above which a generation is a copy
+    # A CLIPModel transformers folder (with its tokenizer) for the CLIP score of generations
+    # against their prompts; None: not measured. Nothing is downloaded.
+    clip_model: str | None = None
+    # Folder for the latents and text embeddings computed once per data, encoders and
+    # resolution (None: the user cache, ~/.cache/iet_core/sd-inputs)
+    input_cache: str | None = None
 
     def validate(self) -> None:
         _check(self.lora_rank is None or 1 <= self.lora_rank <= 1024, f"text2image.lora_rank={self.lora_rank}: use 1..1024, or none for a full UNet fine-tune.")

@@ -49,38 +49,60 @@ def is_hub_id(spec: str) -> bool:
 
 @dataclass(frozen=True)
 class SourcePolicy:
-    """The data sources a server may read: built-in datasets, Hub ids (`hf:owner/name`), and
-    files or `save_to_disk` folders inside the folders its admin named (uploads are kept in
-    one). Every refusal reads the same, so no answer tells whether a server path exists."""
+    """What a server may read: data from built-in datasets, Hub ids (`hf:owner/name`), and
+    files or `save_to_disk` folders inside the data folders its admin named (uploads are kept
+    in one); models (a pipeline to fine-tune, a copy-detection feature extractor) from Hub ids
+    or inside the model folders its admin named. Every refusal reads the same, so no answer
+    tells whether a server path exists."""
 
     folders: tuple[Path, ...] = ()
+    model_folders: tuple[Path, ...] = ()
 
     @classmethod
-    def allowing(cls, *folders: str | Path) -> "SourcePolicy":
-        return cls(tuple(Path(f).expanduser().resolve() for f in folders))
+    def allowing(cls, *folders: str | Path, models: tuple[str | Path, ...] = ()) -> "SourcePolicy":
+        resolve = lambda paths: tuple(Path(f).expanduser().resolve() for f in paths)
+        return cls(resolve(folders), resolve(models))
 
     def check(self, source: str) -> None:
         """A run's data.source."""
         if source in BUILTIN or (source.startswith("hf:") and is_hub_id(source[3:])):
             return
-        if not self._inside(source[3:] if source.startswith("hf:") else source):
+        if not _inside(source[3:] if source.startswith("hf:") else source, self.folders):
             raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
                             f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
 
-    def check_model(self, pretrained: str | None) -> None:
+    def check_model(self, pretrained: str | None, setting: str = "model.pretrained") -> None:
         """A run's model.pretrained: a Hub id (not shadowed by a local path of that name), or a
-        folder inside the admin's folders."""
-        if pretrained is None or (is_hub_id(pretrained) and not Path(pretrained).exists()) or self._inside(pretrained):
+        path inside the admin's model folders."""
+        if pretrained is None or (is_hub_id(pretrained) and not Path(pretrained).exists()) or _inside(pretrained, self.model_folders):
             return
-        raise DataError(f"model.pretrained={pretrained[:200]!r} is not available on this server: give a Hugging Face "
-                        "model id as owner/name.")
+        raise DataError(f"{setting}={pretrained[:200]!r} is not available on this server: give a Hugging Face "
+                        "model id as owner/name, or choose one of the models this server offers.")
 
-    def _inside(self, local: str) -> bool:
-        try:
-            path = Path(local).expanduser().resolve()  # links resolved: a link out of a folder is outside it
-        except (OSError, RuntimeError, ValueError):
-            return False
-        return bool(local) and any(path.is_relative_to(folder) for folder in self.folders)
+    def check_feature_extractor(self, source: str | None) -> None:
+        """A run's text2image.feature_extractor: none (the pixel stand-in) or a file or folder
+        inside the admin's model folders (extractors are local files only)."""
+        if source is not None and not _inside(source, self.model_folders):
+            raise DataError(f"text2image.feature_extractor={source[:200]!r} is not available on this server: leave "
+                            "it empty (the pixel stand-in), or choose one of the feature extractors this server offers.")
+
+    def offered_models(self) -> dict[str, Path]:
+        """What the admin's model folders hold, by a name a visitor may see (no server path):
+        each model folder's entries (a folder that is itself a pipeline is one entry)."""
+        offered = {}
+        for folder in self.model_folders:
+            entries = [folder] if (folder / "model_index.json").exists() else sorted(folder.glob("[!.]*"))
+            for entry in entries:
+                offered.setdefault(entry.name if entry.name not in offered else f"{folder.name}/{entry.name}", entry)
+        return offered
+
+
+def _inside(local: str, folders: tuple[Path, ...]) -> bool:
+    try:
+        path = Path(local).expanduser().resolve()  # links resolved: a link out of a folder is outside it
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return bool(local) and any(path.is_relative_to(folder) for folder in folders)
 
 
 class _PixelBudget:
@@ -366,19 +388,31 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "auto"):
+def load_npz(path: Path, resolution: int, channels: int, resize_filter: str = "auto", caption_column: str | None = None):
+    """`images`, optional `labels` and, with caption_column, that array of captions (text, one
+    per image: how the app keeps a captioned upload). Returns images, labels, captions, rejected."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz:
                 raise DataError(f"{path.name} has no 'images' array (found: {', '.join(npz.files) or 'nothing'}).")
+            if caption_column and caption_column not in npz:
+                raise DataError(f"{path.name} has no {caption_column!r} array of captions (found: {', '.join(npz.files)}): "
+                                "name the array that holds them, or unset data.caption_column.")
             images = npz["images"]
             labels = npz["labels"].astype(np.int64).reshape(-1) if "labels" in npz else None
+            texts = npz[caption_column] if caption_column else None
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         reason = err if isinstance(err, ValueError) else "damaged, or not an .npz archive"  # OSErrors name the path
         raise DataError(f"{path.name} is not a readable .npz file ({reason}).") from None
-    if labels is not None and len(labels) != len(images):
-        raise DataError(f"{path.name}: 'labels' has {len(labels)} entries but 'images' has {len(images)}.")
-    return array_to_images(images, resolution, channels, resize_filter), labels, []
+    for name, values in (("labels", labels), (caption_column, texts)):
+        if values is not None and len(values) != len(images):
+            raise DataError(f"{path.name}: {name!r} has {len(values)} entries but 'images' has {len(images)}.")
+    captions = None
+    if texts is not None:
+        if texts.dtype.kind != "U" or texts.ndim != 1:
+            raise DataError(f"{path.name}: {caption_column!r} must be a 1-D array of text, got {texts.dtype} {texts.shape}.")
+        captions = [check_caption(str(text)) for text in texts]
+    return array_to_images(images, resolution, channels, resize_filter), labels, captions, []
 
 
 def load_hf(spec: str, split: str, image_column: str | None, label_column: str | None, caption_column: str | None,
@@ -495,6 +529,12 @@ def _metadata_captions(files: dict, caption_column: str) -> tuple[dict[str, str]
     return captions, rejected, used
 
 
+def has_captions(path: Path) -> bool:
+    """Whether a folder or .zip carries captions: a metadata.jsonl or a .txt file in it."""
+    with source_files(path) as (files, _):
+        return any(posixpath.basename(name) == METADATA or name.lower().endswith(".txt") for name in files)
+
+
 def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int, resize_filter: str = "auto"):
     """Images of a folder or a .zip and their captions; images without one are rejected with
     the reason. Returns images, captions and rejected (name, reason)."""
@@ -533,9 +573,10 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
     rejected: list[tuple[str, str]] = []
     labels = captions = None
     path = Path(source).expanduser()
-    if config.caption_column and (source in BUILTIN or path.suffix.lower() == ".npz"):
-        raise DataError(f"data.caption_column is set but {path.name!r} has no captions: give a captioned folder or .zip "
-                        "(metadata.jsonl or same-name .txt files) or 'hf:<id>' with a text column, or unset it.")
+    if config.caption_column and source in BUILTIN:
+        raise DataError(f"data.caption_column is set but {source!r} has no captions: give a captioned folder or .zip "
+                        "(metadata.jsonl or same-name .txt files), an .npz with an array of captions, or 'hf:<id>' with "
+                        "a text column, or unset it.")
     if source in BUILTIN:
         images, labels = load_builtin(source, res, ch, resize)
         name = source
@@ -553,7 +594,7 @@ def load_dataset(config: DataConfig, policy: SourcePolicy | None = None) -> Imag
         elif path.is_dir() or path.suffix.lower() == ".zip":
             images, labels, rejected = load_files(path, res, ch, resize)
         elif path.suffix.lower() == ".npz":
-            images, labels, rejected = load_npz(path, res, ch, resize)
+            images, labels, captions, rejected = load_npz(path, res, ch, resize, config.caption_column)
         else:
             raise DataError(f"{path.name}: unsupported file type; give a folder of images, a .zip or an .npz.")
     ids = np.arange(len(images), dtype=np.int64)

@@ -34,6 +34,7 @@ from .fid import FIDUnavailable, fid_score
 from .metrics import (MQ_THRESHOLDS, copy_counts, distance_threshold, memorization_ratio, mq_ratio, share_summary,
                       shares_below)
 from .neighbours import as_uint8_images, nearest_neighbours, resolve_device
+from .quality import measure_quality, quality_text
 from .runs import Run, check_eval_name, checkpoint_step
 from .sample import Cancelled, generate_from_run
 
@@ -45,6 +46,11 @@ Progress = Callable[[str, int, int], None]
 COPY_CRITERIA = {"ratio": ("memorization_ratio", "memorized"), "distance": ("l2_nearest", "copy_distance"),
                  "mq": ("mq_ratio", "copy_mq")}
 CALIBRATION_IMAGES = 2048  # training images whose nearest other image calibrates delta (a seeded subset beyond)
+# Samples whose mean distance to their nearest training image is this many times the training
+# images' median distance to each other are not images yet (uniform noise on 16x16 digits: 2.7,
+# on 8x8: 1.9; other real digits: 1.0; near-copies: 0.2).
+NOISE_DISTANCE_FACTOR = 1.5
+EMA_START_WEIGHT_LIMIT = 0.05  # an EMA holding more of the random initial weights has not caught up
 
 
 @dataclass
@@ -108,7 +114,8 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     memorized = ratio < config.memorization_threshold
     mq = mq_ratio(found.sq_dist, config.mq_neighbours)
     started = time.perf_counter()
-    delta = calibrated_distance(dataset, config.distance_quantile, flip_aware, device)
+    training_nn = training_nn_distances(dataset, flip_aware, device)
+    delta = distance_threshold(training_nn, config.distance_quantile)
     seconds["calibration"] = time.perf_counter() - started
     table = pd.DataFrame({
         "sample_id": np.arange(len(generated)),
@@ -137,7 +144,7 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     mirrored = torch.from_numpy(found.flipped[:, 0])
     nearest[mirrored] = nearest[mirrored].flip(-1)
 
-    fid, fid_message, fid_seconds = _fid(generated, dataset, config, device, progress)
+    fid, fid_message, fid_seconds = measure_fid(generated, dataset, config, device, progress)
     if config.fid:
         seconds["fid"] = fid_seconds
 
@@ -164,6 +171,7 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
         "mq_neighbours": min(config.mq_neighbours, len(dataset)),
         "mq_shares": {f"{t:g}": share for t, share in shares_below(mq, MQ_THRESHOLDS).items()},
         "mean_l2_nearest": float(table["l2_nearest"].mean()),
+        "training_nn_l2_median": float(np.median(training_nn)),
         "median_l2_nearest": float(table["l2_nearest"].median()),
         "distinct_nearest": int((times_nearest > 0).sum()),
         "exhaustive_rows": found.exhaustive_rows,
@@ -175,18 +183,20 @@ def evaluate_images(generated, dataset: ImageDataset, config: EvalConfig | None 
     return EvalResult(table, summary, most_copied, generated.numpy(), nearest.numpy())
 
 
-def calibrated_distance(dataset: ImageDataset, quantile: float, flip_aware: bool, device: torch.device) -> float:
-    """delta of the "distance" criterion on this dataset, with the evaluation's flip setting
-    (an image's own mirror image is the image itself, not another one)."""
+def training_nn_distances(dataset: ImageDataset, flip_aware: bool, device: torch.device) -> np.ndarray:
+    """L2 of (up to CALIBRATION_IMAGES) training images to their nearest other training image,
+    with the evaluation's flip setting (an image's own mirror image is the image itself): delta
+    of the "distance" criterion is a quantile of these, and their median says how far apart
+    real images are (samples much farther from every training image are not images yet)."""
     positions = np.arange(len(dataset))
     if len(dataset) > CALIBRATION_IMAGES:
         positions = np.sort(np.random.default_rng(0).choice(len(dataset), CALIBRATION_IMAGES, replace=False))
     found = nearest_neighbours(dataset.images[torch.from_numpy(positions)], dataset.images, k=2, flip_aware=flip_aware,
                                device=device)
-    return distance_threshold(found.l2[:, 1], quantile)  # column 0 is the image itself
+    return found.l2[:, 1]  # column 0 is the image itself
 
 
-def _fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
+def measure_fid(generated: torch.Tensor, dataset: ImageDataset, config: EvalConfig, device: torch.device,
          progress: Progress | None) -> tuple[float | None, str, float]:
     """(FID or None, a note on it, seconds); a missing weights file is a note, not an error."""
     if not config.fid:
@@ -247,12 +257,18 @@ def evaluate_run(run: Run | str | Path, config: EvalConfig | None = None, *, dev
     flip_aware = flips_in_training(run.config) if config.flip_aware is None else config.flip_aware
     result = evaluate_images(images, dataset, config, flip_aware=flip_aware, per_sample=run.per_sample(),
                              device=device, progress=progress)
+    step = checkpoint_step(checkpoint)
     result.summary.update({
-        "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": checkpoint_step(checkpoint),
+        "run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": step,
         "weights": weights, "sampler": config.sampler, "steps": config.steps, "eta": config.eta, "seed": config.seed,
-        "device": str(device),
+        "device": str(device), "ema_decay": run.config.train.ema_decay,
+        # The EMA starts at the random initial weights and each proxy step moves it by (1 - decay).
+        "ema_start_weight": run.config.train.ema_decay ** (step / run.config.method.num_shards),
     })
     result.summary["seconds"]["sampling"] = sampling_seconds
+    started = time.perf_counter()
+    result.summary["quality"] = measure_quality(images, run.config.data, dataset)
+    result.summary["seconds"]["quality"] = time.perf_counter() - started
     if cancelled is not None and cancelled():
         raise Cancelled("the evaluation was cancelled")
     if save:
@@ -428,10 +444,31 @@ def format_summary(summary: dict) -> str:
         f"nearest L2: mean {summary['mean_l2_nearest']:.4f}, median {summary['median_l2_nearest']:.4f}; "
         f"{summary['distinct_nearest']} distinct training images are someone's nearest",
         f"FID: {summary['fid']:.2f}" if summary["fid"] is not None else "FID: n/a",
+        f"quality: {quality_text(summary)}",
     ]
     if summary.get("fid_message"):
         lines.append(f"  {summary['fid_message']}")
+    lines += [f"WARNING: {warning}" for warning in evaluation_warnings(summary)]
     return "\n".join(lines)
+
+
+def evaluation_warnings(summary: dict) -> list[str]:
+    """Why this evaluation's copy share means little yet, in plain words (none: nothing found)."""
+    warnings = []
+    step, share = summary.get("checkpoint_step", "?"), summary.get("memorized_fraction")
+    share_text = f"{100 * share:.0f}% copies" if share is not None else "the copy share"
+    typical = summary.get("training_nn_l2_median")
+    if typical and summary.get("mean_l2_nearest", 0) > NOISE_DISTANCE_FACTOR * typical:
+        warnings.append(f"samples are still noise at step {step}: {share_text} here means nothing yet (they are "
+                        f"{summary['mean_l2_nearest'] / typical:.1f}x farther from every training image than training "
+                        "images are from each other)")
+    start = summary.get("ema_start_weight")
+    if summary.get("weights") == "ema" and start is not None and start > EMA_START_WEIGHT_LIMIT:
+        decay = summary["ema_decay"]
+        warnings.append(f"the EMA weights at step {step} have not caught up: {100 * start:.0f}% of them is still the "
+                        f"random start (decay {decay:g} averages over about {1 / (1 - decay):.0f} steps per proxy); "
+                        f"{share_text} says little: evaluate the raw weights or a later step")
+    return warnings
 
 
 def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
@@ -452,6 +489,7 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
                         help="also compare with mirrored training images (default: when training flipped)")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs the Inception weights file)")
     parser.add_argument("--fid-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--clip-model", help="text-to-image runs: a local CLIPModel folder for the CLIP score")
     parser.add_argument("--feature-extractor", help="text-to-image runs: SSCD TorchScript file or DINOv2 / CLIP "
                                                     "transformers folder for copy detection")
     parser.add_argument("--guidance-scale", type=float, help="text-to-image runs: classifier-free guidance")
@@ -471,7 +509,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  "flip_aware": args.flip_aware, "fid_weights": args.fid_weights,
                  "use_ema": None if args.weights is None else args.weights == "ema", "fid": args.fid or None}
     config = replace(run.config.eval, **{k: v for k, v in overrides.items() if v is not None})
-    copy_settings = {"feature_extractor": args.feature_extractor, "guidance_scale": args.guidance_scale,
+    copy_settings = {"feature_extractor": args.feature_extractor, "clip_model": args.clip_model, "guidance_scale": args.guidance_scale,
                      "images_per_caption": args.images_per_caption}
     text2image = replace(run.config.text2image, **{k: v for k, v in copy_settings.items() if v is not None})
     result = evaluate_run(run, config, device=args.device, name=args.name, save=not args.no_save,

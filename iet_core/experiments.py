@@ -35,7 +35,7 @@ from .config import MEMORIZATION_THRESHOLD, MODES, ConfigError, RunConfig, demo_
 from .data import load_dataset
 from .evaluate import COPY_CRITERIA, evaluate_images, flips_in_training
 from .neighbours import resolve_device
-from .quality import QualityMeter
+from .quality import QualityMeter, heldout_set
 from .runs import Run, atomic_write, list_runs
 from .sample import generate_from_run
 from .train import train
@@ -125,19 +125,6 @@ class Experiment:
         return RunConfig.from_dict(tree).validate()
 
 
-def heldout_set(config: RunConfig, count: int):
-    """Images of the same source outside the training subset (seeded choice)."""
-    data = copy.deepcopy(config.data)
-    data.subset = None
-    everything = load_dataset(data)
-    training_ids = set(load_dataset(config.data).ids.tolist())
-    outside = np.array([i for i, image_id in enumerate(everything.ids.tolist()) if image_id not in training_ids])
-    if len(outside) == 0:
-        raise ConfigError("no images are left out of training for the quality measure: lower data.subset.")
-    pick = np.sort(np.random.default_rng(12345).choice(outside, min(count, len(outside)), replace=False))
-    return everything.select(pick)
-
-
 def matching_run(root: Path, config: RunConfig) -> Run | None:
     """The run under root trained with exactly this config (newest first), so that an
     interrupted or extended experiment picks up where it stopped instead of training again."""
@@ -159,7 +146,9 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    heldout = heldout_set(experiment.base, experiment.heldout)
+    heldout = heldout_set(experiment.base.data, load_dataset(experiment.base.data).ids, experiment.heldout)
+    if heldout is None:
+        raise ConfigError("no images are left out of training for the quality measure: lower data.subset.")
     meter = QualityMeter.fit(heldout, steps=experiment.classifier_steps)
     log(f"quality classifier: {len(heldout)} held-out images, accuracy {meter.accuracy:.2f}")
     log(f"every method evaluated on {'EMA' if evaluation['use_ema'] else 'raw averaged'} weights, "

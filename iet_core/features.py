@@ -6,6 +6,8 @@ features (transformers folders). A generation is a copy when the cosine similari
 nearest training image is above 0.5, the convention of Somepalli et al. for SSCD. Nothing is
 downloaded: the user gives a local file or folder. Without one, a clearly named stand-in
 compares small centred greyscale thumbnails (a correlation): it finds near-exact copies only.
+The same loading path gives the CLIP score of generations against their prompts (ClipScorer),
+from a local CLIPModel folder.
 """
 from __future__ import annotations
 
@@ -84,33 +86,109 @@ def load_feature_extractor(source: str | None, device: str | torch.device | None
     return _transformers_extractor(path, device)
 
 
-def _transformers_extractor(path: Path, device: torch.device) -> FeatureExtractor:
+def _transformers_model(path: Path, device: torch.device, accepted, what: str):
+    """(class name, model in eval mode, config.json) of a transformers folder holding one of
+    the `accepted` classes, from .safetensors only (pickled weights are not loaded)."""
     import transformers
 
     config = json.loads((path / "config.json").read_text())
-    kind = next((a for a in config.get("architectures") or [] if a in VISION_MODELS), None)
+    kind = next((a for a in config.get("architectures") or [] if a in accepted), None)
     if kind is None:
-        raise ConfigError(f"feature extractor folder {path.name} holds {config.get('architectures')}: use one of "
-                          f"{', '.join(VISION_MODELS)}.")
+        raise ConfigError(f"{what} folder {path.name} holds {config.get('architectures')}: use one of {', '.join(accepted)}.")
     if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"feature extractor folder {path.name} has no .safetensors weights (pickled weights are not loaded).")
-    model = getattr(transformers, kind).from_pretrained(str(path), use_safetensors=True).to(device).eval()
+        raise ConfigError(f"{what} folder {path.name} has no .safetensors weights (pickled weights are not loaded).")
+    model = getattr(transformers, kind).from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    return kind, model.to(device).eval(), config
+
+
+def _pooled(output) -> torch.Tensor:
+    """get_image_features / get_text_features give a tensor (older transformers) or an output
+    whose pooler_output is the projected embedding (transformers 5)."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _preprocessing(path: Path, config: dict) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(input size, mean, std) from the folder's image processor (preprocessor_config.json, or
+    processor_config.json as transformers 5 writes it), else the model config and ImageNet's."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):  # no processor saved: the model's own defaults
+        vision = config.get("vision_config", config)
+        return int(vision.get("image_size", 224)), IMAGENET_MEAN, IMAGENET_STD
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or processor.size
+    side = size.get("height") or size.get("shortest_edge") or 224
+    return int(side), tuple(processor.image_mean), tuple(processor.image_std)
+
+
+def _transformers_extractor(path: Path, device: torch.device) -> FeatureExtractor:
+    kind, model, config = _transformers_model(path, device, VISION_MODELS, "feature extractor")
     output = VISION_MODELS[kind]
 
     def network(x: torch.Tensor) -> torch.Tensor:
         if output == "image_features":
-            features = model.get_image_features(pixel_values=x)
-            return features if torch.is_tensor(features) else features.pooler_output
+            return _pooled(model.get_image_features(pixel_values=x))
         return getattr(model(pixel_values=x), output)
 
-    processor = path / "preprocessor_config.json"
-    settings = json.loads(processor.read_text()) if processor.exists() else {}
-    vision = config.get("vision_config", config)
-    size = settings.get("crop_size", vision.get("image_size", 224))
-    size = size.get("height", 224) if isinstance(size, dict) else int(size)
-    mean = tuple(settings.get("image_mean", IMAGENET_MEAN))
-    std = tuple(settings.get("image_std", IMAGENET_STD))
-    return FeatureExtractor(f"{kind} ({path.name})", network, size, mean, std, device)
+    return FeatureExtractor(f"{kind} ({path.name})", network, *_preprocessing(path, config), device)
+
+
+@dataclass
+class ClipScorer:
+    """CLIP score (Hessel et al. 2021; torchmetrics' CLIPScore): how well an image matches its
+    prompt, 100 * max(cos(image embedding, text embedding), 0); the reference repository reports
+    its mean over generations."""
+
+    name: str
+    images: FeatureExtractor  # the CLIPModel's image embeddings, with its own preprocessing
+    tokenizer: object
+    max_length: int
+    model: torch.nn.Module
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(prompts[start:start + batch_size], padding=True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt").to(self.images.device)
+            features = _pooled(self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
+            out.append(F.normalize(features.float(), dim=1).cpu())
+        return torch.cat(out)
+
+    def __call__(self, images, prompts: list[str], batch_size: int = 64) -> np.ndarray:
+        """float64 (N,) CLIP scores of image i against prompt i."""
+        if len(images) != len(prompts):
+            raise ConfigError(f"CLIP score pairs images with prompts: got {len(images)} images and {len(prompts)} prompts.")
+        cosine = (self.images(images, batch_size) * self.text_embeddings(list(prompts), batch_size)).sum(dim=1)
+        return (100.0 * cosine.clamp(min=0)).double().numpy()
+
+
+def load_clip_scorer(source: str, device: str | torch.device | None = None) -> ClipScorer:
+    """A CLIP score from a local CLIPModel folder (CLIPModel.save_pretrained and its
+    processor's or tokenizer's save_pretrained in the same folder); nothing is downloaded."""
+    from transformers import AutoTokenizer
+
+    path = Path(source).expanduser()
+    if not (path / "config.json").exists():
+        raise ConfigError(f"CLIP model {source!r} is not a transformers folder (no config.json): give a folder that "
+                          "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained wrote (e.g. openai/clip-vit-large-patch14).")
+    device = resolve_device(device)
+    _, model, config = _transformers_model(path, device, ("CLIPModel",), "CLIP model (image and text towers)")
+    images = FeatureExtractor(f"CLIPModel ({path.name})", lambda x: _pooled(model.get_image_features(pixel_values=x)),
+                              *_preprocessing(path, config), device)
+    # transformers 5 builds an empty tokenizer from a folder without one: look for its files first
+    found = any((path / name).exists() for name in ("tokenizer.json", "vocab.json"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if found else None
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is None:
+        raise ConfigError(f"CLIP model folder {path.name} has no readable tokenizer (tokenizer.json or vocab.json): save "
+                          "the CLIPProcessor (or its tokenizer) into the same folder with save_pretrained.")
+    max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+    return ClipScorer(f"CLIP score, {path.name}", images, tokenizer, max_length, model)
 
 
 def cosine_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 2, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

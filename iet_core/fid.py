@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
 from .config import ConfigError
 from .neighbours import as_uint8_images, resolve_device
-from .runs import atomic_write
+from .runs import atomic_write, user_cache_dir
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _build_lock = threading.Lock()
@@ -39,10 +38,6 @@ class FIDUnavailable(ConfigError):
 
 def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet_core" / "fid-stats"
 
 
 def find_weights(path: str | Path | None = None) -> Path:
@@ -150,7 +145,7 @@ def training_statistics(model: InceptionV3, images, weights: Path, cache_dir: st
                         batch_size: int = 50, progress: Callable[[int, int], None] | None = None):
     """Feature mean and covariance of a training set, read from or written to the cache."""
     images = as_uint8_images(images, "training images")
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir else user_cache_dir("fid-stats")
     path = cache / f"{statistics_key(images, model_dims(model), _file_digest(weights))}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:

@@ -73,6 +73,18 @@ def share_summary(flags, confidence: float = 0.95) -> dict:
     return {"count": count, "total": total, "share": count / total if total else 0.0, "low": low, "high": high}
 
 
+def mean_summary(values, confidence: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict:
+    """A mean with what it rests on: the value count and a percentile bootstrap interval
+    (low, high) of the mean. The one way a mean score (e.g. CLIP score) is reported."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"mean": float("nan"), "count": 0, "low": float("nan"), "high": float("nan")}
+    draws = values[np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return {"mean": float(values.mean()), "count": int(values.size), "low": float(low), "high": float(high)}
+
+
 def distance_threshold(nearest_other_l2: np.ndarray, quantile: float) -> float:
     """delta of the (l2, delta) copy criterion (Carlini et al. 2023 style), calibrated on the data:
     this quantile of the training images' L2 distances to their nearest other training image.

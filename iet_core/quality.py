@@ -10,20 +10,38 @@ held-out image; realistic samples that are not copies sit close to some unseen i
 
 Feature FD comes with a 95% bootstrap interval (`bootstrap_fd`): how much the figure would move
 with other samples of the same model and another held-out draw.
+
+`measure_quality` is what an evaluation reports: feature FD against up to 500 held-out images
+(the classifier is trained once per held-out set and cached), or, where the data hold no
+labelled held-out images, the clearly named fallback "pixel FD": the same Fréchet distance on
+8x8 thumbnails against the held-out images, or against the training images when none is held
+out (then a model that copies scores well too; it still tells noise from images).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 
-from .config import ConfigError
-from .data import ImageDataset
+from .config import ConfigError, DataConfig
+from .data import ImageDataset, load_dataset
 from .fid import frechet_distance, statistics
-from .neighbours import nearest_neighbours
+from .neighbours import as_uint8_images, nearest_neighbours
+from .runs import atomic_write, user_cache_dir
+
+HELDOUT_IMAGES = 500  # held-out images a quality figure is measured against (as the experiments)
+HELDOUT_SEED = 12345  # which ones: the same for every run on the same data
+MIN_HELDOUT = 10
+CLASSIFIER_STEPS = 300
+PIXEL_FD_SIZE = 8  # the fallback's thumbnails: 8x8 per channel
 
 
 class FeatureNet(nn.Module):
@@ -72,17 +90,18 @@ class QualityMeter:
     accuracy: float  # on the held-out images it was trained on (a sanity check, not a claim)
 
     @classmethod
-    def fit(cls, heldout: ImageDataset, steps: int = 300, batch_size: int = 64, seed: int = 0) -> "QualityMeter":
+    def fit(cls, heldout: ImageDataset, steps: int = CLASSIFIER_STEPS, batch_size: int = 64, seed: int = 0) -> "QualityMeter":
         if heldout.labels is None:
             raise ConfigError("the quality measure trains a classifier on held-out images and needs labels: "
                               "use a labelled dataset (class folders, an .npz with labels, or digits).")
         if len(heldout) < 10:
             raise ConfigError(f"only {len(heldout)} held-out images: keep at least 10 out of training for the quality measure.")
         generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         classes = torch.unique(heldout.labels)
         labels = torch.searchsorted(classes, heldout.labels)
-        net = FeatureNet(heldout.channels, len(classes))
+        with torch.random.fork_rng():  # seeded initial weights, leaving the caller's global RNG alone
+            torch.manual_seed(seed)
+            net = FeatureNet(heldout.channels, len(classes))
         optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
         for _ in range(steps):
             pick = torch.randint(0, len(heldout), (batch_size,), generator=generator)
@@ -93,8 +112,45 @@ class QualityMeter:
         net.eval()
         with torch.no_grad():
             accuracy = float((net(heldout.images).argmax(1) == labels).float().mean())
-        meter = cls(net, heldout, np.zeros((0, net.head.in_features)), accuracy)
+        return cls.of(net, heldout, accuracy)
+
+    @classmethod
+    def of(cls, net: FeatureNet, heldout: ImageDataset, accuracy: float) -> "QualityMeter":
+        meter = cls(net.eval(), heldout, np.zeros((0, net.head.in_features)), accuracy)
         meter.reference_features = meter.features(heldout.images)
+        return meter
+
+    @classmethod
+    def cached(cls, heldout: ImageDataset, steps: int = CLASSIFIER_STEPS, seed: int = 0,
+               cache_dir: str | Path | None = None) -> "QualityMeter":
+        """`fit`, trained once per held-out set and settings: kept in memory and in the user
+        cache (a safetensors file named by a hash of the images, labels and settings)."""
+        digest = hashlib.sha256(repr((tuple(heldout.images.shape), steps, seed, FeatureNet.__doc__)).encode())
+        digest.update(heldout.images.contiguous().numpy().tobytes())
+        digest.update(heldout.labels.numpy().tobytes() if heldout.labels is not None else b"")
+        key = digest.hexdigest()[:32]
+        with _meters_lock:
+            if key in _meters:
+                _meters.move_to_end(key)
+                return _meters[key]
+        path = (Path(cache_dir).expanduser() if cache_dir else user_cache_dir("quality-classifiers")) / f"{key}.safetensors"
+        meter = None
+        if path.exists():
+            try:
+                state = load_file(str(path))
+                accuracy = float(state.pop("accuracy"))
+                net = FeatureNet(heldout.channels, state["head.weight"].shape[0])
+                net.load_state_dict(state)
+                meter = cls.of(net, heldout, accuracy)
+            except Exception:  # a damaged or foreign file: train again and replace it
+                meter = None
+        if meter is None:
+            meter = cls.fit(heldout, steps=steps, seed=seed)
+            atomic_write(path, save({**meter.net.state_dict(), "accuracy": torch.tensor(meter.accuracy)}))
+        with _meters_lock:
+            _meters[key] = meter
+            while len(_meters) > 4:
+                _meters.popitem(last=False)
         return meter
 
     @torch.no_grad()
@@ -109,3 +165,67 @@ class QualityMeter:
         nearest = nearest_neighbours(generated, self.heldout.images, k=1)
         return {"feature_fd": float(fd), "feature_fd_low": low, "feature_fd_high": high,
                 "heldout_l2": float(nearest.l2[:, 0].mean())}
+
+
+_meters: OrderedDict[str, QualityMeter] = OrderedDict()
+_meters_lock = threading.Lock()
+
+
+def heldout_set(data: DataConfig, training_ids: torch.Tensor, count: int = HELDOUT_IMAGES) -> ImageDataset | None:
+    """Up to `count` images of the same source outside the training subset (a seeded choice,
+    the same for every run on this data); None when training uses them all."""
+    if data.subset is None:
+        return None
+    everything = load_dataset(replace(data, subset=None))
+    outside = np.flatnonzero(~np.isin(everything.ids.numpy(), training_ids.numpy()))
+    if len(outside) == 0:
+        return None
+    return everything.select(np.sort(np.random.default_rng(HELDOUT_SEED).choice(outside, min(count, len(outside)), replace=False)))
+
+
+def pixel_features(images) -> np.ndarray:
+    """The fallback's features: 8x8 thumbnails (per channel) in [0, 1]."""
+    images = as_uint8_images(images, "images")
+    return F.adaptive_avg_pool2d(images.float() / 255.0, PIXEL_FD_SIZE).flatten(1).double().numpy()
+
+
+def measure_quality(generated, data: DataConfig, training: ImageDataset, cache_dir: str | Path | None = None) -> dict:
+    """How realistic samples are, lower is better: {"measure", "value", "low", "high" (95%
+    bootstrap interval), "reference" (what they were compared with), "num_samples"}. Feature FD
+    against held-out images where the data have labelled ones, else pixel FD (see the module)."""
+    generated = as_uint8_images(generated, "generated images")
+    base = {"num_samples": len(generated)}
+    if len(generated) < 2:
+        return {**base, "measure": None, "reference": "no quality figure from a single sample: ask for more samples"}
+    try:
+        heldout = heldout_set(data, training.ids)
+    except ConfigError:  # the full source cannot be read here: measure against the training images
+        heldout = None
+    if heldout is not None and len(heldout) < MIN_HELDOUT:
+        heldout = None
+    if heldout is not None and heldout.labels is not None and len(torch.unique(heldout.labels)) > 1:
+        meter = QualityMeter.cached(heldout, cache_dir=cache_dir)
+        measured = meter.measure(generated)
+        return {**base, "measure": "feature FD", "value": measured["feature_fd"], "low": measured["feature_fd_low"],
+                "high": measured["feature_fd_high"], "reference": f"{len(heldout)} held-out images",
+                "heldout_l2": measured["heldout_l2"], "classifier_accuracy": meter.accuracy}
+    if heldout is not None:
+        reference, where = heldout, f"{len(heldout)} held-out images (no labels to train a classifier on)"
+    else:
+        reference, where = training, (f"the {len(training)} training images (none is held out: "
+                                      "copies score well too; it tells noise from images)")
+    features, reference_features = pixel_features(generated), pixel_features(reference.images)
+    value = frechet_distance(*statistics(features), *statistics(reference_features))
+    low, high = bootstrap_fd(features, reference_features)
+    return {**base, "measure": "pixel FD", "value": value, "low": low, "high": high, "reference": where}
+
+
+def quality_text(summary: dict) -> str:
+    """An evaluation's quality figure in words: FID when computed, else its measured quality."""
+    if summary.get("fid") is not None:
+        return f"FID {summary['fid']:.1f}"
+    quality = summary.get("quality") or {}
+    if quality.get("measure") is None:
+        return "quality not measured"
+    return (f"{quality['measure']} {quality['value']:.2f} (95% interval {quality['low']:.2f}–{quality['high']:.2f}, "
+            f"{quality['num_samples']} samples vs {quality['reference']})")

@@ -152,6 +152,15 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def user_cache_dir(name: str) -> Path:
+    """A folder of the user's cache for one kind of derived data (FID statistics, latents):
+    $IET_CACHE_DIR/name, else $XDG_CACHE_HOME/iet_core/name, else ~/.cache/iet_core/name."""
+    root = os.environ.get("IET_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet_core" / name
+
+
 def append_csv(path: Path, frame: pd.DataFrame) -> None:
     if len(frame):
         frame.to_csv(path, mode="a", header=not path.exists() or path.stat().st_size == 0, index=False)

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig
-from iet_core.evaluate import flips_in_training, load_eval
+from iet_core.evaluate import evaluation_warnings, flips_in_training, load_eval
 from iet_core.metrics import proportion_interval
+from iet_core.quality import quality_text
 from pages import api, charts, common
-from pages.memorization import quality_text
 
 TITLE, PATH = "5 · Compare", "compare"
 
@@ -41,9 +41,29 @@ def saved_summary(ctx: common.AppContext, run_id: str) -> dict:
         return {}
 
 
-def compare_row(ctx: common.AppContext, run_id: str, summary: dict) -> dict:
+QUALITY_GAP = 2.0  # a run whose quality figure is this many times the best run's is not comparable
+
+
+def run_warnings(names: list[str], summaries: list[dict]) -> dict[str, list[str]]:
+    """Per evaluated run, why its copy share means little: the engine's warnings (noise, an EMA
+    that has not caught up), and a quality far worse than the best run's (same measure only)."""
+    done = {n: s for n, s in zip(names, summaries) if s}
+    warnings = {n: evaluation_warnings(s) for n, s in done.items()}
+    measured = {n: s["quality"] for n, s in done.items() if (s.get("quality") or {}).get("measure")}
+    if len({(q["measure"], q["reference"]) for q in measured.values()}) == 1 and len(measured) > 1:
+        best_name, best = min(measured.items(), key=lambda item: item[1]["value"])
+        for name, quality in measured.items():
+            if quality["value"] > QUALITY_GAP * best["value"] and quality["low"] > best["high"]:
+                warnings[name].append(f"its samples are far worse than {best_name}'s ({quality['measure']} "
+                                      f"{quality['value']:.2f} against {best['value']:.2f}): its copy share is not "
+                                      "comparable with theirs")
+    return {n: w for n, w in warnings.items() if w}
+
+
+def compare_row(ctx: common.AppContext, run_id: str, summary: dict, warned: bool = False) -> dict:
     """One run's numbers, formatted for the table ("–": not evaluated or not available). A copy
-    share always comes with its sample count, interval, checkpoint step, weights and quality."""
+    share always comes with its sample count, interval, checkpoint step, weights and quality;
+    `warned`: it means nothing yet (the notes say why), and the cell says so first."""
     config = ctx.jobs.run(run_id).config
     history = ctx.jobs.history(run_id)
     steps = history.steps()
@@ -56,7 +76,7 @@ def compare_row(ctx: common.AppContext, run_id: str, summary: dict) -> dict:
     if summary:
         count, total = summary["memorized_count"], summary["num_samples"]
         low, high = proportion_interval(count, total)
-        row.update({"copies": f"{100 * count / total:.1f}% ({count}/{total})",
+        row.update({"copies": f"{'⚠ means nothing yet: ' if warned else ''}{100 * count / total:.1f}% ({count}/{total})",
                     "95% interval": f"{100 * low:.0f}–{100 * high:.0f}%",
                     "eval step": summary.get("checkpoint_step", "–"),
                     "weights": {"ema": "EMA", "model": "raw"}.get(summary.get("weights"), "–"),
@@ -66,7 +86,7 @@ def compare_row(ctx: common.AppContext, run_id: str, summary: dict) -> dict:
 
 def fairness_notes(names: list[str], summaries: list[dict]) -> str:
     """What makes these runs' copy shares not comparable as they stand, one warning a line."""
-    notes = []
+    notes = [f"{name}: {warning}." for name, found in run_warnings(names, summaries).items() for warning in found]
     missing = [n for n, s in zip(names, summaries) if not s]
     if missing:
         notes.append(f"Not evaluated yet: {', '.join(missing)} (Memorization page, or *Evaluate all the same way*).")
@@ -77,9 +97,15 @@ def fairness_notes(names: list[str], summaries: list[dict]) -> str:
         if len(values) > 1:
             listed = ", ".join(f"{n}: {s.get(field)}" for n, s in done)
             notes.append(f"Evaluated with different {what} ({listed}): compare like with like.")
-    if len(done) > 1 and not any(s.get("fid") is not None or s.get("feature_fd") is not None for _, s in done):
+    if len(done) > 1 and not any(s.get("fid") is not None or (s.get("quality") or {}).get("measure") for _, s in done):
         notes.append("No quality figure: a run that copies less may simply make worse images.")
     return "\n".join(f"⚠ {note}  " for note in notes) if notes else "✓ Evaluated alike: same step, weights and samples."
+
+
+def run_name(ctx: common.AppContext, run_id: str) -> str:
+    """How the page names a run: "demo-ddpm (ddpm, 3f9a2c)"."""
+    config = ctx.jobs.run(run_id).config
+    return f"{config.name} ({config.method.mode}, {run_id[-6:]})"
 
 
 def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
@@ -88,8 +114,9 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
         empty = charts.empty_figure("Pick runs to compare.")
         return pd.DataFrame(columns=COLUMNS), "", empty, empty, empty, empty, []
     summaries = [saved_summary(ctx, r) for r in run_ids]
-    rows = [compare_row(ctx, r, summary) for r, summary in zip(run_ids, summaries)]
-    names = {r: f"{row['run']} ({row['mode']}, {row['id']})" for r, row in zip(run_ids, rows)}
+    names = {r: run_name(ctx, r) for r in run_ids}
+    warned = run_warnings(list(names.values()), summaries)
+    rows = [compare_row(ctx, r, summary, names[r] in warned) for r, summary in zip(run_ids, summaries)]
     steps = {names[r]: round_axis(ctx.jobs.history(r).steps(max_points=3000)) for r in run_ids}
     ratios, copies = {}, {}
     for r in run_ids:

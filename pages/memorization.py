@@ -3,13 +3,15 @@ image; the share of copies, MQ, FID when available, and the most-copied training
 their skip history from training."""
 from __future__ import annotations
 
+import html
 
 import gradio as gr
 import pandas as pd
 
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError
-from iet_core.evaluate import COPY_DETECTION, list_evals, load_eval
+from iet_core.evaluate import COPY_DETECTION, evaluation_warnings, list_evals, load_eval
 from iet_core.metrics import proportion_interval
+from iet_core.quality import quality_text
 from pages import api, charts, common
 
 TITLE, PATH = "4 · Memorization", "memorization"
@@ -21,11 +23,20 @@ PRESENTED = 6  # pairs in the presentation view: big enough to read from the bac
 
 def share_line(summary: dict) -> str:
     """A memorized share with everything needed to judge it: count of samples, 95% interval,
-    checkpoint step, weights, and a quality figure."""
-    count, total = summary["memorized_count"], summary["num_samples"]
+    checkpoint step, weights, and a quality figure. Text-to-image runs: the share of
+    generations above the copy similarity, and the feature space it was measured in."""
+    if summary.get("kind") == COPY_DETECTION:
+        count, total = summary["copy_count"], summary["num_samples"]
+        share = (f"copies · Similarity above {summary['copy_threshold']:g} to the nearest training image: {count} of "
+                 f"{total} generations from {summary['num_captions']} training captions")
+        measure = f" · guidance {summary.get('guidance_scale', '?')}  \nMeasured with **{summary['measure']}**"
+    else:
+        count, total = summary["memorized_count"], summary["num_samples"]
+        share, measure = f"copies: {count} of {total} samples", ""
     low, high = proportion_interval(count, total)
-    return (f"<span class='big-number'>{100 * count / total:.0f}%</span> copies: {count} of {total} samples "
-            f"(95% interval {100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}")
+    return (f"<span class='big-number'>{100 * count / total:.0f}%</span> {share} (95% interval "
+            f"{100 * low:.0f}–{100 * high:.0f}%) · {provenance(summary)} · {quality_text(summary)}{measure}"
+            + "".join(f"  \n⚠ **{warning}**" for warning in evaluation_warnings(summary)))
 
 
 def provenance(summary: dict) -> str:
@@ -33,15 +44,6 @@ def provenance(summary: dict) -> str:
     weights = {"ema": "EMA weights", "model": "raw weights"}.get(summary.get("weights"), "weights ?")
     step = summary.get("checkpoint_step")
     return f"step {step if step is not None else '?'}, {weights}"
-
-
-def quality_text(summary: dict) -> str:
-    """The quality figure: FID when it was computed, else the offline feature FD, else none."""
-    if summary.get("fid") is not None:
-        return f"FID {summary['fid']:.1f}"
-    if summary.get("feature_fd") is not None:
-        return f"feature FD {summary['feature_fd']:.2f}"
-    return "quality not measured"
 
 
 def summary_markdown(summary: dict) -> str:
@@ -55,12 +57,18 @@ def summary_markdown(summary: dict) -> str:
         f"Checkpoint `{summary.get('checkpoint', '?')}` · {summary.get('sampler', '')} {summary.get('steps', '')} steps"
         f"{' · compared with mirrored training images too' if summary.get('flip_aware') else ''}",
     ]
-    if summary.get("kind") == COPY_DETECTION:  # a text-to-image run: copies in a feature space
-        low, high = summary["copy_interval"]
-        lines.insert(1, f"Similarity above {summary['copy_threshold']:g} to the nearest training image: "
-                        f"**{summary['copy_count']} of {summary['num_samples']}** generations from "
-                        f"{summary['num_captions']} training captions (95% interval {100 * low:.0f}–{100 * high:.0f}%), "
-                        f"measured with {summary['measure']}")
+    if summary.get("kind") == COPY_DETECTION:  # a text-to-image run: the distance ratio in the same feature space
+        low, high = proportion_interval(summary["memorized_count"], summary["num_samples"])
+        lines[1] = (f"Distance ratio nearest / second nearest below {summary['memorization_threshold']:.2f} in that "
+                    f"space: {summary['memorized_count']} of {summary['num_samples']} (95% interval "
+                    f"{100 * low:.0f}–{100 * high:.0f}%) · {summary['distinct_nearest']} different training images "
+                    "are nearest to some generation")
+        if summary.get("clip_score") is not None:
+            lines.append(f"CLIP score {summary['clip_score']:.2f} (95% interval {summary['clip_score_low']:.2f}–"
+                         f"{summary['clip_score_high']:.2f}, {summary['clip_score_count']} generations; their captions' "
+                         f"training images: {summary['clip_score_training']:.2f})")
+        elif summary.get("clip_message"):
+            lines.append(f"<span class='explain'>CLIP score: {summary['clip_message']}</span>")
     if summary.get("fid_message"):
         lines.append(f"<span class='explain'>{summary['fid_message']}</span>")
     return "  \n".join(lines)
@@ -80,11 +88,20 @@ def mq_markdown(summary: dict) -> str:
 def pair_gallery(result, limit: int) -> list[tuple]:
     """(sample | nearest) images with short captions, most copied first (the order of `pairs`)."""
     rows = result.table.sort_values(["memorization_ratio", "sample_id"]).head(limit)
-    prompts = rows["caption"].str.slice(0, 60) + " · " if "caption" in rows else pd.Series("", index=rows.index)
-    captions = [f"{prompt}{r.memorization_ratio:.2f}{' copy' if r.memorized else ''}"
-                for prompt, r in zip(prompts, rows.itertuples())]
+    captions = [verdict(row, short=True) for row in rows.itertuples()]
     return [(common.image_file(common.display_image(image, 80)), caption)
             for (image, _), caption in zip(result.pairs(limit), captions)]
+
+
+def verdict(row, short: bool = False) -> str:
+    """A pair's figure and whether it counts as a copy: the similarity for text-to-image runs
+    (with the prompt in short form), the distance ratio otherwise."""
+    if hasattr(row, "similarity"):
+        copy = " copy" if row.copy else ""
+        return (f"{row.caption[:60]} · sim {row.similarity:.2f}{copy}" if short
+                else f"similarity {row.similarity:.2f} · {'copy' if row.copy else 'not a copy'}")
+    copy = " copy" if row.memorized else ""
+    return f"{row.memorization_ratio:.2f}{copy}" if short else f"ratio {row.memorization_ratio:.2f} · {'copy' if row.memorized else 'not a copy'}"
 
 
 def presentation_html(result, limit: int = PRESENTED) -> str:
@@ -93,15 +110,15 @@ def presentation_html(result, limit: int = PRESENTED) -> str:
     rows = result.table.sort_values(["memorization_ratio", "sample_id"]).head(limit)
     figures = []
     for (image, _), row in zip(result.pairs(limit), rows.itertuples()):
-        verdict = "copy" if row.memorized else "not a copy"
+        prompt = (f"<div style='text-align:center;font-size:1.2em'>“{html.escape(row.caption[:120])}”</div>"
+                  if hasattr(row, "caption") else "")
         figures.append(
             f"<figure class='copy-pair' style='margin:0'>"
             f"<img src='{common.data_uri(image)}' alt='generated sample {row.sample_id} next to training image "
             f"{row.nearest_id}' style='width:100%;height:auto;image-rendering:pixelated;display:block'>"
             "<figcaption style='display:flex;font-size:1.3em'><span style='flex:1;text-align:center'>generated</span>"
             "<span style='flex:1;text-align:center'>nearest training image</span></figcaption>"
-            f"<div style='text-align:center;font-size:1.5em;font-weight:600'>ratio {row.memorization_ratio:.2f} · "
-            f"{verdict}</div></figure>")
+            f"{prompt}<div style='text-align:center;font-size:1.5em;font-weight:600'>{verdict(row)}</div></figure>")
     return ("<div id='presentation' style='display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:28px'>"
             + "".join(figures) + "</div>")
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from iet_core.config import MODEL_PRESETS, MSR_POLICIES, DataConfig, RunConfig, method_for_mode, recipe_config
+import dataclasses
+
+from iet_core.config import (MODEL_PRESETS, MSR_POLICIES, ConfigError, DataConfig, RunConfig, method_for_mode,
+                             recipe_config)
+from iet_core.data import DataError
 from iet_core.neighbours import resolve_device
 from pages import common
-from pages.data import source_label
+from pages.data import RESOLUTIONS, source_label
 
 TITLE, PATH = "2 · Train", "train"
 POLL_SECONDS = 2.0
@@ -20,6 +24,11 @@ PRESET_LABELS = {"classroom": f"Classroom demo · CPU · ~{recipe_config('classr
                  "quick": "Quick look · CPU · 2-3 min, curves only",
                  "gpu-small": "GPU · small model · 32×32 colour", "paper": "Paper reference · GPU · hours"}
 DEMO_PRESET = "classroom"
+# The Model choice that fine-tunes a Stable Diffusion pipeline on captioned images (the engine's
+# sd-lora / sd-full recipes) instead of training a UNet preset from scratch.
+TEXT_TO_IMAGE = "text-to-image"
+MODEL_CHOICES = [*((name, name) for name in MODEL_PRESETS), ("text-to-image fine-tune (Stable Diffusion)", TEXT_TO_IMAGE)]
+PIXEL_STAND_IN = "none: pixel stand-in (near-exact copies only)"
 
 
 def preset_values(recipe: str) -> dict:
@@ -59,23 +68,105 @@ def data_config(session: dict | None) -> DataConfig:
 def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: str, shards: int, rounds: int,
                  unit: str, amount: float, batch_size: int, lr: float, seed: int, skip_lambda: float,
                  bank_decay: float, msr_threshold: float, msr_policy: str, taa_band: float, taa_strength: float,
-                 preview: int, evaluate_after: bool = True) -> RunConfig:
+                 preview: int, evaluate_after: bool = True, pretrained: str | None = None, lora_rank: int = 4,
+                 resolution: int | None = None, guidance_scale: float = 7.5,
+                 feature_extractor: str | None = None) -> RunConfig:
     """A validated RunConfig from the form. The preset's recipe supplies what the form does not
-    show (optimizer, warmup, EMA)."""
-    config = recipe_config(preset, mode)
+    show (optimizer, warmup, EMA); a text-to-image fine-tune (model TEXT_TO_IMAGE) starts from
+    the engine's sd-lora recipe (sd-full when lora_rank is 0) with the pretrained pipeline."""
+    fine_tune = model == TEXT_TO_IMAGE
+    if fine_tune:
+        if not data.caption_column:
+            raise ConfigError("the text-to-image fine-tune trains on captioned images: upload a captioned set "
+                              "(metadata.jsonl or .txt captions) or a Hugging Face dataset with its caption column on "
+                              "the Data page.")
+        config = recipe_config("sd-lora" if lora_rank else "sd-full", mode)
+        # captions go with colour images; the resolution the images are resized to
+        data = dataclasses.replace(data, channels=3, resolution=int(resolution or data.resolution))
+        config.model.pretrained = pretrained
+        config.text2image.lora_rank = int(lora_rank) or None
+        config.text2image.guidance_scale = float(guidance_scale)
+        config.text2image.feature_extractor = feature_extractor
+    else:
+        config = recipe_config(preset, mode)
+        config.model.preset = model
     config.name = (name or "").strip() or f"{mode}-{data.source.split('/')[-1].removesuffix('.npz')[:24]}"
     config.data = data
-    config.model.preset = model
     config.method = method_for_mode(mode, int(shards))
     config.method.agc.skip_lambda, config.method.agc.bank_decay = float(skip_lambda), float(bank_decay)
     config.method.msr.threshold, config.method.msr.policy = float(msr_threshold), msr_policy
     config.method.taa.band, config.method.taa.max_strength = float(taa_band), float(taa_strength)
+    config.method.taa.enabled &= not fine_tune  # latents are cached: TAA's pixel augmentations cannot act
     train = config.train
     train.rounds, train.batch_size, train.lr, train.seed = int(rounds), int(batch_size), float(lr), int(seed)
     train.local_steps, train.local_epochs = (int(amount), None) if unit == "steps" else (None, float(amount))
     train.preview_samples = int(preview)
     config.eval.after_training = bool(evaluate_after)
     return RunConfig.from_dict(config.to_dict()).validate()  # from_dict: form values checked like a JSON config
+
+
+def fine_tune_values(mode: str = "iet-agc") -> dict:
+    """The form's values for a text-to-image fine-tune: the engine's sd-lora recipe."""
+    config = recipe_config("sd-lora", mode)
+    train = config.train
+    return dict(rounds=train.rounds, unit="steps", amount=train.local_steps, batch_size=train.batch_size, lr=train.lr,
+                preview=train.preview_samples, skip_lambda=config.method.agc.skip_lambda,
+                lora_rank=config.text2image.lora_rank, guidance_scale=config.text2image.guidance_scale)
+
+
+def offered_models(ctx: common.AppContext) -> tuple[dict[str, str], dict[str, str]]:
+    """What the admin's model folders offer, by name: Stable Diffusion pipelines, and the rest
+    (TorchScript files, transformers folders) as copy-detection feature extractors."""
+    pipelines, extractors = {}, {}
+    for name, path in ctx.jobs.sources.offered_models().items():
+        (pipelines if (path / "model_index.json").exists() else extractors)[name] = str(path)
+    return pipelines, extractors
+
+
+def base_model(ctx: common.AppContext, offered: str | None, hub_id: str | None) -> str:
+    """The pipeline to fine-tune: a Hub id typed by the visitor, else one the server offers by
+    name. A typed path is checked as the engine checks a config's (refused alike whether it
+    exists or not, unless inside the admin's model folders)."""
+    typed = (hub_id or "").strip()
+    if typed:
+        ctx.jobs.sources.check_model(typed)
+        return typed
+    pipelines, _ = offered_models(ctx)
+    if offered not in pipelines:
+        raise DataError("choose a base model this server offers, or type a Hugging Face model id as owner/name "
+                        f"(offered: {', '.join(pipelines) or 'none: the admin names model folders with --model-dir'}).")
+    return pipelines[offered]
+
+
+def feature_extractor(ctx: common.AppContext, offered: str | None) -> str | None:
+    """The copy-detection extractor the server offers by this name (None: the pixel stand-in)."""
+    if not offered or offered == PIXEL_STAND_IN:
+        return None
+    _, extractors = offered_models(ctx)
+    if offered not in extractors:
+        raise DataError(f"choose one of the feature extractors this server offers, or {PIXEL_STAND_IN!r}.")
+    return extractors[offered]
+
+
+def start_run(ctx: common.AppContext, session: dict | None, values: dict) -> tuple[str, dict, str]:
+    """Start a run from the form's values (the names of build_config's settings, plus
+    base_model, hub_model and extractor for a text-to-image fine-tune): the message, the
+    session, the run id."""
+    session = common.ensure_owner(session)
+    values = dict(values)
+    offered, hub_id, extractor = values.pop("base_model", None), values.pop("hub_model", None), values.pop("extractor", None)
+    if values.get("model") == TEXT_TO_IMAGE:
+        values["pretrained"] = base_model(ctx, offered, hub_id)
+        values["feature_extractor"] = feature_extractor(ctx, extractor)
+    config = build_config(data_config(session), **values)
+    run_id = ctx.jobs.submit(config, session["owner"])
+    session["run_id"] = run_id
+    position = ctx.jobs.queue_position(run_id)
+    where = f"It is **#{position} in the queue**." if position else "It is training now."
+    kind = " · text-to-image fine-tune" if config.text2image.enabled else ""
+    message = (f"Started **{config.name}** ({MODE_LABELS[config.method.mode]}{kind}). {where} "
+               f"[Watch it on the Monitor page →](monitor)")
+    return message, session, run_id
 
 
 def demo_run_config(mode: str) -> RunConfig:
@@ -109,12 +200,36 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 unit = gr.Radio(["epochs", "steps"], value=demo["unit"], label="Local training per round in")
                 amount = gr.Number(demo["amount"], minimum=0.01, label="Local epochs (or steps) per proxy")
             with gr.Row():
-                model = gr.Dropdown(list(MODEL_PRESETS), value=demo["model"], label="Model",
-                                    info="tiny ≈1M (CPU) · small ≈17M · ddpm-cifar10 ≈36M")
+                model = gr.Dropdown(MODEL_CHOICES, value=demo["model"], label="Model",
+                                    info="tiny ≈1M (CPU) · small ≈17M · ddpm-cifar10 ≈36M · or fine-tune Stable "
+                                         "Diffusion on captioned images")
                 batch_size = gr.Number(demo["batch_size"], precision=0, minimum=1, label="Batch size")
                 lr = gr.Number(demo["lr"], minimum=1e-7, label="Learning rate")
                 seed = gr.Number(0, precision=0, label="Seed")
                 preview = gr.Number(demo["preview"], precision=0, minimum=0, maximum=256, label="Samples shown per round")
+            pipelines, extractors = offered_models(ctx)
+            tuned = fine_tune_values()
+            with gr.Group(visible=False) as fine_tune_group:
+                gr.Markdown("**Text-to-image fine-tune**: IET-AGC on a Stable Diffusion pipeline's UNet, as LoRA "
+                            "adapters (the K proxies are K adapters over one frozen base) or in full, on the captioned "
+                            "images of the Data page. TAA stays off (latents are computed once); IET-AGC+ adds MSR.")
+                with gr.Row():
+                    base = gr.Dropdown(list(pipelines), value=next(iter(pipelines), None), label="Base model",
+                                       info="Stable Diffusion pipelines this server offers",
+                                       elem_id="base-model")
+                    hub_model = gr.Textbox(label="or a Hugging Face model id", placeholder="owner/name",
+                                           info="e.g. stabilityai/stable-diffusion-2-1-base (needs the network)")
+                    lora_rank = gr.Number(tuned["lora_rank"], precision=0, minimum=0, maximum=1024,
+                                          label="LoRA rank (0 = full UNet fine-tune)")
+                with gr.Row():
+                    t2i_resolution = gr.Dropdown(RESOLUTIONS, value=256, label="Resolution (pixels)",
+                                                 info="SD 2.1 base: 512; the reference fine-tunes at 256")
+                    guidance = gr.Slider(0, 20, value=tuned["guidance_scale"], step=0.5,
+                                         label="Guidance scale (evaluation)",
+                                         info="Classifier-free guidance when generating from the training captions")
+                    extractor = gr.Dropdown([PIXEL_STAND_IN, *extractors], value=PIXEL_STAND_IN,
+                                            label="Copy detection features",
+                                            info="SSCD / DINOv2 / CLIP offered by this server; copies: similarity > 0.5")
             with gr.Group() as agc_group:
                 gr.Markdown("**AGC: anti-gradient control**: skip a sample when loss / bank[t] < λ, bank[t] being "
                             "the recent loss at the same noise level.")
@@ -148,7 +263,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     form = dict(name=name, mode=mode, preset=preset, model=model, shards=shards, rounds=rounds, unit=unit,
                 amount=amount, batch_size=batch_size, lr=lr, seed=seed, skip_lambda=skip_lambda,
                 bank_decay=bank_decay, msr_threshold=msr_threshold, msr_policy=msr_policy, taa_band=taa_band,
-                taa_strength=taa_strength, preview=preview, evaluate_after=evaluate_after)
+                taa_strength=taa_strength, preview=preview, evaluate_after=evaluate_after, base_model=base,
+                hub_model=hub_model, lora_rank=lora_rank, resolution=t2i_resolution, guidance_scale=guidance,
+                extractor=extractor)
     keys = list(form)
 
     def apply_preset(choice, session):
@@ -166,16 +283,20 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
 
     mode.change(show_mode, mode, [shards, agc_group, plus_group], api_visibility="private")
 
+    def show_model(choice):
+        """The fine-tune's settings, and the sd-lora recipe's values when it is chosen."""
+        if choice != TEXT_TO_IMAGE:
+            return [gr.update(visible=False)] + [gr.skip()] * 7
+        tuned = fine_tune_values()
+        return [gr.update(visible=True), *(tuned[k] for k in ("rounds", "unit", "amount", "batch_size", "lr", "preview",
+                                                               "skip_lambda"))]
+
+    model.change(show_model, model, [fine_tune_group, rounds, unit, amount, batch_size, lr, preview, skip_lambda],
+                 api_visibility="private")
+
     @common.user_errors
     def start_training(session, *values):
-        session = common.ensure_owner(session)
-        config = build_config(data_config(session), **dict(zip(keys, values)))
-        run_id = ctx.jobs.submit(config, session["owner"])
-        session["run_id"] = run_id
-        position = ctx.jobs.queue_position(run_id)
-        where = f"It is **#{position} in the queue**." if position else "It is training now."
-        message = (f"Started **{config.name}** ({MODE_LABELS[config.method.mode]}). {where} "
-                   f"[Watch it on the Monitor page →](monitor)")
+        message, session, run_id = start_run(ctx, session, dict(zip(keys, values)))
         return message, session, gr.update(choices=common.run_choices(ctx), value=run_id)
 
     start.click(start_training, [session, *form.values()], [started, session, picker], api_visibility="private")
@@ -183,10 +304,12 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def describe_data(session):
         data = data_config(session)
         subset = f"{data.subset} images" if data.subset else "all images"
+        captioned = " · captioned" if data.caption_column else ""
         return (f"**Data:** {source_label(data)} · {subset} · {data.resolution}×{data.resolution} · "
-                f"{'greyscale' if data.channels == 1 else 'colour'} · [change on the Data page](data)")
+                f"{'greyscale' if data.channels == 1 else 'colour'}{captioned} · [change on the Data page](data)",
+                data.resolution if data.resolution in RESOLUTIONS else gr.skip())
 
-    page.load(describe_data, session, data_text, api_visibility="private")
+    page.load(describe_data, session, [data_text, t2i_resolution], api_visibility="private")
 
     def poll(run_id):
         if not run_id:

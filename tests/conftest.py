@@ -27,6 +27,13 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("cuda")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """Caches with a default in the user's cache (FID statistics, latents) go to this session's
+    folder, never the user's own."""
+    os.environ["IET_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+
+
 @pytest.fixture
 def cuda_device() -> torch.device:
     return torch.device(CUDA_STAND_IN or "cuda")

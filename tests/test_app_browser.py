@@ -109,6 +109,36 @@ def test_upload_shows_count_preview_and_rejected_files(app_server, page, tmp_pat
     assert len(saved) == 1  # kept under the runs folder, so runs on it can resume after a restart
 
 
+def test_a_captioned_zip_upload_shows_its_captions_and_the_rejected_entry(app_server, page, tmp_path):
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    url, _ = app_server
+    with zipfile.ZipFile(tmp_path / "captioned.zip", "w") as archive:
+        for i, colour in enumerate((0, 128, 255)):
+            Image.new("RGB", (20, 24), (colour, 255 - colour, 40)).save(tmp_path / f"{i}.png")
+            archive.write(tmp_path / f"{i}.png", f"{i}.png")
+        archive.writestr("broken.png", b"not an image")  # captioned, but not an image
+        archive.writestr("metadata.jsonl", "\n".join(json.dumps({"file_name": f"{i}.png", "text": f"a colour card {i}"})
+                                                     for i in (0, 1, 2, "broken")))
+    page.goto(url + "data")
+    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()
+    page.get_by_text("Upload images or a .zip / .npz").click()
+    page.locator("input[type=file]").set_input_files(tmp_path / "captioned.zip")
+    page.get_by_role("button", name="Load and preview").click()
+    page.get_by_text(re.compile(r"^3 images · 16×16 · colour · captioned · 1 rejected")).wait_for()
+    page.get_by_text("not a readable image").filter(visible=True).first.wait_for()
+    page.locator("#data-captions").get_by_text("a colour card 1").wait_for()
+    assert page.get_by_label("Colour (RGB)").is_checked()  # the form shows what was loaded
+    page.goto(url + "train")  # the choice is kept for the Train page, where the fine-tune takes it
+    page.get_by_text(re.compile(r"colour · captioned")).wait_for()
+    page.get_by_label("Model", exact=True).click()
+    page.get_by_role("option", name="text-to-image fine-tune (Stable Diffusion)").click()
+    page.get_by_text("LoRA rank (0 = full UNet fine-tune)").wait_for()
+
+
 def test_train_page_shows_only_the_settings_of_the_chosen_mode(app_server, page):
     url, _ = app_server
     page.goto(url + "train")

@@ -14,7 +14,7 @@ from iet_core import ConfigError, EvalConfig, ImageDataset, Run, train
 from iet_core.cli import main
 from iet_core.config import ModelConfig
 from iet_core.metrics import proportion_interval
-from iet_core.evaluate import evaluate_images, evaluate_run, list_evals, load_eval, save_eval
+from iet_core.evaluate import evaluate_images, evaluate_run, evaluation_warnings, list_evals, load_eval, save_eval
 from iet_core.runs import checkpoint_step
 from iet_core.models import build_unet, training_scheduler
 from iet_core.sample import generate
@@ -97,6 +97,9 @@ def test_evaluate_run_samples_the_checkpoint_and_saves(trained_run):
     assert summary["flip_aware"] is True  # the run trained with flips
     assert summary["checkpoint_step"] == trained_run.status()["global_step"]
     assert stages == {"sampling", "neighbours"}
+    quality = summary["quality"]  # a quality figure beside every copy share
+    assert quality["measure"] == "feature FD" and quality["reference"] == "500 held-out images"
+    assert quality["low"] <= quality["value"] <= quality["high"] and quality["num_samples"] == 6
     assert result.path.parent == trained_run.path / "eval" and (result.path / "gallery.png").exists()
     assert set(result.most_copied.columns) >= {"training_id", "times_nearest", "visits", "skips", "skip_rate"}
     # Same settings, same samples: generation is seeded.
@@ -105,6 +108,11 @@ def test_evaluate_run_samples_the_checkpoint_and_saves(trained_run):
     assert summary["weights"] == "model"  # the raw averaged weights by default, as the reference evaluated
     ema = evaluate_run(trained_run, EvalConfig(num_samples=6, steps=3, use_ema=True), save=False)
     assert ema.summary["weights"] == "ema" and not np.array_equal(ema.generated, result.generated)
+    # 6 steps per proxy of an EMA with decay 0.995: almost all of it is still the random start.
+    step = summary["checkpoint_step"]
+    assert any(w.startswith(f"the EMA weights at step {step} have not caught up: 97% of them is still the random start")
+               for w in evaluation_warnings(ema.summary))
+    assert not any("EMA" in w for w in evaluation_warnings(summary))
 
 
 def test_evaluate_cli_prints_the_summary(trained_run, tmp_path):

@@ -118,8 +118,10 @@ def test_an_upload_is_named_after_its_files_and_shown_without_server_paths(tmp_p
 
     for i in range(10):
         Image.new("L", (12, 12), 20 * i).save(tmp_path / f"cat {i}.png")
-    path, rejected = data.persist_upload([str(tmp_path / f"cat {i}.png") for i in range(10)], tmp_path / "runs", 16, 1)
+    config, rejected = data.persist_upload([str(tmp_path / f"cat {i}.png") for i in range(10)], tmp_path / "runs", 16, 1)
+    path = config.source
     assert not rejected and re.fullmatch(r"cat-0-and-9-more-16px-1ch-[0-9a-f]{8}\.npz", os.path.basename(path))
+    assert config.caption_column is None and config.channels == 1
     label = data.source_label(DataConfig(source=path, resolution=16, channels=1))
     assert label == f"uploaded: {os.path.basename(path)}" and str(tmp_path) not in label
 
@@ -132,6 +134,10 @@ def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations
     assert [r["samples"] for r in rows] == [8, 16] and [r["weights"] for r in rows] == ["EMA", "raw"]
     assert all(re.fullmatch(r"\d+–\d+%", r["95% interval"]) for r in rows)
     assert "different weights" in notes and "different sample counts" in notes and "training steps" in notes
+    # A few steps of training make noise: no copy share reads as a result, and each has its quality.
+    assert all(r["copies"].startswith("⚠ means nothing yet: ") for r in rows)
+    assert "samples are still noise at step" in notes and "copies here means nothing yet" in notes
+    assert all(r["quality"].startswith("feature FD ") and "500 held-out images" in r["quality"] for r in rows)
     evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
     _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
     assert "weights" not in notes and "sample counts" not in notes

@@ -269,7 +269,7 @@ def test_the_app_trains_a_fine_tune_and_its_memorization_page_shows_prompt_gener
     from pages import common, memorization
 
     root = tmp_path / "runs"
-    ctx = common.AppContext.create(root, JobManager(root, sources=SourcePolicy.allowing(tmp_path / "data", pipeline_folder)))
+    ctx = common.AppContext.create(root, JobManager(root, sources=SourcePolicy.allowing(tmp_path / "data", models=(pipeline_folder,))))
     try:
         data = captioned_folder(tmp_path / "data", count=4)
         run_id = ctx.jobs.submit(t2i_config(pipeline_folder, data, rounds=1, local_steps=1), "owner-me-123456")

@@ -1,6 +1,9 @@
 """Copy detection for a fine-tuned text-to-image model: generate from the training captions,
 embed generations and training images (iet_core.features), and find every generation's
-nearest training image by cosine similarity. Saved like any evaluation (RUN/eval/<name>/),
+nearest training image by cosine similarity. Beside the copies, as the reference repository
+reports them: the CLIP score of each generation against its prompt (a CLIPModel folder the user
+gives) and FID against the training images (local Inception weights); either says "not
+measured" and why when its model is missing. Saved like any evaluation (RUN/eval/<name>/),
 one table row per generation, with the prompt and the nearest training image for galleries."""
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ import torch
 
 from ..config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig, TextToImageConfig
 from ..data import ImageDataset
-from ..evaluate import COPY_DETECTION, EvalResult, _side_by_side
-from ..features import FeatureExtractor, cosine_neighbours, load_feature_extractor, similarity_ratio
-from ..metrics import copy_counts, proportion_interval
+from ..evaluate import COPY_DETECTION, EvalResult, _side_by_side, measure_fid
+from ..features import FeatureExtractor, cosine_neighbours, load_clip_scorer, load_feature_extractor, similarity_ratio
+from ..metrics import copy_counts, mean_summary, proportion_interval
 from ..runs import Run, checkpoint_step
 from ..train import derive_seed
 from .export import trained_components
@@ -42,7 +45,8 @@ class CopyResult(EvalResult):
         whether its own training image was the nearest of any."""
         grouped = self.table.groupby("caption_id", sort=False)
         frame = grouped.agg(caption=("caption", "first"), generations=("sample_id", "size"), copies=("copy", "sum"),
-                            max_similarity=("similarity", "max"), own_image_nearest=("own_image", "any"))
+                            max_similarity=("similarity", "max"), own_image_nearest=("own_image", "any"),
+                            clip_score=("clip_score", "mean"))
         return frame.sort_values("max_similarity", ascending=False).reset_index()
 
 
@@ -86,7 +90,7 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
         "caption": [dataset.captions[p] for p in caption_positions],
         "nearest_id": ids[index[:, 0]], "similarity": sims[:, 0], "second_similarity": sims[:, 1],
         "memorization_ratio": ratio, "copy": sims[:, 0] > copy_threshold, "memorized": ratio < ratio_threshold,
-        "own_image": index[:, 0] == caption_positions})
+        "own_image": index[:, 0] == caption_positions, "clip_score": np.nan})
     copies, memorized, total = int(table["copy"].sum()), int(table["memorized"].sum()), len(table)
     times_nearest, times_copied = copy_counts(index[:, 0], len(dataset), table["copy"].to_numpy())
     _, times_memorized = copy_counts(index[:, 0], len(dataset), table["memorized"].to_numpy())
@@ -108,14 +112,35 @@ def detect_copies(generated, caption_positions: np.ndarray, dataset: ImageDatase
     return CopyResult(table, summary, most_copied.reset_index(drop=True), generated.numpy(), nearest)
 
 
+CLIP_NOT_GIVEN = "not measured: no CLIP model given (text2image.clip_model, CLI --clip-model: a local CLIPModel folder)."
+
+
+def clip_scores(generated, caption_positions: np.ndarray, dataset: ImageDataset, clip_model: str | None,
+                device: torch.device) -> tuple[np.ndarray | None, dict]:
+    """Each generation's CLIP score against its prompt, and the summary fields: the mean with
+    its 95% bootstrap interval and count, and for scale the mean of the same captions' own
+    training images (the reference's "clipscore_bg"). None and "not measured" without a model."""
+    if clip_model is None:
+        return None, {"clip_score": None, "clip_message": CLIP_NOT_GIVEN}
+    scorer = load_clip_scorer(clip_model, device)
+    scores = scorer(generated, [dataset.captions[p] for p in caption_positions])
+    captions = np.unique(caption_positions)
+    training = mean_summary(scorer(dataset.images[torch.from_numpy(captions)], [dataset.captions[p] for p in captions]))
+    stats = mean_summary(scores)
+    return scores, {"clip_score": stats["mean"], "clip_score_low": stats["low"], "clip_score_high": stats["high"],
+                    "clip_score_count": stats["count"], "clip_score_training": training["mean"],
+                    "clip_model": scorer.name, "clip_message": ""}
+
+
 def copies_of_run(run: Run, checkpoint: Path, dataset: ImageDataset, config: EvalConfig,
                   settings: TextToImageConfig, device: torch.device,
                   progress: Callable[[str, int, int], None] | None = None) -> CopyResult:
     """Generate settings.images_per_caption images for each of config.num_samples /
-    images_per_caption training captions (a seeded choice) from the checkpoint, and detect
-    copies with settings.feature_extractor. `iet_core.evaluate.evaluate_run` checks the
-    inputs, calls this for text-to-image runs and saves the result; progress(stage, done, total)
-    as there (it may raise to cancel)."""
+    images_per_caption training captions (a seeded choice) from the checkpoint, detect copies
+    with settings.feature_extractor, and measure the CLIP score (settings.clip_model) and FID
+    (config.fid). `iet_core.evaluate.evaluate_run` checks the inputs, calls this for
+    text-to-image runs and saves the result; progress(stage, done, total) as there (it may
+    raise to cancel)."""
     settings.validate()
     count = max(1, min(len(dataset), config.num_samples // settings.images_per_caption))
     chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset), count, replace=False))
@@ -129,11 +154,18 @@ def copies_of_run(run: Run, checkpoint: Path, dataset: ImageDataset, config: Eva
     sampling_seconds = time.perf_counter() - started
     result = detect_copies(generated, positions, dataset, load_feature_extractor(settings.feature_extractor, device),
                            settings.copy_threshold, config.memorization_threshold)
+    started = time.perf_counter()
+    scores, clip_summary = clip_scores(generated, positions, dataset, settings.clip_model, device)
+    if scores is not None:
+        result.table["clip_score"] = scores
+    result.summary["seconds"]["clip_score"] = time.perf_counter() - started
+    fid, fid_message, result.summary["seconds"]["fid"] = measure_fid(generated, dataset, config, device, progress)
     result.summary.update({"run_id": run.id, "checkpoint": checkpoint.name, "checkpoint_step": checkpoint_step(checkpoint),
                            "weights": "ema" if config.use_ema else "model",
                            "sampler": config.sampler, "steps": config.steps, "seed": config.seed,
                            "guidance_scale": settings.guidance_scale, "images_per_caption": settings.images_per_caption,
-                           "device": str(device)})
+                           "device": str(device), **clip_summary, "fid": fid,
+                           "fid_dims": config.fid_dims if config.fid else None, "fid_message": fid_message})
     result.summary["seconds"]["sampling"] = sampling_seconds
     return result
 
@@ -152,4 +184,22 @@ def format_copy_summary(summary: dict) -> str:
         f"{100 * summary['memorized_fraction']:.1f}% (95% interval {100 * mlow:.1f}-{100 * mhigh:.1f}%)",
         f"mean nearest similarity {summary['mean_similarity']:.3f}; the prompt's own training image was the nearest "
         f"for {summary['own_image_nearest']}",
+        _clip_line(summary),
+        _fid_line(summary),
     ])
+
+
+def _clip_line(summary: dict) -> str:
+    if summary.get("clip_score") is None:
+        return f"CLIP score: {summary.get('clip_message') or 'not measured.'}"
+    return (f"CLIP score ({summary['clip_model']}): {summary['clip_score']:.2f} (95% interval "
+            f"{summary['clip_score_low']:.2f}-{summary['clip_score_high']:.2f}) over {summary['clip_score_count']} "
+            f"generations; the same captions' training images: {summary['clip_score_training']:.2f}")
+
+
+def _fid_line(summary: dict) -> str:
+    if summary.get("fid") is None:
+        return f"FID: not measured ({summary.get('fid_message') or 'eval.fid off'})"
+    note = f" ({summary['fid_message']})" if summary.get("fid_message") else ""
+    return (f"FID ({summary['fid_dims']}-d Inception features): {summary['fid']:.2f} from {summary['num_samples']} "
+            f"generations against {summary['num_training']} training images{note}")

@@ -110,17 +110,18 @@ def encode_images(vae: torch.nn.Module, images: torch.Tensor, device: torch.devi
     return torch.cat(out)
 
 
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (N, tokens) as the pipeline makes them: padded and truncated to the tokenizer's length."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
-def encode_captions(tokenizer, text_encoder: torch.nn.Module, captions: list[str], device: torch.device,
-                    batch_size: int = 64) -> torch.Tensor:
-    """The text encoder's last hidden states (N, tokens, width) for captions, as the pipeline
-    computes prompt embeddings (padded and truncated to the tokenizer's length)."""
-    out = []
-    for start in range(0, len(captions), batch_size):
-        ids = tokenizer(captions[start:start + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
+def encode_tokens(text_encoder: torch.nn.Module, ids: torch.Tensor, device: torch.device,
+                  batch_size: int = 64) -> torch.Tensor:
+    """The text encoder's last hidden states (N, tokens, width), as the pipeline computes prompt
+    embeddings."""
+    return torch.cat([text_encoder(ids[start:start + batch_size].to(device))[0] for start in range(0, len(ids), batch_size)])
 
 
 def save_lora(unet: torch.nn.Module, folder: Path) -> Path:

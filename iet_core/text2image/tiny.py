@@ -50,3 +50,27 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str 
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False
                             ).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def build_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 16) -> Path:
+    """Save a CLIPModel of a few thousand parameters with its processor (tokenizer and image
+    processor) into folder, as CLIPModel / CLIPProcessor.save_pretrained write a real one: the
+    CLIP score's loading path offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as vocab:
+        write_tokenizer(Path(vocab))
+        tokenizer = CLIPTokenizer(f"{vocab}/vocab.json", f"{vocab}/merges.txt", pad_token="<|endoftext|>",
+                                  model_max_length=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=32,
+                         num_attention_heads=2, num_hidden_layers=1, vocab_size=len(tokenizer), max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(folder))
+    return folder

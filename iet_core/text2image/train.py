@@ -3,7 +3,8 @@
 The engine's round loop (iet_core.train.Trainer) runs unchanged: the same AGC bank and skip
 rule, shards and MSR, telemetry events, run folder and bit-identical resume. What changes:
 - x0 are the VAE's latents and the conditioning is the text encoder's embeddings of the
-  captions, both computed once (the encoders stay frozen), so a step runs only the UNet;
+  captions, both computed once (the encoders stay frozen) and kept on disk (text2image.cache),
+  so a step runs only the UNet and a resumed or repeated run encodes nothing;
 - what trains is a LoRA adapter (peft, added as diffusers does) or the whole UNet. With LoRA
   the K proxies are K adapter weight vectors over one frozen base: each round they start from
   the global adapter and are averaged by shard size, and side by side (train.execution
@@ -16,7 +17,8 @@ import torch
 from ..config import ConfigError
 from ..models import seeded_global_rng
 from ..train import Trainer
-from .model import Components, encode_captions, encode_images, load_components, trainable_unet
+from .cache import cache_key, cached, weights_digest
+from .model import Components, encode_images, encode_tokens, load_components, tokenize, trainable_unet
 
 
 class TextToImageTrainer(Trainer):
@@ -38,10 +40,20 @@ class TextToImageTrainer(Trainer):
         if resolution % step:
             raise ConfigError(f"data.resolution={resolution}: this pipeline needs a multiple of {step} pixels "
                               f"(e.g. {max(step, resolution // step * step)}).")
+        folder, images, n = self.config.text2image.input_cache, self.dataset.images, len(self.dataset)
+        ids = tokenize(c.tokenizer, self.dataset.captions)
+        text_key = cache_key("text", weights_digest(c.text_encoder), ids)  # hashed where loaded, before moving
+        latent_key = cache_key("latents", weights_digest(c.vae), images, {"scaling_factor": c.vae.config.scaling_factor})
         c.vae.to(self.device).requires_grad_(False).eval()
         c.text_encoder.to(self.device).requires_grad_(False).eval()
-        self.text_embeddings = encode_captions(c.tokenizer, c.text_encoder, self.dataset.captions, self.device)
-        return encode_images(c.vae, self.dataset.images, self.device)
+        # how each was had ("read", "computed", "recomputed"), for whoever checks the cache worked
+        self.input_sources = {}
+        text, self.input_sources["text_embeddings"] = cached(
+            "text", text_key, n, lambda: encode_tokens(c.text_encoder, ids, self.device), folder)
+        latents, self.input_sources["latents"] = cached(
+            "latents", latent_key, n, lambda: encode_images(c.vae, images, self.device), folder)
+        self.text_embeddings = text.to(self.device)
+        return latents.to(self.device)
 
     def conditioning(self, batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.text_embeddings[batches],)

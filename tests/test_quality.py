@@ -1,0 +1,57 @@
+"""The quality figure every evaluation reports, and the warnings that keep a copy share of
+noise from reading as a result."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from iet_core import quality
+from iet_core.config import DataConfig, EvalConfig
+from iet_core.data import load_dataset
+from iet_core.evaluate import evaluate_images, evaluation_warnings
+from iet_core.quality import measure_quality
+
+DATA = DataConfig(resolution=8, subset=64)
+
+
+def noise(count: int, size: int = 8) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (count, 1, size, size), dtype=np.uint8))
+
+
+def unseen_digits(training, count: int) -> torch.Tensor:
+    everything = load_dataset(DataConfig(resolution=8, subset=None))
+    outside = np.flatnonzero(~np.isin(everything.ids.numpy(), training.ids.numpy()))
+    return everything.images[torch.from_numpy(outside[-count:])]
+
+
+def test_feature_fd_against_held_out_images_with_a_classifier_trained_once(tmp_path):
+    training = load_dataset(DATA)
+    digits, random = unseen_digits(training, 32), noise(32)
+    real = measure_quality(digits, DATA, training, cache_dir=tmp_path)
+    assert real["measure"] == "feature FD" and real["reference"] == "500 held-out images" and real["num_samples"] == 32
+    assert real["low"] <= real["value"] <= real["high"]
+    saved = list(tmp_path.glob("*.safetensors"))
+    assert len(saved) == 1
+    quality._meters.clear()  # a new process: the classifier comes from the cache file, not trained again
+    stamp = saved[0].stat().st_mtime_ns
+    again = measure_quality(digits, DATA, training, cache_dir=tmp_path)
+    assert again["value"] == real["value"] and saved[0].stat().st_mtime_ns == stamp
+    assert measure_quality(random, DATA, training, cache_dir=tmp_path)["low"] > real["high"]
+
+
+def test_without_held_out_images_the_fallback_is_named_and_still_tells_noise_from_digits(tmp_path):
+    everything = DataConfig(resolution=8, subset=None)
+    training = load_dataset(everything)
+    digits = measure_quality(training.images[:32], everything, training, cache_dir=tmp_path)
+    assert digits["measure"] == "pixel FD" and "training images" in digits["reference"] and "copies score well" in digits["reference"]
+    assert measure_quality(noise(32), everything, training, cache_dir=tmp_path)["low"] > 3 * digits["high"]
+    assert not list(tmp_path.iterdir())  # no classifier was trained
+    assert measure_quality(noise(1), everything, training)["measure"] is None
+
+
+def test_noise_is_flagged_instead_of_reading_as_no_copies():
+    training = load_dataset(DATA)
+    summary = evaluate_images(noise(32), training, EvalConfig()).summary | {"checkpoint_step": 40}
+    assert summary["memorized_fraction"] == 0
+    assert any(w.startswith("samples are still noise at step 40: 0% copies here means nothing yet") for w in evaluation_warnings(summary))
+    assert evaluation_warnings(evaluate_images(unseen_digits(training, 32), training, EvalConfig()).summary) == []
