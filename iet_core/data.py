@@ -530,9 +530,11 @@ def _metadata_captions(files: dict, caption_column: str) -> tuple[dict[str, str]
 
 
 def has_captions(path: Path) -> bool:
-    """Whether a folder or .zip carries captions: a metadata.jsonl or a .txt file in it."""
+    """Whether a folder or .zip carries captions: a metadata.jsonl, or an image's same-name .txt
+    (a README.txt beside unlabelled images does not make them a captioned set)."""
     with source_files(path) as (files, _):
-        return any(posixpath.basename(name) == METADATA or name.lower().endswith(".txt") for name in files)
+        caption_files = {posixpath.splitext(name)[0] + ".txt" for name in files if is_image_name(name)}
+        return any(posixpath.basename(name) == METADATA or name in caption_files for name in files)
 
 
 def load_captioned_files(path: Path, caption_column: str, resolution: int, channels: int, resize_filter: str = "auto"):

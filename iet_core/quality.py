@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -229,3 +230,23 @@ def quality_text(summary: dict) -> str:
         return "quality not measured"
     return (f"{quality['measure']} {quality['value']:.2f} (95% interval {quality['low']:.2f}–{quality['high']:.2f}, "
             f"{quality['num_samples']} samples vs {quality['reference']})")
+
+
+def equal_quality(points: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """Each run's evaluation point nearest a common quality: the best quality the worst run
+    reaches (the target). points: one row per run and evaluated checkpoint, with columns run,
+    value, low, high (the quality figure, lower is better, and its 95% interval) and any others.
+    Returns one row per run, its point nearest the target with `matched` (its interval overlaps
+    the target's), `side` ("better" / "worse": where the point lies when unmatched) and
+    `always_better` (every point of the run is better than the target: it never gets as bad),
+    and the target's row."""
+    if points.empty:
+        raise ConfigError("no evaluated checkpoints to match: evaluate the runs first.")
+    best = points.loc[points.groupby("run", sort=False)["value"].idxmin()]
+    target = best.loc[best["value"].idxmax()]
+    nearest = points.loc[(points["value"] - target["value"]).abs().groupby(points["run"], sort=False).idxmin()]
+    matched = (nearest["low"] <= target["high"]) & (nearest["high"] >= target["low"])
+    side = np.where(matched, "", np.where(nearest["value"] < target["value"], "better", "worse"))
+    worst = points.groupby("run", sort=False)["value"].max()
+    return nearest.assign(matched=matched.to_numpy(), side=side,
+                          always_better=(worst[nearest["run"]] < target["low"]).to_numpy()).reset_index(drop=True), target

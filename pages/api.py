@@ -74,13 +74,14 @@ def client_gone() -> Callable[[], bool]:
     return gone
 
 
-def run_evaluation(ctx: AppContext, run_id: str, config: EvalConfig, owner: str, progress=None):
-    """Evaluate a run for its owner through the server's evaluation gate, stopping early when
-    the client leaves or the server stops."""
+def run_evaluation(ctx: AppContext, run_id: str, config: EvalConfig, owner: str, progress=None,
+                   step: int | None = None):
+    """Evaluate a run's checkpoint of global step `step` (None: the latest) for its owner through
+    the server's evaluation gate, stopping early when the client leaves or the server stops."""
     ctx.jobs.check_owner(run_id, owner, "evaluate")
     with ctx.evaluations.slot(owner_digest(owner), client_gone(), current_client(ctx.proxy_hops)) as cancelled:
         return evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id), progress=progress,
-                            cancelled=cancelled)
+                            cancelled=cancelled, step=step)
 
 
 def status_routes(ctx: AppContext) -> list[APIRoute]:

@@ -9,7 +9,9 @@ import pandas as pd
 from iet_core.config import MEMORIZATION_THRESHOLD, ConfigError, EvalConfig
 from iet_core.evaluate import evaluation_warnings, flips_in_training, load_eval
 from iet_core.metrics import proportion_interval
+from iet_core import quality
 from iet_core.quality import quality_text
+from iet_core.runs import checkpoint_step
 from pages import api, charts, common
 
 TITLE, PATH = "5 · Compare", "compare"
@@ -60,10 +62,20 @@ def run_warnings(names: list[str], summaries: list[dict]) -> dict[str, list[str]
     return {n: w for n, w in warnings.items() if w}
 
 
+def share_cells(summary: dict, warned: bool = False) -> dict:
+    """An evaluation's copy share with its evidence, as table cells; `warned`: it means nothing
+    yet (the notes say why), and the cell says so first."""
+    count, total = summary["memorized_count"], summary["num_samples"]
+    low, high = proportion_interval(count, total)
+    return {"copies": f"{'⚠ means nothing yet: ' if warned else ''}{100 * count / total:.1f}% ({count}/{total})",
+            "95% interval": f"{100 * low:.0f}–{100 * high:.0f}%", "eval step": summary.get("checkpoint_step", "–"),
+            "weights": {"ema": "EMA", "model": "raw"}.get(summary.get("weights"), "–"),
+            "quality": quality_text(summary), "samples": total}
+
+
 def compare_row(ctx: common.AppContext, run_id: str, summary: dict, warned: bool = False) -> dict:
     """One run's numbers, formatted for the table ("–": not evaluated or not available). A copy
-    share always comes with its sample count, interval, checkpoint step, weights and quality;
-    `warned`: it means nothing yet (the notes say why), and the cell says so first."""
+    share always comes with its sample count, interval, checkpoint step, weights and quality."""
     config = ctx.jobs.run(run_id).config
     history = ctx.jobs.history(run_id)
     steps = history.steps()
@@ -74,13 +86,7 @@ def compare_row(ctx: common.AppContext, run_id: str, summary: dict, warned: bool
            "skipped": percent(history.summary()["skipped_share"]),
            "id": run_id[-6:]}
     if summary:
-        count, total = summary["memorized_count"], summary["num_samples"]
-        low, high = proportion_interval(count, total)
-        row.update({"copies": f"{'⚠ means nothing yet: ' if warned else ''}{100 * count / total:.1f}% ({count}/{total})",
-                    "95% interval": f"{100 * low:.0f}–{100 * high:.0f}%",
-                    "eval step": summary.get("checkpoint_step", "–"),
-                    "weights": {"ema": "EMA", "model": "raw"}.get(summary.get("weights"), "–"),
-                    "quality": quality_text(summary), "samples": total})
+        row.update(share_cells(summary, warned))
     return {column: row.get(column, "–") for column in COLUMNS}
 
 
@@ -136,6 +142,88 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
              for r in run_ids if (previews := ctx.jobs.run(r).previews())])
 
 
+def alike_configs(ctx: common.AppContext, run_ids: list[str], count: int, use_ema: bool) -> dict[str, EvalConfig]:
+    """One evaluation setting for all the runs: these samples and weights, and one mirror
+    setting (compared with mirrored training images when any run saw them)."""
+    mirrored = any(flips_in_training(ctx.jobs.run(r).config) for r in run_ids)
+    configs = {}
+    for run_id in run_ids:
+        configs[run_id] = api.evaluation_config(ctx, run_id, count, EvalConfig.steps)
+        configs[run_id].use_ema, configs[run_id].flip_aware = bool(use_ema), mirrored
+    return configs
+
+
+def made_with(summary: dict, config: EvalConfig) -> bool:
+    """Whether a saved evaluation was made with these settings and measured quality."""
+    wanted = {"weights": "ema" if config.use_ema else "model", "num_samples": config.num_samples,
+              "sampler": config.sampler, "steps": config.steps, "seed": config.seed, "flip_aware": config.flip_aware}
+    return all(summary.get(k) == v for k, v in wanted.items()) and bool((summary.get("quality") or {}).get("measure"))
+
+
+def quality_points(ctx: common.AppContext, run_ids: list[str], configs: dict[str, EvalConfig], owner: str,
+                   progress=None) -> dict[str, list[dict]]:
+    """Each run's evaluations made with its config, at every kept checkpoint and at any earlier
+    step evaluated alike: saved ones are reused, the kept checkpoints not evaluated yet are
+    evaluated now (through the server's evaluation gate)."""
+    points, todo = {}, []
+    for run_id in run_ids:
+        run = ctx.jobs.run(run_id)
+        found = {}
+        for name in run.eval_names():  # newest first: the newest evaluation of each step counts
+            summary = load_eval(run, name).summary
+            if made_with(summary, configs[run_id]):
+                found.setdefault(summary["checkpoint_step"], summary)
+        points[run_id] = found
+        todo += [(run_id, checkpoint_step(c)) for c in run.checkpoints() if checkpoint_step(c) not in found]
+    for i, (run_id, step) in enumerate(todo):
+        if progress is not None:
+            progress(i / len(todo), desc=f"evaluating {ctx.jobs.run(run_id).config.name} at step {step}")
+        points[run_id][step] = api.run_evaluation(ctx, run_id, configs[run_id], owner, step=step).summary
+    return {run_id: [found[step] for step in sorted(found)] for run_id, found in points.items()}
+
+
+EQUAL_COLUMNS = ["run", "eval step", "weights", "samples", "copies", "95% interval", "quality", "matched quality"]
+
+
+def equal_quality_view(names: dict[str, str], points: dict[str, list[dict]]) -> tuple[pd.DataFrame, str]:
+    """Each run at its evaluated checkpoint nearest a common quality, the best the worst run
+    reaches: a table (copies with their evidence) and what it means, said plainly when no
+    matched quality exists."""
+    rows = [{"run": names[r], "step": s["checkpoint_step"], "value": s["quality"]["value"], "low": s["quality"]["low"],
+             "high": s["quality"]["high"], "summary": s}
+            for r, found in points.items() for s in found if (s.get("quality") or {}).get("measure")]
+    empty = pd.DataFrame(columns=EQUAL_COLUMNS)
+    unmeasured = [names[r] for r, found in points.items() if not any(row["run"] == names[r] for row in rows)]
+    if unmeasured:
+        return empty, (f"⚠ No quality figure for {', '.join(unmeasured)} (text-to-image runs have none yet, or no "
+                       "checkpoint is left to evaluate): there is no quality to match.")
+    measures = {(row["summary"]["quality"]["measure"], row["summary"]["quality"]["reference"]) for row in rows}
+    if len(measures) > 1:
+        listed = "; ".join(f"{m} against {ref}" for m, ref in sorted(measures))
+        return empty, f"⚠ The runs' quality is measured differently ({listed}): there is no common quality to match."
+    picks, target = quality.equal_quality(pd.DataFrame(rows))
+    measure = target["summary"]["quality"]["measure"]
+    lines = [f"**Target: {measure} {target['value']:.2f} (95% interval {target['low']:.2f}–{target['high']:.2f})**, "
+             f"the best quality {target['run']} reaches (step {target['step']}); each run at its evaluated checkpoint "
+             "nearest to it. Lower is better."]
+    table = []
+    for pick in picks.to_dict("records"):
+        warnings = evaluation_warnings(pick["summary"])
+        matched = "yes" if pick["matched"] else f"no: {pick['side']}"
+        table.append({"run": pick["run"], **share_cells(pick["summary"], bool(warnings) or not pick["matched"]),
+                      "quality": f"{pick['value']:.2f} ({pick['low']:.2f}–{pick['high']:.2f})", "matched quality": matched})
+        if pick["always_better"]:
+            lines.append(f"⚠ No matched quality for {pick['run']}: it is better than {target['run']} at every evaluated "
+                         f"checkpoint, so {target['run']} never reaches its quality. Evaluate earlier checkpoints of "
+                         f"{pick['run']} (keep more with train.keep_checkpoints) or train {target['run']} longer.")
+        elif not pick["matched"]:
+            lines.append(f"⚠ No matched quality for {pick['run']}: its evaluated checkpoints jump past the target "
+                         f"(nearest: step {pick['step']}, {pick['value']:.2f}). Keep more checkpoints "
+                         "(train.keep_checkpoints) to evaluate the steps in between.")
+        lines += [f"⚠ {pick['run']}: {warning}." for warning in warnings]
+    return pd.DataFrame(table, columns=EQUAL_COLUMNS), "  \n".join(lines)
+
+
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Compare runs", "Pick two or more runs, e.g. the baseline and IET-AGC demo runs on the same "
                        "data, and evaluate them the same way: the same checkpoint step, the same weights, the same "
@@ -151,9 +239,17 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         weights = gr.Radio([("raw (averaged) weights", False), ("EMA weights", True)], value=False,
                            label="Weights", info="EMA lags behind the raw weights early in training.", scale=2)
         evaluate_all = gr.Button("Evaluate all the same way", variant="primary", scale=1, elem_id="evaluate-all")
+        at_equal_quality = gr.Button("Compare at equal quality", scale=1, elem_id="equal-quality")
     table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Memorization and quality", interactive=False,
                          wrap=False, elem_id="compare-table")
     notes = gr.Markdown(elem_id="compare-notes")
+    with gr.Accordion("At equal quality", open=False) as equal_section:
+        gr.Markdown("<span class='explain'>A run that copies less may only be further from the data. Here every kept "
+                    "checkpoint of each run is evaluated the same way (saved evaluations are reused), and each run is "
+                    "shown at the checkpoint whose quality is nearest the best quality the worst run reaches.</span>")
+        equal_notes = gr.Markdown(elem_id="equal-quality-notes")
+        equal_table = gr.Dataframe(pd.DataFrame(columns=EQUAL_COLUMNS), label="Memorization at equal quality",
+                                   interactive=False, wrap=False, elem_id="equal-quality-table")
     gr.Markdown("<span class='explain'>**copies**: share of generated samples whose nearest training image is less "
                 "than a third as far as the second nearest (lower is better), with the number of samples and a 95% "
                 "interval: with 64 samples, gaps under ~15 points are noise · **eval step**: the checkpoint "
@@ -185,15 +281,23 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     def evaluate_alike(run_ids, count, use_ema, session, progress=gr.Progress()):
         if not run_ids:
             raise gr.Error("Pick runs to compare first.", print_exception=False)
-        # One mirror setting for all: compared with mirrored training images when any run saw them.
-        mirrored = any(flips_in_training(ctx.jobs.run(r)) for r in run_ids)
-        for i, run_id in enumerate(run_ids):
-            config = api.evaluation_config(ctx, run_id, count, EvalConfig.steps)
-            config.use_ema, config.flip_aware = bool(use_ema), mirrored
+        for i, (run_id, config) in enumerate(alike_configs(ctx, run_ids, count, use_ema).items()):
             progress(i / len(run_ids), desc=f"evaluating {ctx.jobs.run(run_id).config.name}")
             api.run_evaluation(ctx, run_id, config, common.ensure_owner(session)["owner"])
         return compare_view(ctx, run_ids)
 
+    @common.user_errors
+    def compare_at_equal_quality(run_ids, count, use_ema, session, progress=gr.Progress()):
+        if not run_ids or len(run_ids) < 2:
+            raise gr.Error("Pick two or more runs to compare first.", print_exception=False)
+        found = quality_points(ctx, run_ids, alike_configs(ctx, run_ids, count, use_ema),
+                               common.ensure_owner(session)["owner"], progress)
+        frame, text = equal_quality_view({r: run_name(ctx, r) for r in run_ids}, found)
+        return frame, text, gr.update(open=True)
+
     evaluate_all.click(evaluate_alike, [picker, num_samples, weights, session], outputs,
                        concurrency_limit=ctx.evaluations.capacity, concurrency_id=api.EVAL_CONCURRENCY,
                        api_visibility="private")
+    at_equal_quality.click(compare_at_equal_quality, [picker, num_samples, weights, session],
+                           [equal_table, equal_notes, equal_section], concurrency_limit=ctx.evaluations.capacity,
+                           concurrency_id=api.EVAL_CONCURRENCY, api_visibility="private")

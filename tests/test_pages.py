@@ -15,6 +15,7 @@ from helpers import tiny_config
 from iet_core.config import EvalConfig, RunConfig
 from iet_core.evaluate import evaluate_run
 from iet_core.jobs import JobManager
+from iet_core.runs import checkpoint_step
 from pages import common, compare, memorization, monitor
 
 ME = "owner-me-123456"
@@ -141,6 +142,35 @@ def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations
     evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=16, steps=5, use_ema=False))
     _, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
     assert "weights" not in notes and "sample counts" not in notes
+
+
+def test_compare_at_equal_quality_evaluates_each_kept_checkpoint_once_and_matches_quality(ctx, baseline, agc_run):
+    ids = [baseline, agc_run]
+    configs = compare.alike_configs(ctx, ids, 8, False)
+    for config in configs.values():
+        config.steps = 5
+    points = compare.quality_points(ctx, ids, configs, ME)
+    for run_id in ids:
+        kept = [checkpoint_step(c) for c in ctx.jobs.run(run_id).checkpoints()]
+        assert set(kept) <= {s["checkpoint_step"] for s in points[run_id]}
+        assert all(compare.made_with(s, configs[run_id]) for s in points[run_id])
+    saved = [len(ctx.jobs.run(r).eval_names()) for r in ids]
+    assert compare.quality_points(ctx, ids, configs, ME) == points  # saved evaluations are reused
+    assert [len(ctx.jobs.run(r).eval_names()) for r in ids] == saved
+    names = {r: compare.run_name(ctx, r) for r in ids}
+    table, text = compare.equal_quality_view(names, points)
+    target = max(min(s["quality"]["value"] for s in points[r]) for r in ids)
+    assert text.startswith(f"**Target: feature FD {target:.2f}")
+    for row, run_id in zip(table.to_dict("records"), ids):
+        nearest = min(points[run_id], key=lambda s: abs(s["quality"]["value"] - target))
+        assert row["eval step"] == nearest["checkpoint_step"] and row["samples"] == 8 and row["weights"] == "raw"
+        assert row["quality"].startswith(f"{nearest['quality']['value']:.2f} (") and re.fullmatch(r"\d+–\d+%", row["95% interval"])
+    # A run better at every step than the other ever gets: no matched quality, said plainly.
+    better = [{**s, "quality": {**s["quality"], "value": target / 100, "low": target / 200, "high": target / 50}}
+              for s in points[agc_run]]
+    table, text = compare.equal_quality_view(names, {baseline: points[baseline], agc_run: better})
+    assert f"No matched quality for {names[agc_run]}: it is better than {names[baseline]} at every evaluated checkpoint" in text
+    assert table.set_index("run").loc[names[agc_run], "matched quality"] == "no: better"
 
 
 def test_the_monitor_draws_the_proxies_drift_per_round(ctx, agc_run):

@@ -3,13 +3,15 @@ noise from reading as a result."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from iet_core import quality
-from iet_core.config import DataConfig, EvalConfig
+from iet_core.config import ConfigError, DataConfig, EvalConfig
 from iet_core.data import load_dataset
 from iet_core.evaluate import evaluate_images, evaluation_warnings
-from iet_core.quality import measure_quality
+from iet_core.quality import equal_quality, measure_quality
 
 DATA = DataConfig(resolution=8, subset=64)
 
@@ -55,3 +57,25 @@ def test_noise_is_flagged_instead_of_reading_as_no_copies():
     assert summary["memorized_fraction"] == 0
     assert any(w.startswith("samples are still noise at step 40: 0% copies here means nothing yet") for w in evaluation_warnings(summary))
     assert evaluation_warnings(evaluate_images(unseen_digits(training, 32), training, EvalConfig()).summary) == []
+
+
+def points(rows):
+    return pd.DataFrame(rows, columns=["run", "step", "value", "low", "high"])
+
+
+def test_equal_quality_picks_each_runs_point_nearest_the_worst_runs_best():
+    picks, target = equal_quality(points([("a", 100, 10, 9, 11), ("a", 200, 5, 4, 6), ("a", 300, 3, 2, 4),
+                                          ("b", 100, 12, 11, 13), ("b", 200, 6, 5, 7)]))
+    assert (target["run"], target["step"]) == ("b", 200)
+    assert picks[["run", "step"]].values.tolist() == [["a", 200], ["b", 200]] and picks["matched"].all()
+
+
+def test_equal_quality_says_when_a_run_never_gets_as_bad_or_jumps_past_the_target():
+    picks, _ = equal_quality(points([("a", 100, 2, 1.8, 2.2), ("a", 200, 1.5, 1.4, 1.6),
+                                     ("b", 100, 12, 11, 13), ("b", 200, 6, 5.5, 6.5),
+                                     ("c", 100, 20, 19, 21), ("c", 200, 1, 0.9, 1.1)]))
+    a, b, c = (picks.set_index("run").loc[r] for r in "abc")
+    assert not a["matched"] and a["side"] == "better" and a["always_better"] and a["step"] == 100
+    assert b["matched"] and not c["matched"] and c["side"] == "better" and not c["always_better"]
+    with pytest.raises(ConfigError, match="evaluate the runs first"):
+        equal_quality(points([]))

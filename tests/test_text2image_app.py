@@ -4,7 +4,6 @@ run started the Train page's way on a tiny Stable Diffusion pipeline built from 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import shutil
 import zipfile
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from PIL import Image
 
 from iet_core.config import DataConfig
 from iet_core.data import DataError, SourcePolicy, load_dataset
@@ -21,6 +19,7 @@ from iet_core.evaluate import load_eval
 from iet_core.features import PIXEL_MEASURE
 from iet_core.text2image.tiny import build_tiny_pipeline
 from pages import data, memorization, monitor, train
+from test_text2image import png
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +64,6 @@ def test_models_come_from_the_admins_model_folders_only(tmp_path, model_dir):
 OWNER = "owner-token-for-fine-tunes"
 
 
-def png(seed: int, size: int = 16) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def captioned_zip(path, count: int = 4):
     """imagefolder layout (metadata.jsonl) and one .txt caption, plus one image whose file is broken."""
     lines = [json.dumps({"file_name": f"{i}.png", "text": f"a photo of thing {i}"}) for i in range(count - 1)]
@@ -109,6 +101,11 @@ def test_a_captioned_zip_upload_keeps_its_captions_and_lists_the_bad_entry(tmp_p
     assert "4 images" in data.data_summary(dataset, config) and "captioned" in data.data_summary(dataset, config)
     assert [caption for _, caption in data.captioned_gallery(dataset)["value"]] == dataset.captions
     assert str(tmp_path) not in data.source_label(config)
+    with zipfile.ZipFile(tmp_path / "plain.zip", "w") as archive:  # a README is not a caption
+        archive.writestr("a.png", png(0))
+        archive.writestr("README.txt", "unlabelled images")
+    plain, rejected = data.persist_upload([str(tmp_path / "plain.zip")], tmp_path / "runs", 16, 1)
+    assert plain.caption_column is None and plain.channels == 1 and dict(rejected)["README.txt"].startswith("not an image")
 
 
 def fine_tune_form(**changes) -> dict:
