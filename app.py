@@ -16,6 +16,9 @@ import os
 # Before gradio is imported: no usage analytics, nothing fetched from the network at launch.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Client addresses (for the per-client limits) are the app's to read, by --proxy-hops: uvicorn
+# would otherwise take X-Forwarded-For as the client from any process on this machine.
+os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
 
 import argparse
 import atexit
@@ -23,11 +26,13 @@ import signal
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from iet_core.data import SourcePolicy
+from iet_core.evaluate import EvaluationGate
 from iet_core.jobs import JobManager
 from iet_core.runs import DATASETS_DIR
-from pages import api, common, compare, data, learn, memorization, monitor, start, train
+from pages import access, api, common, compare, data, learn, memorization, monitor, start, train
 
 DEFAULT_RUNS_DIR = "runs"
 MAX_UPLOAD_MB = 200  # one uploaded file, refused by the server before it is stored
@@ -50,16 +55,21 @@ def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int |
               max_disk_per_user_mb: float | None = None, data_dirs: tuple[str | Path, ...] = (),
               model_dirs: tuple[str | Path, ...] = (),
               claim_cli_runs: bool = False, max_live_jobs: int | None = None, max_steps_per_run: int | None = None,
-              max_eval_work: int = common.MAX_EVAL_WORK) -> tuple[gr.Blocks, common.AppContext]:
+              max_eval_work: int = common.MAX_EVAL_WORK, max_live_jobs_per_client: int | None = None,
+              max_evals_per_client: int | None = None, proxy_hops: int = 0) -> tuple[gr.Blocks, common.AppContext]:
     """The Gradio app and its context (job manager, runs folder) for a runs folder. Users may
     train on built-in data, Hub datasets, their uploads and the admin's `data_dirs`, and fine-tune
-    Hub models and what the admin's `model_dirs` hold (pipelines, copy-detection extractors)."""
+    Hub models and what the admin's `model_dirs` hold (pipelines, copy-detection extractors).
+    Per-client limits count by network address: the connection's, or behind `proxy_hops`
+    proxies the one they forward (access.client_address)."""
     max_bytes = None if max_disk_per_user_mb is None else int(max_disk_per_user_mb * 2**20)
     sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs, models=model_dirs)
     jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes,
                       sources=sources, claim_unowned=claim_cli_runs, max_live_jobs=max_live_jobs,
-                      max_steps_per_run=max_steps_per_run)
-    ctx = common.AppContext.create(runs_root, jobs, max_eval_work=max_eval_work)
+                      max_steps_per_run=max_steps_per_run, max_live_jobs_per_client=max_live_jobs_per_client,
+                      client_of=lambda: access.current_client(proxy_hops))
+    ctx = common.AppContext.create(runs_root, jobs, max_eval_work=max_eval_work, proxy_hops=proxy_hops,
+                                   evaluations=EvaluationGate(per_client=max_evals_per_client))
     with gr.Blocks(title="Memorization in diffusion models · IET-AGC", delete_cache=CACHE_CLEANUP) as demo:
         start.build(ctx, demo)
     for module in (data, train, monitor, memorization, compare, learn):
@@ -69,12 +79,15 @@ def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int |
 
 
 def launch(demo: gr.Blocks, ctx: common.AppContext, **kwargs):
-    """Launch with the app's look, its plain HTTP routes (served before Gradio's own) and
-    without anything that reaches the network."""
+    """Launch with the app's look, its plain HTTP routes (served before Gradio's own), page
+    events refused to callers that loaded no page, and without anything that reaches the network."""
     kwargs.setdefault("share", False)
     kwargs.setdefault("max_file_size", MAX_UPLOAD_MB * 2**20)
-    return demo.queue(default_concurrency_limit=4).launch(theme=THEME, css=CSS, footer_links=["api"],
-                                                          app_kwargs={"routes": api.status_routes(ctx)}, **kwargs)
+    # On a Space (Hugging Face sets SPACE_ID) the app is shown in an iframe of another site.
+    page_only = Middleware(access.PageOnlyEvents, blocks=demo, key=ctx.page_key, cross_site=bool(os.environ.get("SPACE_ID")))
+    return demo.queue(default_concurrency_limit=4).launch(
+        theme=THEME, css=CSS, footer_links=["api"],
+        app_kwargs={"routes": api.status_routes(ctx), "middleware": [page_only]}, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,6 +116,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="training steps one run may ask for (env IET_MAX_STEPS_PER_RUN; default 1,000,000)")
     parser.add_argument("--max-eval-work", type=int, default=common.MAX_EVAL_WORK,
                         help=f"samples x sampling steps one evaluation may ask for (default {common.MAX_EVAL_WORK:,})")
+    parser.add_argument("--max-live-jobs-per-client", type=int,
+                        default=int(os.environ.get("IET_MAX_LIVE_JOBS_PER_CLIENT", "4")),
+                        help="runs training or queued at once from one network address, whatever its owner tokens "
+                             "(env IET_MAX_LIVE_JOBS_PER_CLIENT; default 4; a class behind one router shares it)")
+    parser.add_argument("--max-evals-per-client", type=int, default=int(os.environ.get("IET_MAX_EVALS_PER_CLIENT", "2")),
+                        help="evaluations running or waiting from one network address (env IET_MAX_EVALS_PER_CLIENT; "
+                             "default 2)")
+    parser.add_argument("--proxy-hops", type=int, default=int(os.environ.get("IET_PROXY_HOPS", "0")),
+                        help="admin: proxies in front of the app that append to X-Forwarded-For (a Hugging Face "
+                             "Space: 1); per-client limits then count the address they forward (env IET_PROXY_HOPS; "
+                             "default 0: the connection's address, the header ignored)")
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                         help=f"largest file a user may upload (default {MAX_UPLOAD_MB})")
     parser.add_argument("--cleanup-days", type=float, default=float(os.environ.get("IET_CLEANUP_DAYS", "0")) or None,
@@ -114,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                           max_disk_per_user_mb=args.max_disk_per_user_mb, data_dirs=tuple(args.data_dir),
                           model_dirs=tuple(args.model_dir),
                           claim_cli_runs=args.claim_cli_runs, max_live_jobs=args.max_live_jobs,
-                          max_steps_per_run=args.max_steps_per_run, max_eval_work=args.max_eval_work)
+                          max_steps_per_run=args.max_steps_per_run, max_eval_work=args.max_eval_work,
+                          max_live_jobs_per_client=args.max_live_jobs_per_client,
+                          max_evals_per_client=args.max_evals_per_client, proxy_hops=args.proxy_hops)
     if args.cleanup_days:
         removed = ctx.jobs.cleanup(args.cleanup_days)
         print(f"cleanup: removed {len(removed)} run(s) not updated for {args.cleanup_days:g} days")

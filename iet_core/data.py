@@ -79,9 +79,9 @@ class SourcePolicy:
         raise DataError(f"{setting}={pretrained[:200]!r} is not available on this server: give a Hugging Face "
                         "model id as owner/name, or choose one of the models this server offers.")
 
-    def check_local_model(self, source: str | None, setting: str) -> None:
-        """A run's copy-detection feature extractor or CLIP score model: none, or a file or
-        folder inside the admin's model folders (these load from local files only)."""
+    def check_feature_extractor(self, source: str | None, setting: str = "text2image.feature_extractor") -> None:
+        """A run's text2image.feature_extractor (or clip_model): none (the pixel stand-in; no
+        CLIP score) or a file or folder inside the admin's model folders (local files only)."""
         if source is not None and not _inside(source, self.model_folders):
             raise DataError(f"{setting}={source[:200]!r} is not available on this server: leave it empty, or choose "
                             "one of the models this server offers.")

@@ -13,6 +13,7 @@ samples a run's checkpoint first and saves the result under `RUN/eval/<name>/`:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import sys
@@ -281,14 +282,16 @@ class EvaluationBusy(ConfigError):
 
 class EvaluationGate:
     """How a server shares its evaluations: `running` at a time, at most `waiting` more in
-    line, one per owner (running or waiting). A waiter whose client left gives up its place,
-    and `close` cancels everything (the server is stopping)."""
+    line, one per owner and `per_client` per client (network address, which fresh owner tokens
+    do not change; None: no such limit), running or waiting. A waiter whose client left gives
+    up its place, and `close` cancels everything (the server is stopping)."""
 
-    def __init__(self, running: int = 1, waiting: int = 4):
-        self.running, self.waiting = running, waiting
+    def __init__(self, running: int = 1, waiting: int = 4, per_client: int | None = None):
+        self.running, self.waiting, self.per_client = running, waiting, per_client
         self._changed = threading.Condition()
         self._active = self._queued = 0
         self._owners: set[str] = set()
+        self._clients: collections.Counter[str] = collections.Counter()
         self.closed = False
 
     @property
@@ -302,24 +305,38 @@ class EvaluationGate:
         return self.running + self.waiting + 1
 
     @contextlib.contextmanager
-    def slot(self, owner: str, cancelled: Callable[[], bool] = lambda: False):
-        """Hold a place for one evaluation of `owner` (wait for it while others run); yields
-        the check to pass to `evaluate_run` (the client left, or the server is closing)."""
+    def slot(self, owner: str, cancelled: Callable[[], bool] = lambda: False, client: str | None = None):
+        """Hold a place for one evaluation of `owner` asked by `client` (wait for it while
+        others run); yields the check to pass to `evaluate_run` (the client left, or the server
+        is closing)."""
         def stop() -> bool:
             return self.closed or cancelled()
+
+        def release() -> None:
+            self._owners.discard(owner)
+            if client is not None:
+                self._clients[client] -= 1
+                if not self._clients[client]:
+                    del self._clients[client]  # forget clients with nothing running
 
         with self._changed:
             if owner in self._owners:
                 raise EvaluationBusy("you already have an evaluation running or waiting: wait for it to finish.")
+            if client is not None and self.per_client is not None and self._clients[client] >= self.per_client:
+                raise EvaluationBusy(f"{self._clients[client]} evaluations from your network address are running or "
+                                     f"waiting, this server's limit per client (--max-evals-per-client "
+                                     f"{self.per_client}): wait for one to finish.")
             if self._queued >= self.waiting:
                 raise EvaluationBusy(f"the server is busy ({self._active} evaluation(s) running, {self._queued} "
                                      "waiting): try again in a minute.")
             self._owners.add(owner)
+            if client is not None:
+                self._clients[client] += 1
             self._queued += 1
             try:
                 while self._active >= self.running:
                     if stop():
-                        self._owners.discard(owner)
+                        release()
                         raise Cancelled("the evaluation was cancelled before it started")
                     self._changed.wait(timeout=0.5)  # and look at the client again
             finally:
@@ -330,7 +347,7 @@ class EvaluationGate:
         finally:
             with self._changed:
                 self._active -= 1
-                self._owners.discard(owner)
+                release()
                 self._changed.notify_all()
 
     def close(self, timeout: float = 60.0) -> None:

@@ -10,6 +10,12 @@ ratio histograms, memorization against quality, nearest-neighbour galleries) and
 Quality is FID when Inception weights are given (--set eval.fid=true), and always the offline
 "feature FD" and held-out distance of `iet_core.quality` (say which in any write-up).
 
+Text-to-image fine-tunes (`--recipe sd-lora` or `sd-full` with `--pretrained PIPE --data
+CAPTIONED`) compare the same way at equal steps, measured as their evaluation does
+(iet_core.text2image): the share of generations whose nearest training image has similarity
+above text2image.copy_threshold (0.5), the distance ratio in that space, the CLIP score
+(text2image.clip_model) and FID (eval.fid), each "not measured" without its model.
+
 Fair by construction: every method of one comparison is evaluated on the same kind of weights
 (raw averaged weights unless eval.use_ema) and with the same flip setting (mirrored training
 images count as copies for all methods or for none, also when only IET-AGC+'s TAA flips);
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import sys
 import time
@@ -33,7 +40,8 @@ import torch
 from .cli import add_config_arguments, apply_settings, config_from_args
 from .config import MEMORIZATION_THRESHOLD, MODES, ConfigError, RunConfig, demo_config, method_for_mode
 from .data import load_dataset
-from .evaluate import COPY_CRITERIA, evaluate_images, flips_in_training
+from .evaluate import COPY_CRITERIA, evaluate_images, evaluate_run, flips_in_training
+from .metrics import proportion_interval
 from .neighbours import resolve_device
 from .quality import QualityMeter, heldout_set
 from .runs import Run, atomic_write, list_runs
@@ -108,6 +116,8 @@ class Experiment:
         config.method.num_shards = switches.num_shards
         for part in ("agc", "msr", "taa"):
             getattr(config.method, part).enabled = getattr(switches, part).enabled
+        # cached latents: TAA's pixel augmentations cannot act (iet-agc+ adds MSR), as in the sd recipes
+        config.method.taa.enabled &= not config.text2image.enabled
         tree = config.to_dict()
         apply_settings(tree, self.variants.get(label, ("", ()))[1])
         return RunConfig.from_dict(tree).to_dict()  # the variant's values typed and checked
@@ -146,11 +156,14 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    heldout = heldout_set(experiment.base.data, load_dataset(experiment.base.data).ids, experiment.heldout)
-    if heldout is None:
-        raise ConfigError("no images are left out of training for the quality measure: lower data.subset.")
-    meter = QualityMeter.fit(heldout, steps=experiment.classifier_steps)
-    log(f"quality classifier: {len(heldout)} held-out images, accuracy {meter.accuracy:.2f}")
+    text2image = experiment.base.text2image.enabled
+    meter = None
+    if not text2image:  # fine-tunes are judged by CLIP score and FID instead
+        heldout = heldout_set(experiment.base.data, load_dataset(experiment.base.data).ids, experiment.heldout)
+        if heldout is None:
+            raise ConfigError("no images are left out of training for the quality measure: lower data.subset.")
+        meter = QualityMeter.fit(heldout, steps=experiment.classifier_steps)
+        log(f"quality classifier: {len(heldout)} held-out images, accuracy {meter.accuracy:.2f}")
     log(f"every method evaluated on {'EMA' if evaluation['use_ema'] else 'raw averaged'} weights, "
         f"flip-aware {evaluation['flip_aware']}, {experiment.num_samples} samples per point")
     rows, finals = [], {}
@@ -172,13 +185,19 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
             train_seconds = float(run.rounds()["seconds"].sum())  # training only, also when reused
             dataset = run.dataset()
             for checkpoint in run.checkpoints():
-                rows.append(_evaluate_point(run, checkpoint, dataset, meter, experiment, evaluation, mode, seed,
-                                            train_seconds))
-                row = rows[-1]
-                log(f"{mode:9s} seed {seed} step {row['step']:6d}: memorized {row['memorized_fraction']:.3f} "
-                    f"[{row['memorized_low']:.3f}, {row['memorized_high']:.3f}] of {row['num_samples']}, "
-                    f"feature FD {row['feature_fd']:.2f} [{row['feature_fd_low']:.2f}, {row['feature_fd_high']:.2f}], "
-                    f"held-out L2 {row['heldout_l2']:.3f}")
+                if text2image:
+                    row = _evaluate_fine_tune(run, checkpoint, dataset, experiment, evaluation, mode, seed, train_seconds)
+                    quality = (f"CLIP score {_number(row['clip_score'])} [{_number(row['clip_score_low'])}, "
+                               f"{_number(row['clip_score_high'])}], FID {_number(row['fid'])}")
+                    copies = f"copies {row['copy_fraction']:.3f} [{row['copy_low']:.3f}, {row['copy_high']:.3f}], "
+                else:
+                    row = _evaluate_point(run, checkpoint, dataset, meter, experiment, evaluation, mode, seed, train_seconds)
+                    quality = (f"feature FD {row['feature_fd']:.2f} [{row['feature_fd_low']:.2f}, {row['feature_fd_high']:.2f}], "
+                               f"held-out L2 {row['heldout_l2']:.3f}")
+                    copies = ""
+                rows.append(row)
+                log(f"{mode:9s} seed {seed} step {row['step']:6d}: {copies}memorized {row['memorized_fraction']:.3f} "
+                    f"[{row['memorized_low']:.3f}, {row['memorized_high']:.3f}] of {row['num_samples']}, {quality}")
             finals[(mode, seed)] = rows[-1].pop("_result")
             for row in rows:
                 row.pop("_result", None)
@@ -186,11 +205,19 @@ def run_experiment(experiment: Experiment, out: str | Path, log=print) -> pd.Dat
         raise ConfigError(f"no run of this experiment has a checkpoint in {out / 'runs'}: train it first.")
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
-    summary = summarize(results)
+    summary = summarize_fine_tunes(results) if text2image else summarize(results)
     summary.to_csv(out / "summary.csv", index=False)
-    plot_all(results, finals, experiment, out)
-    write_report(results, summary, experiment, out, time.time() - started, meter.accuracy)
+    if text2image:
+        plot_fine_tunes(summary, finals, experiment, out)
+        write_fine_tune_report(results, summary, experiment, out, time.time() - started)
+    else:
+        plot_all(results, finals, experiment, out)
+        write_report(results, summary, experiment, out, time.time() - started, meter.accuracy)
     return results
+
+
+def _number(value) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{value:.2f}"
 
 
 def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, experiment: Experiment,
@@ -212,6 +239,30 @@ def _evaluate_point(run: Run, checkpoint: Path, dataset, meter: QualityMeter, ex
             **meter.measure(samples), "fid": summary["fid"], "weights": "ema" if evaluation["use_ema"] else "raw",
             "flip_aware": evaluation["flip_aware"], "resize_filter": summary["resize_filter"],
             "train_seconds": train_seconds, "_result": result}
+
+
+def _evaluate_fine_tune(run: Run, checkpoint: Path, dataset, experiment: Experiment, evaluation: dict, mode: str,
+                       seed: int, train_seconds: float) -> dict:
+    """A fine-tune's checkpoint as its evaluation measures it: generations from training
+    captions (the same captions for every method of a seed), copies, CLIP score and FID."""
+    _, meta = run.load_checkpoint(checkpoint)
+    config = dataclasses.replace(experiment.base.eval, num_samples=experiment.num_samples, steps=experiment.sample_steps,
+                                 seed=1000 + seed, use_ema=evaluation["use_ema"])
+    result = evaluate_run(run, config, step=meta["global_step"], save=False, dataset=dataset,
+                          device=resolve_device(run.config.train.device))
+    summary = result.summary
+    return {"mode": mode, "seed": seed, "round": meta["round"], "step": meta["global_step"],
+            "visits": meta["global_step"] * run.config.train.batch_size, "num_samples": summary["num_samples"],
+            "num_captions": summary["num_captions"], "num_training": summary["num_training"],
+            "copy_count": summary["copy_count"],
+            "copy_fraction": summary["copy_fraction"], "copy_low": summary["copy_interval"][0],
+            "copy_high": summary["copy_interval"][1], "memorized_fraction": summary["memorized_fraction"],
+            "memorized_low": summary["memorized_interval"][0], "memorized_high": summary["memorized_interval"][1],
+            "mean_similarity": summary["mean_similarity"], "clip_score": summary["clip_score"],
+            "clip_score_low": summary.get("clip_score_low"), "clip_score_high": summary.get("clip_score_high"),
+            "fid": summary["fid"], "fid_message": summary["fid_message"], "measure": summary["measure"],
+            "weights": "ema" if evaluation["use_ema"] else "raw",
+            "flip_aware": evaluation["flip_aware"], "train_seconds": train_seconds, "_result": result}
 
 
 def check_same_evaluation(results: pd.DataFrame, evaluation: dict, what: str) -> None:
@@ -246,34 +297,17 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import matplotlib.ticker
 
     modes = [m for m in experiment.labels if m in set(results["mode"])]
     final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     stats = final.groupby("mode").memorized_fraction.agg(["mean", "std"]).reindex(modes)
-    ax.bar(modes, stats["mean"] * 100, yerr=stats["std"].fillna(0) * 100, capsize=4, color="#4c72b0")
-    ax.set_ylabel("memorized samples (%)")
-    ax.set_title(f"Memorization at equal compute (nearest / second < {MEMORIZATION_THRESHOLD:.2f})")
-    fig.tight_layout()
-    fig.savefig(out / "memorization_bar.png", dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(modes), figsize=(3 * len(modes), 2.8), sharey=True)
-    for ax, mode in zip(np.atleast_1d(axes), modes):
-        ratios = np.concatenate([result.table.memorization_ratio.to_numpy() for (m, _), result in finals.items() if m == mode])
-        ax.hist(ratios, bins=np.linspace(0, 1, 26), color="#55a868")
-        ax.axvline(MEMORIZATION_THRESHOLD, color="#c44e52", linestyle="--")
-        ax.set_title(mode)
-        ax.set_xlabel("nearest / second nearest")
-    fig.tight_layout()
-    fig.savefig(out / "ratio_histograms.png", dpi=120)
-    plt.close(fig)
+    save_bars(modes, stats["mean"] * 100, stats["std"].fillna(0) * 100, "memorized samples (%)",
+              f"Memorization at equal compute (nearest / second < {MEMORIZATION_THRESHOLD:.2f})", out / "memorization_bar.png")
+    save_histograms(finals, modes, "memorization_ratio", MEMORIZATION_THRESHOLD, "nearest / second nearest",
+                    out / "ratio_histograms.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -294,15 +328,123 @@ def plot_all(results: pd.DataFrame, finals: dict, experiment: Experiment, out: P
     fig.savefig(out / "memorization_vs_quality.png", dpi=120)
     plt.close(fig)
 
+    save_galleries(finals, modes, out)
+
+
+def save_galleries(finals: dict, modes: list[str], out: Path) -> None:
+    """neighbours_<mode>.png: (generated | nearest training image) pairs of the mode's first
+    seed, most copied first."""
     from PIL import Image
     from torchvision.utils import make_grid
 
-    for mode in modes:  # (generated | nearest training image) pairs of the first seed, most copied first
+    for mode in modes:
         first = next(result for (m, _), result in finals.items() if m == mode)
         pairs = np.stack([image if image.ndim == 3 else image[..., None] for image, _ in first.pairs(16)])
         grid = make_grid(torch.from_numpy(pairs).permute(0, 3, 1, 2), nrow=4, padding=2, pad_value=255).permute(1, 2, 0).numpy()
         image = Image.fromarray(grid)
         image.resize((image.width * 3, image.height * 3), Image.Resampling.NEAREST).save(out / f"neighbours_{mode}.png")
+
+
+def summarize_fine_tunes(results: pd.DataFrame) -> pd.DataFrame:
+    """Per mode at the last evaluation point: copies pooled over seeds with their Wilson
+    interval, and mean and spread over seeds of each measure."""
+    final = results[results.step == results.groupby(["mode", "seed"]).step.transform("max")]
+    metrics = ["copy_fraction", "memorized_fraction", "mean_similarity", "clip_score", "fid"]
+    table = final.groupby("mode", sort=False)[metrics].agg(["mean", "std"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    pooled = final.groupby("mode", sort=False)[["copy_count", "num_samples"]].sum()
+    table["copies"], table["samples"] = pooled.copy_count, pooled.num_samples
+    intervals = [proportion_interval(int(c), int(n)) for c, n in zip(pooled.copy_count, pooled.num_samples)]
+    table["copies_low"], table["copies_high"] = [low for low, _ in intervals], [high for _, high in intervals]
+    table["step"] = final.groupby("mode", sort=False).step.max()
+    table["seeds"] = final.groupby("mode", sort=False).seed.nunique()
+    return table.reset_index()
+
+
+def plot_fine_tunes(summary: pd.DataFrame, finals: dict, experiment: Experiment, out: Path) -> None:
+    modes = [m for m in experiment.labels if m in set(summary["mode"])]
+    stats = summary.set_index("mode").reindex(modes)
+    share, threshold = stats.copies / stats.samples * 100, experiment.base.text2image.copy_threshold
+    save_bars(modes, share, [share - stats.copies_low * 100, stats.copies_high * 100 - share],
+              f"generations with similarity > {threshold:g} (%)",
+              "Copies at equal steps (seeds pooled; bars: 95% Wilson intervals)", out / "copies_bar.png")
+    save_histograms(finals, modes, "similarity", threshold, "similarity to nearest training image",
+                    out / "similarity_histograms.png")
+    save_galleries(finals, modes, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_bars(modes: list[str], heights, errors, ylabel: str, title: str, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(modes, heights, yerr=errors, capsize=4, color="#4c72b0")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_histograms(finals: dict, modes: list[str], column: str, threshold: float, xlabel: str, path: Path) -> None:
+    """One histogram per mode of a per-sample column of its final evaluations, over [0, 1]
+    (or from the lowest value when below 0), with the threshold drawn."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(modes), figsize=(3 * len(modes), 2.8), sharey=True)
+    for ax, mode in zip(np.atleast_1d(axes), modes):
+        values = np.concatenate([result.table[column].to_numpy() for (m, _), result in finals.items() if m == mode])
+        ax.hist(values, bins=np.linspace(min(0.0, values.min()), 1, 26), color="#55a868")
+        ax.axvline(threshold, color="#c44e52", linestyle="--")
+        ax.set_title(mode)
+        ax.set_xlabel(xlabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _device_line(seconds: float) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
+    return f"- device: {device}; run time {seconds / 60:.1f} min"
+
+
+def write_fine_tune_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Experiment, out: Path,
+                           seconds: float) -> None:
+    base, evaluation = experiment.base, experiment.evaluation()
+    settings = base.text2image
+    clip, fid = results.clip_score.notna().any(), results.fid.notna().any()
+    fid_note = next((note for note in results.fid_message.dropna() if note), "")
+    columns = ["mode", "copies", "samples", "copies_low", "copies_high", "copy_fraction_std", "memorized_fraction_mean",
+               "mean_similarity_mean", "clip_score_mean", "clip_score_std", "fid_mean", "step", "seeds"]
+    text = [f"# Experiment: {', '.join(experiment.labels)} (text-to-image fine-tune)", "",
+            f"- data: {base.data.source}, {int(results.num_training.iloc[0])} captioned images at "
+            f"{base.data.resolution}x{base.data.resolution}; pipeline {base.model.pretrained}, "
+            + (f"LoRA rank {settings.lora_rank}" if settings.lora_rank else "full UNet"),
+            *[f"- variant {label}: {mode} with {', '.join(values) or 'no changes'}"
+              for label, (mode, values) in experiment.variants.items()],
+            f"- equal compute: {experiment.steps} optimizer steps of batch {base.train.batch_size} per method, "
+            f"{experiment.rounds} rounds, K = {experiment.num_shards}",
+            f"- seeds: {', '.join(map(str, experiment.seeds))}; {experiment.num_samples} generations per evaluation from "
+            f"training captions ({settings.images_per_caption} per caption, the same captions for every method of a seed), "
+            f"{base.eval.sampler} {experiment.sample_steps} steps, guidance {settings.guidance_scale:g}, "
+            f"{'EMA' if evaluation['use_ema'] else 'raw averaged'} weights",
+            f"- copies: similarity > {settings.copy_threshold:g} to the nearest training image in "
+            f"{results.measure.iloc[0]}; memorized: distance ratio < {base.eval.memorization_threshold:.3g} in that space",
+            f"- CLIP score: {'100 x max(cos, 0) with ' + Path(settings.clip_model).name if clip else 'not measured (no text2image.clip_model)'}; "
+            f"FID: {f'{base.eval.fid_dims}-d Inception features against the training images' if fid else 'not measured'}"
+            + (f" ({fid_note})" if fid_note else ""),
+            f"- command: `python -m iet_core.experiments {' '.join(sys.argv[1:])}`",
+            _device_line(seconds), "",
+            summary[[c for c in columns if c in summary]].to_markdown(index=False, floatfmt=".3f"), "",
+            "![copies](copies_bar.png)", "", "![similarities](similarity_histograms.png)", ""]
+    text += [f"![{mode}](neighbours_{mode}.png)" for mode in experiment.labels if mode in set(results["mode"])]
+    atomic_write(out / "report.md", "\n".join(text) + "\n")
 
 
 def plot_seed(ax, run: pd.DataFrame, style: str, colour: str, label: str | None) -> None:
@@ -318,7 +460,6 @@ def plot_seed(ax, run: pd.DataFrame, style: str, colour: str, label: str | None)
 
 def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Experiment, out: Path,
                  seconds: float, accuracy: float) -> None:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
     columns = ["mode", "memorized_fraction_mean", "memorized_fraction_std", "distance_share_mean", "mq_share_mean", "feature_fd_mean",
                "feature_fd_std", "heldout_l2_mean", "mean_l2_nearest_mean", "memorized_at_equal_quality", "equal_quality_step"]
     base, evaluation = experiment.base, experiment.evaluation()
@@ -338,7 +479,7 @@ def write_report(results: pd.DataFrame, summary: pd.DataFrame, experiment: Exper
             f"- quality: feature FD and held-out L2 against {experiment.heldout} held-out images "
             f"(classifier accuracy on them {accuracy:.2f}); see iet_core/quality.py",
             f"- command: `python -m iet_core.experiments {' '.join(sys.argv[1:])}`",
-            f"- device: {device}; run time {seconds / 60:.1f} min", "",
+            _device_line(seconds), "",
             summary[[c for c in columns if c in summary]].to_markdown(index=False, floatfmt=".3f"), "",
             "![memorization](memorization_bar.png)", "", "![histograms](ratio_histograms.png)", "",
             "![memorization vs quality](memorization_vs_quality.png)", ""]

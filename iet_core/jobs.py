@@ -15,6 +15,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +48,7 @@ class Job:
     error: str | None = None
     evaluating: bool = False  # measuring the finished run (eval.after_training)
     last_round: int | None = None  # stop after this round (counted from 1): a shorter schedule
+    client: str | None = None  # who asked for it (see JobManager's client_of), for the per-client limit
 
     @cached_property
     def config(self) -> RunConfig:
@@ -93,14 +95,19 @@ class JobManager:
     def __init__(self, runs_root: str | Path, max_running: int = 1, cache_size: int = 8,
                  max_runs_per_owner: int | None = None, max_bytes_per_owner: int | None = None,
                  sources: SourcePolicy | None = None, claim_unowned: bool = False,
-                 max_live_jobs: int | None = None, max_steps_per_run: int | None = None):
+                 max_live_jobs: int | None = None, max_steps_per_run: int | None = None,
+                 max_live_jobs_per_client: int | None = None, client_of: Callable[[], str | None] = lambda: None):
         """`sources`: the data users may train on (default: built-ins, Hub ids and uploads kept
         in the runs folder). `claim_unowned`: runs made outside the app may be resumed and
         evaluated from it. `max_live_jobs` (training or queued) and `max_steps_per_run` hold
-        for all users together, so fresh owner tokens cannot get around them."""
+        for all users together, so fresh owner tokens cannot get around them;
+        `max_live_jobs_per_client` for each client that `client_of` names when asked who is
+        starting or resuming a run (the app: the web client's address; None: nobody to count)."""
         if max_running < 1:
             raise ConfigError(f"max_running={max_running}: allow at least 1 concurrent job.")
-        self.quota = Quota(max_runs_per_owner, max_bytes_per_owner, max_live_jobs, max_steps_per_run)
+        self.quota = Quota(max_runs_per_owner, max_bytes_per_owner, max_live_jobs, max_steps_per_run,
+                           max_live_jobs_per_client)
+        self.client_of = client_of
         self.runs_root = Path(runs_root)
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.sources = sources or SourcePolicy.allowing(self.runs_root / DATASETS_DIR)
@@ -120,19 +127,20 @@ class JobManager:
         config.validate()
         self.sources.check(config.data.source)
         self.sources.check_model(config.model.pretrained)
-        self.sources.check_local_model(config.text2image.feature_extractor, "text2image.feature_extractor")
-        self.sources.check_local_model(config.text2image.clip_model, "text2image.clip_model")
+        self.sources.check_feature_extractor(config.text2image.feature_extractor)
+        self.sources.check_feature_extractor(config.text2image.clip_model, "text2image.clip_model")
         if config.eval.fid_weights or config.eval.fid_cache or config.text2image.input_cache:
             raise JobError("eval.fid_weights, eval.fid_cache and text2image.input_cache name files on the server: there "
                            "they are its admin's to set; leave them empty.")
         resolve_device(config.train.device)
         self.quota.check_size(config)
+        client = self.client_of()
         with self._lock:
-            self.quota.check_room(self._live_count())
+            self._check_room(client)
             self.quota.check(self.runs_root, owner)
             run = Run.create(self.runs_root, config, run_id=run_id)
             run.write_owner(owner_digest(owner))
-        self._enqueue(Job(run=run, owner=owner, resume=False, control=TrainControl()))
+            self._enqueue(Job(run=run, owner=owner, resume=False, control=TrainControl(), client=client))
         return run.id
 
     def resume(self, run_id: str, owner: str) -> None:
@@ -150,11 +158,12 @@ class JobManager:
             holder = run.describe_writer()
             if holder is not None:
                 raise JobError(f"run {run_id} is being trained by {holder}: stop it there first.")
-            self.quota.check_room(self._live_count())
+            client = self.client_of()
+            self._check_room(client)
             state = run.status().get("state")
             if state == "finished":
                 raise JobError(f"run {run_id} has finished; start a new run to train longer.")
-            self._enqueue(Job(run=run, owner=owner, resume=True, control=TrainControl()))
+            self._enqueue(Job(run=run, owner=owner, resume=True, control=TrainControl(), client=client))
 
     def check_owner(self, run_id: str, owner: str, action: str) -> Run:
         """The run, if `owner` started it. Runs made outside the app (no recorded owner) pass
@@ -166,10 +175,11 @@ class JobManager:
         check_recorded_owner(run, owner, action)
         return run
 
-    def _live_count(self) -> int:
-        """Jobs training or queued."""
+    def _check_room(self, client: str | None) -> None:
+        """Raise unless the server, and this client, may have one more job training or queued."""
         with self._lock:
-            return sum(1 for job in self._jobs.values() if not job.done)
+            live = [job for job in self._jobs.values() if not job.done]
+            self.quota.check_room(len(live), sum(1 for job in live if client is not None and job.client == client))
 
     def _enqueue(self, job: Job) -> None:
         with self._lock:

@@ -50,12 +50,14 @@ def check_recorded_owner(run: Run, owner: str, action: str, required: bool = Fal
 class Quota:
     """What a server allows (None: no limit): per owner, the runs kept and their disk use; for
     all users together (so fresh owner tokens cannot get around them), the jobs training or
-    queued and the training steps of one run."""
+    queued and the training steps of one run; per client (network address, which fresh tokens
+    do not change), the jobs training or queued."""
 
     max_runs: int | None = None
     max_bytes: int | None = None
     max_live_jobs: int | None = None
     max_steps_per_run: int | None = None
+    max_live_jobs_per_client: int | None = None
 
     def check_size(self, config: RunConfig) -> None:
         if self.max_steps_per_run is None:
@@ -67,10 +69,15 @@ class Quota:
             raise JobError(f"this run asks for up to {steps:,} training steps and this server allows "
                            f"{self.max_steps_per_run:,} per run: lower train.rounds or train.local_steps.")
 
-    def check_room(self, live_jobs: int) -> None:
+    def check_room(self, live_jobs: int, client_live_jobs: int = 0) -> None:
+        """`client_live_jobs`: those of the client asking."""
         if self.max_live_jobs is not None and live_jobs >= self.max_live_jobs:
             raise JobError(f"{live_jobs} runs are training or waiting on this server, its limit: "
                            "try again when one has finished.")
+        if self.max_live_jobs_per_client is not None and client_live_jobs >= self.max_live_jobs_per_client:
+            raise JobError(f"{client_live_jobs} runs started from your network address are training or waiting, "
+                           f"this server's limit per client (--max-live-jobs-per-client {self.max_live_jobs_per_client}): "
+                           "stop one or wait until one has finished, then start again.")
 
     def check(self, runs_root: Path, owner: str) -> None:
         """Raise when the owner has no room for another run."""

@@ -22,6 +22,7 @@ from gradio.context import LocalContext
 from iet_core.config import ConfigError, EvalConfig, RunConfig
 from iet_core.evaluate import evaluate_run, load_eval
 from iet_core.owners import JobError, owner_digest
+from pages.access import current_client
 from pages.common import AppContext, user_errors
 from pages.train import demo_run_config
 
@@ -78,7 +79,7 @@ def run_evaluation(ctx: AppContext, run_id: str, config: EvalConfig, owner: str,
     """Evaluate a run's checkpoint of global step `step` (None: the latest) for its owner through
     the server's evaluation gate, stopping early when the client leaves or the server stops."""
     ctx.jobs.check_owner(run_id, owner, "evaluate")
-    with ctx.evaluations.slot(owner_digest(owner), client_gone()) as cancelled:
+    with ctx.evaluations.slot(owner_digest(owner), client_gone(), current_client(ctx.proxy_hops)) as cancelled:
         return evaluate_run(ctx.jobs.run(run_id), config, dataset=ctx.dataset(run_id), progress=progress,
                             cancelled=cancelled, step=step)
 

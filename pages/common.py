@@ -42,21 +42,23 @@ STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping"
 class AppContext:
     jobs: JobManager
     runs_root: Path
-    secret: str  # encrypts the browser session; kept in the runs folder so sessions survive restarts
+    # Both kept in the runs folder, so sessions and open pages survive a restart. `secret`
+    # encrypts the browser session and is sent to every page (Gradio encrypts in the browser);
+    # `page_key` signs the page cookie (pages/access.py) and never leaves the server.
+    secret: str
+    page_key: str
     evaluations: EvaluationGate = field(default_factory=EvaluationGate)
     max_eval_work: int = MAX_EVAL_WORK
+    proxy_hops: int = 0  # proxies in front of the server (see access.client_address)
     _datasets: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     _datasets_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def create(cls, runs_root: str | Path, jobs: JobManager, max_eval_work: int = MAX_EVAL_WORK) -> "AppContext":
+    def create(cls, runs_root: str | Path, jobs: JobManager, **settings) -> "AppContext":
         root = Path(runs_root)
         root.mkdir(parents=True, exist_ok=True)
-        secret_file = root / ".app-secret"
-        if not secret_file.exists():
-            secret_file.write_text(secrets.token_urlsafe(24))
-            secret_file.chmod(0o600)
-        return cls(jobs=jobs, runs_root=root, secret=secret_file.read_text().strip(), max_eval_work=max_eval_work)
+        return cls(jobs=jobs, runs_root=root, secret=_kept_secret(root / ".app-secret"),
+                   page_key=_kept_secret(root / ".page-key"), **settings)
 
     def dataset(self, run_id: str) -> ImageDataset:
         """A run's training images (a few kept in memory: galleries need them on every update)."""
@@ -70,6 +72,14 @@ class AppContext:
             while len(self._datasets) > 4:
                 self._datasets.popitem(last=False)
         return dataset
+
+
+def _kept_secret(path: Path) -> str:
+    """A random secret kept in a file only the server's user can read (made on first use)."""
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 # -- the browser session --------------------------------------------------------------------

@@ -79,6 +79,17 @@ def test_every_page_loads(app_server, page, shots):
     page.locator(".js-plotly-plot").first.wait_for()
 
 
+def test_a_loaded_page_runs_its_own_events(app_server, page):
+    """Page events need the cookie a page's HTML sets (pages/access.py); a browser gets it and
+    keeps it from the page's scripts."""
+    url, _ = app_server
+    page.goto(url + "data")
+    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()  # written by the page's load event
+    cookie = next(c for c in page.context.cookies() if c["name"] == "iet-page")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert "iet-page" not in page.evaluate("document.cookie")
+
+
 def test_upload_shows_count_preview_and_rejected_files(app_server, page, tmp_path):
     from PIL import Image
 

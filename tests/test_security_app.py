@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import pytest
 from gradio_client import Client
@@ -124,6 +125,40 @@ def test_an_evaluation_stops_when_its_client_goes_away(server, finished_run):
     assert set(list_evals(run)) == saved  # cancelled: nothing saved
 
 
+def test_page_events_are_refused_to_callers_that_loaded_no_page(server):
+    url, demo, ctx = server
+    private = next(fn for fn in demo.fns.values() if fn.api_visibility == "private" and fn.api_name == "fill")
+    public = next(fn for fn in demo.fns.values() if fn.api_name == "list_runs")
+    data = [None] * len(private.inputs)
+    client = Client(url, verbose=False)
+    with pytest.raises(ValueError, match="Cannot find a function"):  # gradio_client's own check
+        client.predict(*data, api_name="/fill")
+    assert isinstance(client.predict(api_name="/list_runs"), list)  # public endpoints keep working
+    with httpx.Client(base_url=url, timeout=60) as http:
+        def call(page_cookie: str | None = None) -> list[int]:
+            http.cookies.clear()
+            if page_cookie is not None:
+                http.cookies.set("iet-page", page_cookie)
+            return [http.post("gradio_api/queue/join", json={"data": data, "fn_index": private._id,
+                                                             "session_hash": "scripted"}).status_code,
+                    http.post("gradio_api/call/fill", json={"data": data}).status_code,
+                    http.post("gradio_api/run/fill", json={"data": data}).status_code,
+                    # a public name with a private fn_index: the index is what Gradio would run
+                    http.post("gradio_api/run/list_runs", json={"data": data, "fn_index": private._id}).status_code]
+
+        assert call() == [403] * 4
+        assert call("forged.0123456789abcdef") == [403] * 4
+        refusal = http.post("gradio_api/queue/join", json={"data": data, "fn_index": private._id, "session_hash": "x"})
+        assert "runs only from a page loaded in a browser" in refusal.json()["detail"]
+        assert http.post("gradio_api/queue/join", json={"data": [], "fn_index": public._id,
+                                                        "session_hash": "scripted"}).status_code == 200
+        page = http.get("data")  # what a browser does first: the page, which sets the cookie
+        assert "HttpOnly" in page.headers["set-cookie"] and "SameSite=Strict" in page.headers["set-cookie"]
+        assert call(page.cookies["iet-page"]) == [200] * 4
+        for shown in ("config", "gradio_api/info"):  # what every visitor sees holds no key to the cookie
+            assert ctx.page_key not in http.get(shown).text
+
+
 def test_fresh_owner_tokens_cannot_get_around_the_global_caps(tmp_path):
     jobs = JobManager(tmp_path, max_live_jobs=2, max_steps_per_run=1_000)
     first = jobs.submit(tiny_config("ddpm", rounds=100), "token-number-one")
@@ -134,6 +169,60 @@ def test_fresh_owner_tokens_cannot_get_around_the_global_caps(tmp_path):
     with pytest.raises(JobError, match="this server allows 1,000"):
         jobs.submit(tiny_config("ddpm", rounds=1_000), "token-number-four")
     jobs.shutdown()
+
+
+def test_fresh_owner_tokens_from_one_client_hit_the_per_client_caps(tmp_path):
+    import app
+
+    demo, ctx = app.build_app(tmp_path, max_live_jobs_per_client=1, max_evals_per_client=1, max_eval_work=2_000_000)
+    _, url, _ = app.launch(demo, ctx, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    # Each owner's client forges its own X-Forwarded-For: without --proxy-hops both are one client.
+    clients = {owner: Client(url, verbose=False, headers={"X-Forwarded-For": forged})
+               for owner, forged in ((OWNER, "203.0.113.9"), (OTHER, "198.51.100.1"))}
+    try:
+        finished = {}
+        for owner, client in clients.items():  # one at a time: a finished run leaves room for the next
+            finished[owner] = client.predict(tiny_config("ddpm", rounds=1).to_json(), owner, api_name="/start_run")["run_id"]
+            assert ctx.jobs.wait(finished[owner], 180) == "finished"
+        long_run = clients[OWNER].predict(tiny_config("ddpm", rounds=1000).to_json(), OWNER, api_name="/start_run")["run_id"]
+        with pytest.raises(AppError, match=r"limit per client \(--max-live-jobs-per-client 1\): stop one or wait"):
+            clients[OTHER].predict(tiny_config("ddpm", rounds=1).to_json(), OTHER, api_name="/start_run")
+        clients[OWNER].predict(long_run, OWNER, api_name="/stop_run")
+
+        index = next(i for i, fn in demo.fns.items() if fn.api_name == "evaluate_run")
+        with httpx.Client(base_url=url, timeout=60) as http:  # the owner's long evaluation, held open
+            http.post("gradio_api/queue/join", json={"data": [finished[OWNER], 2000, 1000, OWNER], "fn_index": index,
+                                                     "session_hash": "long-evaluation"}).raise_for_status()
+            with http.stream("GET", "gradio_api/queue/data", params={"session_hash": "long-evaluation"}) as stream:
+                next(line for line in stream.iter_lines() if "process_starts" in line)
+                wait_until(lambda: ctx.evaluations.active == 1, what="the evaluation to start")
+                with pytest.raises(AppError, match=r"limit per client \(--max-evals-per-client 1\): wait for one"):
+                    clients[OTHER].predict(finished[OTHER], 2, 2, OTHER, api_name="/evaluate_run")
+        wait_until(lambda: ctx.evaluations.active == 0, what="the abandoned evaluation to stop")
+        assert ctx.jobs.wait(long_run, 180) == "stopped"
+    finally:
+        ctx.evaluations.close()
+        ctx.jobs.shutdown(timeout=60)
+        demo.close()
+
+
+def test_the_client_address_is_the_connection_unless_the_admin_names_proxies():
+    from starlette.requests import Request
+
+    from pages.access import client_address
+
+    def request(*forwarded: str) -> gr.Request:
+        headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+        return gr.Request(Request({"type": "http", "headers": headers, "client": ("10.0.0.7", 4321)}))
+
+    assert client_address(request("203.0.113.9")) == "10.0.0.7"  # the header ignored
+    assert client_address(request("203.0.113.9"), proxy_hops=1) == "203.0.113.9"
+    # entries left of the proxy's own are whatever the client sent
+    assert client_address(request("198.51.100.1, 203.0.113.9"), proxy_hops=1) == "203.0.113.9"
+    assert client_address(request("198.51.100.1", "203.0.113.9"), proxy_hops=1) == "203.0.113.9"
+    assert client_address(request("198.51.100.1, 203.0.113.9"), proxy_hops=2) == "198.51.100.1"
+    assert client_address(request(), proxy_hops=1) == "10.0.0.7"  # not through the proxy
+    assert client_address(None) is None
 
 
 HOLD_LOCK = """

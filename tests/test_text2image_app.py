@@ -51,8 +51,8 @@ def test_models_come_from_the_admins_model_folders_only(tmp_path, model_dir):
     assert policy.offered_models() == {name: (model_dir / name).resolve() for name in ("tiny-clip", "tiny-sd")}
     policy.check_model(str(model_dir / "tiny-sd"))
     policy.check_model("owner/name")
-    policy.check_local_model(None, "text2image.feature_extractor")
-    policy.check_local_model(str(model_dir / "tiny-clip"), "text2image.clip_model")
+    policy.check_feature_extractor(None)
+    policy.check_feature_extractor(str(model_dir / "tiny-clip"), "text2image.clip_model")
     refusals = set()
     for path in (str(data / "pipeline"), str(tmp_path / "missing"), str(model_dir / ".." / "elsewhere"), "/etc"):
         with pytest.raises(DataError) as refused:
@@ -60,7 +60,7 @@ def test_models_come_from_the_admins_model_folders_only(tmp_path, model_dir):
         refusals.add(str(refused.value).replace(repr(path), "PATH"))
     assert len(refusals) == 1 and "not available on this server" in refusals.pop()
     with pytest.raises(DataError, match="feature_extractor='/etc/passwd' is not available"):
-        policy.check_local_model("/etc/passwd", "text2image.feature_extractor")
+        policy.check_feature_extractor("/etc/passwd")
 
 
 OWNER = "owner-token-for-fine-tunes"

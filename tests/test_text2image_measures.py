@@ -62,6 +62,8 @@ def test_evaluation_reports_clip_score_and_fid_or_says_not_measured(tmp_path, pi
     assert plain.summary["clip_score"] is None and plain.summary["fid"] is None
     text = format_summary(plain.summary)
     assert "CLIP score: not measured: no CLIP model given" in text and "FID: not measured" in text
+    plain.table = plain.table.drop(columns="clip_score")  # as evaluations saved before CLIP scores read back
+    assert len(plain.per_caption()) == 4
 
     config = run.config.eval
     config.fid, config.fid_weights, config.fid_dims, config.fid_cache = True, str(stand_in_weights), 64, str(tmp_path / "fid")
@@ -119,3 +121,47 @@ def test_latents_and_text_embeddings_are_computed_once_and_read_back(tmp_path, p
     assert smaller.input_sources == {"text_embeddings": "read", "latents": "computed"}
     assert smaller.images.shape[-1] == first.images.shape[-1] // 2
     assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_experiment_runner_compares_fine_tunes_at_equal_steps(tmp_path, pipeline_folder, clip_folder):
+    import pandas as pd
+
+    from iet_core.experiments import main
+
+    data, out = captioned_folder(tmp_path / "data", count=4), tmp_path / "out"
+    assert main(["--recipe", "sd-lora", "--pretrained", str(pipeline_folder), "--data", str(data), "--resolution", "16",
+                 "--modes", "ddpm", "iet-agc", "--seeds", "0", "--shards", "2", "--rounds", "2", "--steps", "4",
+                 "--eval-points", "1", "--num-samples", "2", "--sample-steps", "2", "--batch-size", "2",
+                 "--device", "cpu", "--clip-model", str(clip_folder), "--set", "train.preview_samples=0",
+                 "--out", str(out)]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert results["mode"].tolist() == ["ddpm", "iet-agc"]
+    assert results["step"].tolist() == [4, 4]  # equal steps: 1 proxy x 2 local steps, 2 proxies x 1
+    assert (results["num_samples"] == 2).all() and results["clip_score"].notna().all() and results["fid"].isna().all()
+    assert ((results["copy_low"] <= results["copy_fraction"]) & (results["copy_fraction"] <= results["copy_high"])).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["samples"].tolist() == [2, 2] and {"copies_low", "copies_high", "clip_score_mean"} <= set(summary)
+    report = (out / "report.md").read_text()
+    assert "CLIP score: 100 x max(cos, 0) with clip" in report and "FID: not measured (FID not requested" in report
+    assert "LoRA rank 4" in report
+    for image in ("copies_bar.png", "similarity_histograms.png", "neighbours_ddpm.png", "neighbours_iet-agc.png"):
+        assert (out / image).exists()
+
+
+def test_a_server_takes_a_clip_model_from_its_model_folders_only(tmp_path, pipeline_folder, clip_folder):
+    from iet_core.data import DataError, SourcePolicy
+    from iet_core.jobs import JobError, JobManager
+
+    data = captioned_folder(tmp_path / "data", count=4)
+    jobs = JobManager(tmp_path / "runs", sources=SourcePolicy.allowing(data, models=(pipeline_folder, clip_folder.parent)))
+    try:
+        config = t2i_config(pipeline_folder, data)
+        config.text2image.clip_model = str(tmp_path / "elsewhere")
+        with pytest.raises(DataError, match="text2image.clip_model='.*' is not available on this server"):
+            jobs.submit(config, "owner-me-123456")
+        config.text2image.clip_model, config.text2image.input_cache = str(clip_folder), str(tmp_path / "cache")
+        with pytest.raises(JobError, match="text2image.input_cache name files on the server"):  # only that is left
+            jobs.submit(config, "owner-me-123456")
+        assert not list((tmp_path / "runs").glob("*/config.json"))  # refused before any run folder exists
+    finally:
+        jobs.shutdown(timeout=60)
