@@ -221,13 +221,16 @@ def measure_quality(generated, data: DataConfig, training: ImageDataset, cache_d
     return {**base, "measure": "pixel FD", "value": value, "low": low, "high": high, "reference": where}
 
 
-def quality_text(summary: dict) -> str:
-    """An evaluation's quality figure in words: FID when computed, else its measured quality."""
+def quality_text(summary: dict, brief: bool = False) -> str:
+    """An evaluation's quality figure in words: FID when computed, else its measured quality
+    with its interval and reference (brief: the figure alone)."""
     if summary.get("fid") is not None:
         return f"FID {summary['fid']:.1f}"
     quality = summary.get("quality") or {}
     if quality.get("measure") is None:
         return "quality not measured"
+    if brief:
+        return f"{quality['measure']} {quality['value']:.2f}"
     return (f"{quality['measure']} {quality['value']:.2f} (95% interval {quality['low']:.2f}–{quality['high']:.2f}, "
             f"{quality['num_samples']} samples vs {quality['reference']})")
 

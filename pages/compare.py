@@ -35,12 +35,12 @@ COLUMNS = ["run", "mode", "state", "data", "trained steps", "final loss", "skipp
            "eval step", "weights", "quality", "samples", "id"]
 
 
-def saved_summary(ctx: common.AppContext, run_id: str) -> dict:
-    """The run's newest evaluation summary ({} when not evaluated yet)."""
+def newest_evaluation(ctx: common.AppContext, run_id: str):
+    """The run's newest saved evaluation (None when not evaluated yet)."""
     try:
-        return load_eval(ctx.jobs.run(run_id)).summary
+        return load_eval(ctx.jobs.run(run_id))
     except ConfigError:
-        return {}
+        return None
 
 
 QUALITY_GAP = 2.0  # a run whose quality figure is this many times the best run's is not comparable
@@ -119,7 +119,8 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
     if not run_ids:
         empty = charts.empty_figure("Pick runs to compare.")
         return pd.DataFrame(columns=COLUMNS), "", empty, empty, empty, empty, []
-    summaries = [saved_summary(ctx, r) for r in run_ids]
+    evaluations = {r: newest_evaluation(ctx, r) for r in run_ids}
+    summaries = [e.summary if e is not None else {} for e in evaluations.values()]
     names = {r: run_name(ctx, r) for r in run_ids}
     warned = run_warnings(list(names.values()), summaries)
     rows = [compare_row(ctx, r, summary, names[r] in warned) for r, summary in zip(run_ids, summaries)]
@@ -128,10 +129,12 @@ def compare_view(ctx: common.AppContext, run_ids: list[str]) -> tuple:
     for r in run_ids:
         latest = ctx.jobs.history(r).window(1.0, min_visits=2048)
         ratios[names[r]] = latest.values() if latest is not None else np.zeros(0)
-        try:
-            copies[names[r]] = load_eval(ctx.jobs.run(r)).table["memorization_ratio"].to_numpy()
-        except ConfigError:
-            copies[names[r]] = np.zeros(0)
+        if (evaluation := evaluations[r]) is not None:  # each share's histogram named with its step and quality
+            summary = evaluation.summary
+            label = f"{names[r]} · step {summary.get('checkpoint_step', '?')}, {quality_text(summary, brief=True)}"
+            copies[label] = evaluation.table["memorization_ratio"].to_numpy()
+        else:
+            copies[names[r]] = np.zeros(0)  # keeps each run's colour
     return (pd.DataFrame(rows, columns=COLUMNS), fairness_notes([names[r] for r in run_ids], summaries),
             charts.overlay_lines(steps, "rounds", "loss", "Training loss (smoothed)", "loss", log_y=True),
             charts.overlay_lines(steps, "rounds", "kept_fraction", "Kept share of each batch", "kept"),

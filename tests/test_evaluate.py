@@ -127,6 +127,7 @@ def test_evaluate_cli_prints_the_summary(trained_run, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "copies by ratio (L2 nearest / L2 second nearest < 0.333): " in out.stdout and "95% CI" in out.stdout
     assert "copies by distance" in out.stdout and "copies by mq" in out.stdout and "MQ share below" in out.stdout
+    assert "quality: feature FD " in out.stdout and "8 samples vs 500 held-out images" in out.stdout
     summary = json.loads((trained_run.path / "eval" / "cli" / "summary.json").read_text())
     assert summary["num_samples"] == 8 and summary["steps"] == 5 and summary["checkpoint_step"] == first < latest
     missing = subprocess.run([command, "evaluate", str(trained_run.path), "--step", str(latest + 1)], cwd=tmp_path,

@@ -130,8 +130,9 @@ def test_an_upload_is_named_after_its_files_and_shown_without_server_paths(tmp_p
 def test_compare_shows_each_share_with_its_evidence_and_flags_unlike_evaluations(ctx, baseline, agc_run):
     evaluate_run(ctx.jobs.run(baseline), EvalConfig(num_samples=8, steps=5, use_ema=True))
     evaluate_run(ctx.jobs.run(agc_run), EvalConfig(num_samples=16, steps=5, use_ema=False))
-    table, notes, *_ = compare.compare_view(ctx, [baseline, agc_run])
+    table, notes, *_, memorized, _ = compare.compare_view(ctx, [baseline, agc_run])
     rows = table.to_dict("records")
+    assert all(re.search(r" · step \d+, feature FD \d+\.\d\d$", trace.name) for trace in memorized.data)
     assert [r["samples"] for r in rows] == [8, 16] and [r["weights"] for r in rows] == ["EMA", "raw"]
     assert all(re.fullmatch(r"\d+–\d+%", r["95% interval"]) for r in rows)
     assert "different weights" in notes and "different sample counts" in notes and "training steps" in notes
