@@ -79,12 +79,12 @@ class SourcePolicy:
         raise DataError(f"{setting}={pretrained[:200]!r} is not available on this server: give a Hugging Face "
                         "model id as owner/name, or choose one of the models this server offers.")
 
-    def check_feature_extractor(self, source: str | None) -> None:
-        """A run's text2image.feature_extractor: none (the pixel stand-in) or a file or folder
-        inside the admin's model folders (extractors are local files only)."""
+    def check_feature_extractor(self, source: str | None, setting: str = "text2image.feature_extractor") -> None:
+        """A run's text2image.feature_extractor (or clip_model): none (the pixel stand-in; no
+        CLIP score) or a file or folder inside the admin's model folders (local files only)."""
         if source is not None and not _inside(source, self.model_folders):
-            raise DataError(f"text2image.feature_extractor={source[:200]!r} is not available on this server: leave "
-                            "it empty (the pixel stand-in), or choose one of the feature extractors this server offers.")
+            raise DataError(f"{setting}={source[:200]!r} is not available on this server: leave it empty, or choose "
+                            "one of the models this server offers.")
 
     def offered_models(self) -> dict[str, Path]:
         """What the admin's model folders hold, by a name a visitor may see (no server path):

@@ -128,9 +128,10 @@ class JobManager:
         self.sources.check(config.data.source)
         self.sources.check_model(config.model.pretrained)
         self.sources.check_feature_extractor(config.text2image.feature_extractor)
-        if config.eval.fid_weights or config.eval.fid_cache or config.text2image.clip_model or config.text2image.input_cache:
-            raise JobError("eval.fid_weights, eval.fid_cache, text2image.clip_model and text2image.input_cache name files "
-                           "on the server: there they are its admin's to set; leave them empty.")
+        self.sources.check_feature_extractor(config.text2image.clip_model, "text2image.clip_model")
+        if config.eval.fid_weights or config.eval.fid_cache or config.text2image.input_cache:
+            raise JobError("eval.fid_weights, eval.fid_cache and text2image.input_cache name files on the server: there "
+                           "they are its admin's to set; leave them empty.")
         resolve_device(config.train.device)
         self.quota.check_size(config)
         client = self.client_of()

@@ -1,5 +1,6 @@
 """CUDA-only paths: vmapped proxies in bf16, exact resume, the out-of-memory message,
-evaluation on the GPU and the compiled step (last: compiling takes longest). Deselected where no CUDA GPU is available (conftest.py);
+evaluation on the GPU, a fine-tune's cached inputs and CLIP score, and the compiled step
+(last: compiling takes longest). Deselected where no CUDA GPU is available (conftest.py);
 `python bench/gpu_check.py` runs them on one, and its dry run on the CPU as a stand-in."""
 import numpy as np
 import pytest
@@ -112,6 +113,33 @@ def test_evaluation_on_cuda_finds_the_cpu_neighbours(cuda_device, tmp_path):
         cpu[["nearest_id", "second_id", "nearest_flipped", "memorized"]])
     np.testing.assert_allclose(gpu["memorization_ratio"], cpu["memorization_ratio"], rtol=1e-12)
     assert gpu["memorized"].tail(8).all()
+
+
+def test_fine_tune_inputs_are_cached_and_clip_scores_match_the_cpu_on_cuda(cuda_device, tmp_path):
+    """Latents and text embeddings computed on the GPU are read back bit-identical (what a
+    resumed run trains on) and close to the CPU's; the CLIP score on the GPU is the CPU's."""
+    from test_text2image import CAPTIONS, captioned_folder, t2i_config
+
+    from iet_core.features import load_clip_scorer
+    from iet_core.text2image.tiny import build_tiny_clip, build_tiny_pipeline
+    from iet_core.train import prepare_trainer
+
+    pipeline = build_tiny_pipeline(tmp_path / "pipeline", num_train_timesteps=10)
+    config = t2i_config(pipeline, captioned_folder(tmp_path / "data", count=4), device=str(cuda_device))
+    config.text2image.input_cache = str(tmp_path / "cache")
+    computed = prepare_trainer(create_run(config, tmp_path / "runs")[0])
+    read = prepare_trainer(create_run(config, tmp_path / "runs")[0])
+    assert computed.input_sources == {"text_embeddings": "computed", "latents": "computed"}
+    assert read.input_sources == {"text_embeddings": "read", "latents": "read"}
+    assert torch.equal(read.images, computed.images) and torch.equal(read.text_embeddings, computed.text_embeddings)
+    config.train.device, config.text2image.input_cache = "cpu", str(tmp_path / "cpu-cache")
+    on_cpu = prepare_trainer(create_run(config, tmp_path / "runs")[0])
+    torch.testing.assert_close(computed.images.cpu(), on_cpu.images, atol=1e-4, rtol=1e-4)
+
+    clip = str(build_tiny_clip(tmp_path / "clip"))
+    images = torch.randint(0, 256, (len(CAPTIONS), 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(load_clip_scorer(clip, cuda_device)(images, CAPTIONS),
+                               load_clip_scorer(clip, "cpu")(images, CAPTIONS), atol=1e-3)
 
 
 def test_compiled_step_on_cuda_trains_the_same_model(cuda_device, tmp_path):

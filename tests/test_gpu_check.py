@@ -25,7 +25,7 @@ def test_dry_run_runs_every_part_and_writes_their_tables(tmp_path):
     assert list(parts) == ["tests", "bench", "demo", "pilot"]
     tests = parts["tests"]
     # The `cuda` tests ran on the CPU stand-in; the two that need CUDA itself say so and skip.
-    assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"]) == (3, 0, 0, 2), tests
+    assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"]) == (4, 0, 0, 2), tests
     assert not [row for row in parts["bench"]["table"] if row[1].startswith("failed")]
     demo = parts["demo"]
     assert demo["samples"] == 16 and 0 <= demo["memorized_fraction"] <= 1 and demo["steps"] > 0

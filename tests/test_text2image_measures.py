@@ -62,6 +62,8 @@ def test_evaluation_reports_clip_score_and_fid_or_says_not_measured(tmp_path, pi
     assert plain.summary["clip_score"] is None and plain.summary["fid"] is None
     text = format_summary(plain.summary)
     assert "CLIP score: not measured: no CLIP model given" in text and "FID: not measured" in text
+    plain.table = plain.table.drop(columns="clip_score")  # as evaluations saved before CLIP scores read back
+    assert len(plain.per_caption()) == 4
 
     config = run.config.eval
     config.fid, config.fid_weights, config.fid_dims, config.fid_cache = True, str(stand_in_weights), 64, str(tmp_path / "fid")
@@ -144,3 +146,22 @@ def test_experiment_runner_compares_fine_tunes_at_equal_steps(tmp_path, pipeline
     assert "LoRA rank 4" in report
     for image in ("copies_bar.png", "similarity_histograms.png", "neighbours_ddpm.png", "neighbours_iet-agc.png"):
         assert (out / image).exists()
+
+
+def test_a_server_takes_a_clip_model_from_its_model_folders_only(tmp_path, pipeline_folder, clip_folder):
+    from iet_core.data import DataError, SourcePolicy
+    from iet_core.jobs import JobError, JobManager
+
+    data = captioned_folder(tmp_path / "data", count=4)
+    jobs = JobManager(tmp_path / "runs", sources=SourcePolicy.allowing(data, models=(pipeline_folder, clip_folder.parent)))
+    try:
+        config = t2i_config(pipeline_folder, data)
+        config.text2image.clip_model = str(tmp_path / "elsewhere")
+        with pytest.raises(DataError, match="text2image.clip_model='.*' is not available on this server"):
+            jobs.submit(config, "owner-me-123456")
+        config.text2image.clip_model, config.text2image.input_cache = str(clip_folder), str(tmp_path / "cache")
+        with pytest.raises(JobError, match="text2image.input_cache name files on the server"):  # only that is left
+            jobs.submit(config, "owner-me-123456")
+        assert not list((tmp_path / "runs").glob("*/config.json"))  # refused before any run folder exists
+    finally:
+        jobs.shutdown(timeout=60)

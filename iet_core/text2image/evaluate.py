@@ -41,12 +41,12 @@ class CopyResult(EvalResult):
         return out
 
     def per_caption(self) -> pd.DataFrame:
-        """One row per prompt: its generations, how many are copies, the highest similarity and
-        whether its own training image was the nearest of any."""
+        """One row per prompt: its generations, how many are copies, the highest similarity,
+        whether its own training image was the nearest of any, and its mean CLIP score."""
         grouped = self.table.groupby("caption_id", sort=False)
+        scores = {"clip_score": ("clip_score", "mean")} if "clip_score" in self.table else {}  # absent in older evaluations
         frame = grouped.agg(caption=("caption", "first"), generations=("sample_id", "size"), copies=("copy", "sum"),
-                            max_similarity=("similarity", "max"), own_image_nearest=("own_image", "any"),
-                            clip_score=("clip_score", "mean"))
+                            max_similarity=("similarity", "max"), own_image_nearest=("own_image", "any"), **scores)
         return frame.sort_values("max_similarity", ascending=False).reset_index()
 
 
