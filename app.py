@@ -4,6 +4,7 @@
     python app.py --runs-dir /data/runs --max-jobs 1 --port 7860
     python app.py --data-dir /data/images        # users may also train on folders in there
     python app.py --model-dir /data/models       # ... and fine-tune the Stable Diffusion pipelines in there
+    python app.py --no-hub                       # visitors name no Hub dataset or model (default on a Space)
 
 The same file is a Hugging Face Space's entry point (see README). Training runs in background
 threads owned by a JobManager; pages only poll it, so closing or refreshing a tab never stops
@@ -56,14 +57,16 @@ def build_app(runs_root: str | Path, max_jobs: int = 1, max_runs_per_user: int |
               model_dirs: tuple[str | Path, ...] = (),
               claim_cli_runs: bool = False, max_live_jobs: int | None = None, max_steps_per_run: int | None = None,
               max_eval_work: int = common.MAX_EVAL_WORK, max_live_jobs_per_client: int | None = None,
-              max_evals_per_client: int | None = None, proxy_hops: int = 0) -> tuple[gr.Blocks, common.AppContext]:
+              max_evals_per_client: int | None = None, proxy_hops: int = 0,
+              hub: bool = True) -> tuple[gr.Blocks, common.AppContext]:
     """The Gradio app and its context (job manager, runs folder) for a runs folder. Users may
     train on built-in data, Hub datasets, their uploads and the admin's `data_dirs`, and fine-tune
-    Hub models and what the admin's `model_dirs` hold (pipelines, copy-detection extractors).
+    Hub models and what the admin's `model_dirs` hold (pipelines, copy-detection extractors);
+    with `hub` off, no Hub dataset or model (the server downloads nothing for a visitor).
     Per-client limits count by network address: the connection's, or behind `proxy_hops`
     proxies the one they forward (access.client_address)."""
     max_bytes = None if max_disk_per_user_mb is None else int(max_disk_per_user_mb * 2**20)
-    sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs, models=model_dirs)
+    sources = SourcePolicy.allowing(Path(runs_root) / DATASETS_DIR, *data_dirs, models=model_dirs, hub=hub)
     jobs = JobManager(runs_root, max_running=max_jobs, max_runs_per_owner=max_runs_per_user, max_bytes_per_owner=max_bytes,
                       sources=sources, claim_unowned=claim_cli_runs, max_live_jobs=max_live_jobs,
                       max_steps_per_run=max_steps_per_run, max_live_jobs_per_client=max_live_jobs_per_client,
@@ -90,6 +93,15 @@ def launch(demo: gr.Blocks, ctx: common.AppContext, **kwargs):
         app_kwargs={"routes": api.status_routes(ctx), "middleware": [page_only]}, **kwargs)
 
 
+def default_hub() -> bool:
+    """Hub downloads for visitors: IET_HUB if set, else on for a local or classroom server and
+    off on a Hugging Face Space (SPACE_ID set), where anyone could fill its disk with models."""
+    setting = os.environ.get("IET_HUB", "").strip().lower()
+    if setting:
+        return setting not in ("0", "false", "no", "off")
+    return not os.environ.get("SPACE_ID")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default=os.environ.get("IET_RUNS_DIR", DEFAULT_RUNS_DIR),
@@ -108,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="admin: a folder of models users may fine-tune or measure copies with, listed by name on "
                              "the Train page: diffusers Stable Diffusion pipeline folders, and SSCD TorchScript files or "
                              "DINOv2 / CLIP folders as feature extractors (repeatable; otherwise only Hub ids)")
+    parser.add_argument("--hub", action=argparse.BooleanOptionalAction, default=default_hub(),
+                        help="admin: whether visitors may name Hugging Face Hub datasets and models, which the server "
+                             "then downloads (--no-hub: only built-in data, uploads and the admin's folders; env "
+                             "IET_HUB=0/1; default on, off on a Hugging Face Space)")
     parser.add_argument("--claim-cli-runs", action="store_true",
                         help="admin: let any user resume or evaluate runs made with the command line (they have no owner)")
     parser.add_argument("--max-live-jobs", type=int, default=int(os.environ.get("IET_MAX_LIVE_JOBS", "20")),
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                           claim_cli_runs=args.claim_cli_runs, max_live_jobs=args.max_live_jobs,
                           max_steps_per_run=args.max_steps_per_run, max_eval_work=args.max_eval_work,
                           max_live_jobs_per_client=args.max_live_jobs_per_client,
-                          max_evals_per_client=args.max_evals_per_client, proxy_hops=args.proxy_hops)
+                          max_evals_per_client=args.max_evals_per_client, proxy_hops=args.proxy_hops, hub=args.hub)
     if args.cleanup_days:
         removed = ctx.jobs.cleanup(args.cleanup_days)
         print(f"cleanup: removed {len(removed)} run(s) not updated for {args.cleanup_days:g} days")

@@ -16,7 +16,7 @@ SHORTCUTS = {
     "channels": ("data.channels", "1 or 3"),
     "subset": ("data.subset", "number of images to use ('none' for all)"),
     "preset": ("model.preset", "UNet preset: tiny, small, ddpm-cifar10"),
-    "pretrained": ("model.pretrained", "diffusers UNet folder or Hub id to fine-tune"),
+    "pretrained": ("model.pretrained", "diffusers folder (a path: ./folder) or Hub id (owner/name) to fine-tune"),
     "shards": ("method.num_shards", "K, the number of shards/proxies"),
     "skip-lambda": ("method.agc.skip_lambda", "AGC: skip when loss / bank[t] is below this"),
     "bank-decay": ("method.agc.bank_decay", "AGC: memory bank decay"),

@@ -150,7 +150,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # one of MODEL_PRESETS
-    pretrained: str | None = None  # local diffusers UNet folder or Hub id, for fine-tuning
+    pretrained: str | None = None  # diffusers UNet folder (a path) or Hub id (owner/name, iet_core.hub), for fine-tuning
     dropout: float | None = None  # None: the preset's own
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -393,11 +393,11 @@ class TextToImageConfig:
     lora_targets: str = "to_k,to_q,to_v,to_out.0"  # comma-separated module names, as diffusers' example
     guidance_scale: float = 7.5  # classifier-free guidance when generating from the training captions
     images_per_caption: int = 1  # generations per caption in evaluation
-    # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder; None: a pixel-space stand-in
+    # SSCD TorchScript file, or a DINOv2 / CLIP transformers folder or Hub id; None: a pixel-space stand-in
     feature_extractor: str | None = None
     copy_threshold: float = 0.5  # cosine similarity to the nearest training image above which a generation is a copy
-    # A CLIPModel transformers folder (with its tokenizer) for the CLIP score of generations
-    # against their prompts; None: not measured. Nothing is downloaded.
+    # A CLIPModel transformers folder or Hub id (with its tokenizer) for the CLIP score of
+    # generations against their prompts; None: not measured.
     clip_model: str | None = None
     # Folder for the latents and text embeddings computed once per data, encoders and
     # resolution (None: the user cache, ~/.cache/iet_core/sd-inputs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import re
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 from .config import MAX_IMAGES, RESIZE_FILTERS, ConfigError, DataConfig
+from .hub import DATASET_FILES, fetch, is_hub_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BUILTIN = ("digits",)
@@ -32,8 +32,6 @@ MAX_CAPTION_CHARS = 4_000
 MAX_ARCHIVE_BYTES = 2 * 2**30  # total uncompressed size of an archive's entries (and of an upload)
 MAX_PIXELS = 40_000_000  # one decoded image; larger is treated as a decompression bomb
 MAX_DATASET_PIXELS = 250_000_000  # all decoded images of one folder or archive together (seconds of CPU, not minutes)
-# A Hugging Face Hub id: owner/name, nothing else (no absolute, relative or home paths).
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # What zipfile raises for damaged, encrypted or exotic archives and entries (found by fuzzing;
 # UnicodeDecodeError from garbled names is a ValueError).
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
@@ -43,48 +41,58 @@ class DataError(ConfigError):
     """The data cannot be used; the message says what to do."""
 
 
-def is_hub_id(spec: str) -> bool:
-    return HUB_ID.fullmatch(spec) is not None and ".." not in spec
-
-
 @dataclass(frozen=True)
 class SourcePolicy:
     """What a server may read: data from built-in datasets, Hub ids (`hf:owner/name`), and
     files or `save_to_disk` folders inside the data folders its admin named (uploads are kept
     in one); models (a pipeline to fine-tune, a copy-detection feature extractor) from Hub ids
-    or inside the model folders its admin named. Every refusal reads the same, so no answer
+    or inside the model folders its admin named. A Hub id is only ever fetched from the Hub
+    (iet_core.hub), and with `hub` off not at all. Every refusal reads the same, so no answer
     tells whether a server path exists."""
 
     folders: tuple[Path, ...] = ()
     model_folders: tuple[Path, ...] = ()
+    hub: bool = True  # visitors may name Hub datasets and models (the server downloads them)
 
     @classmethod
-    def allowing(cls, *folders: str | Path, models: tuple[str | Path, ...] = ()) -> "SourcePolicy":
+    def allowing(cls, *folders: str | Path, models: tuple[str | Path, ...] = (), hub: bool = True) -> "SourcePolicy":
         resolve = lambda paths: tuple(Path(f).expanduser().resolve() for f in paths)
-        return cls(resolve(folders), resolve(models))
+        return cls(resolve(folders), resolve(models), hub)
+
+    def _check_hub(self, setting: str, spec: str) -> None:
+        if not self.hub:
+            raise DataError(f"{setting}={spec[:200]!r}: this server does not download from the Hugging Face Hub (its "
+                            "admin turned it off): use a built-in dataset, upload images, or choose one of the models "
+                            "this server offers.")
 
     def check(self, source: str) -> None:
         """A run's data.source."""
-        if source in BUILTIN or (source.startswith("hf:") and is_hub_id(source[3:])):
+        if source in BUILTIN:
             return
+        if source.startswith("hf:") and is_hub_id(source[3:]):
+            return self._check_hub("data.source", source)
         if not _inside(source[3:] if source.startswith("hf:") else source, self.folders):
             raise DataError(f"data source {source[:200]!r} is not available on this server: use a built-in dataset "
                             f"({', '.join(BUILTIN)}), upload images, or give a Hugging Face dataset id as hf:owner/name.")
 
     def check_model(self, pretrained: str | None, setting: str = "model.pretrained") -> None:
-        """A run's model.pretrained: a Hub id (not shadowed by a local path of that name), or a
-        path inside the admin's model folders."""
-        if pretrained is None or (is_hub_id(pretrained) and not Path(pretrained).exists()) or _inside(pretrained, self.model_folders):
-            return
-        raise DataError(f"{setting}={pretrained[:200]!r} is not available on this server: give a Hugging Face "
-                        "model id as owner/name, or choose one of the models this server offers.")
+        """A run's model.pretrained: a Hub id, or a path inside the admin's model folders."""
+        self._check_model_source(pretrained, setting, "give a Hugging Face model id as owner/name, or choose one of "
+                                                      "the models this server offers")
 
     def check_feature_extractor(self, source: str | None, setting: str = "text2image.feature_extractor") -> None:
         """A run's text2image.feature_extractor (or clip_model): none (the pixel stand-in; no
-        CLIP score) or a file or folder inside the admin's model folders (local files only)."""
-        if source is not None and not _inside(source, self.model_folders):
-            raise DataError(f"{setting}={source[:200]!r} is not available on this server: leave it empty, or choose "
-                            "one of the models this server offers.")
+        CLIP score), a Hub id of a transformers model, or a file or folder inside the admin's
+        model folders."""
+        self._check_model_source(source, setting, "leave it empty, or choose one of the models this server offers")
+
+    def _check_model_source(self, source: str | None, setting: str, advice: str) -> None:
+        if source is None:
+            return
+        if is_hub_id(source):
+            return self._check_hub(setting, source)
+        if not _inside(source, self.model_folders):
+            raise DataError(f"{setting}={source[:200]!r} is not available on this server: {advice}.")
 
     def offered_models(self) -> dict[str, Path]:
         """What the admin's model folders hold, by a name a visitor may see (no server path):
@@ -422,14 +430,18 @@ def load_hf(spec: str, split: str, image_column: str | None, label_column: str |
     given) and rejected rows."""
     import datasets
 
+    folder = None
+    if is_hub_id(spec):  # fetched (data files only) and loaded from its snapshot, never a local folder of that name
+        try:
+            folder = fetch(spec, "data.source", DATASET_FILES, repo_type="dataset")
+        except ConfigError as err:
+            raise DataError(str(err)) from None
     try:
-        if is_hub_id(spec):
-            if Path(spec).exists():  # the loader would read a local folder of that name instead
-                raise FileNotFoundError("a local path has the same name")
-            ds = datasets.load_dataset(spec, split=split)
+        if folder is not None:
+            ds = datasets.load_dataset(str(folder), split=split)
         else:
             ds = datasets.load_from_disk(str(Path(spec).expanduser()))
-    except Exception as err:  # the hub client raises many types; all mean "cannot load this"
+    except Exception as err:  # the loaders raise many types; all mean "cannot load this"
         raise DataError(f"cannot load Hugging Face dataset {spec[:200]!r} ({type(err).__name__}). Give a Hub id "
                         "(owner/name) and check the network, or a folder written by `save_to_disk`.") from None
     if isinstance(ds, datasets.DatasetDict):

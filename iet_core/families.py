@@ -18,6 +18,7 @@ class Family:
     evaluate: Callable  # evaluate(run, checkpoint, dataset, eval config, family settings, device, progress) -> EvalResult
     result: type  # the EvalResult subclass its saved evaluations load as
     format_summary: Callable[[dict], str]  # an evaluation's summary as text for a terminal
+    check: Callable  # check(config): what its model's configs decide (no weights read), before a run folder is made
 
 
 _registered: dict[str, Family] = {}

@@ -2,12 +2,12 @@
 
 Text-to-image copy detection compares generations with training images in the space of a
 copy-detection descriptor: SSCD (Pizzi et al., a TorchScript file), or DINOv2 / CLIP image
-features (transformers folders). A generation is a copy when the cosine similarity to its
-nearest training image is above 0.5, the convention of Somepalli et al. for SSCD. Nothing is
-downloaded: the user gives a local file or folder. Without one, a clearly named stand-in
+features (transformers folders, local or a Hub id's snapshot: iet_core.hub). A generation is a
+copy when the cosine similarity to its nearest training image is above 0.5, the convention of
+Somepalli et al. for SSCD. Without an extractor, a clearly named stand-in
 compares small centred greyscale thumbnails (a correlation): it finds near-exact copies only.
 The same loading path gives the CLIP score of generations against their prompts (ClipScorer),
-from a local CLIPModel folder.
+from a CLIPModel folder.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .hub import is_hub_id, local_folder
 from .metrics import memorization_ratio
 from .neighbours import as_uint8_images, resolve_device
 
@@ -72,7 +73,7 @@ def load_feature_extractor(source: str | None, device: str | torch.device | None
     device = resolve_device(device)
     if source is None:
         return FeatureExtractor(PIXEL_MEASURE, _centred_grey, PIXEL_SIZE, None, None, device)
-    path = Path(source).expanduser()
+    path = local_folder(source, "text2image.feature_extractor")
     if path.is_file():
         try:
             module = torch.jit.load(str(path), map_location=device).eval()
@@ -83,10 +84,15 @@ def load_feature_extractor(source: str | None, device: str | torch.device | None
     if not (path / "config.json").exists():
         raise ConfigError(f"feature extractor {source!r} is neither a TorchScript file nor a transformers folder "
                           "(no config.json): give SSCD's .torchscript.pt, or a DINOv2 / CLIP folder saved with save_pretrained.")
-    return _transformers_extractor(path, device)
+    return _transformers_extractor(path, _label(source, path), device)
 
 
-def _transformers_model(path: Path, device: torch.device, accepted, what: str):
+def _label(source: str, path: Path) -> str:
+    """A model's name as shown: its Hub id, or its folder's name (never a server path)."""
+    return source if is_hub_id(source) else path.name
+
+
+def _transformers_model(path: Path, label: str, device: torch.device, accepted, what: str):
     """(class name, model in eval mode, config.json) of a transformers folder holding one of
     the `accepted` classes, from .safetensors only (pickled weights are not loaded)."""
     import transformers
@@ -94,9 +100,9 @@ def _transformers_model(path: Path, device: torch.device, accepted, what: str):
     config = json.loads((path / "config.json").read_text())
     kind = next((a for a in config.get("architectures") or [] if a in accepted), None)
     if kind is None:
-        raise ConfigError(f"{what} folder {path.name} holds {config.get('architectures')}: use one of {', '.join(accepted)}.")
+        raise ConfigError(f"{what} {label} holds {config.get('architectures')}: use one of {', '.join(accepted)}.")
     if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"{what} folder {path.name} has no .safetensors weights (pickled weights are not loaded).")
+        raise ConfigError(f"{what} {label} has no .safetensors weights (pickled weights are not loaded).")
     model = getattr(transformers, kind).from_pretrained(str(path), use_safetensors=True, local_files_only=True)
     return kind, model.to(device).eval(), config
 
@@ -123,8 +129,8 @@ def _preprocessing(path: Path, config: dict) -> tuple[int, tuple[float, ...], tu
     return int(side), tuple(processor.image_mean), tuple(processor.image_std)
 
 
-def _transformers_extractor(path: Path, device: torch.device) -> FeatureExtractor:
-    kind, model, config = _transformers_model(path, device, VISION_MODELS, "feature extractor")
+def _transformers_extractor(path: Path, label: str, device: torch.device) -> FeatureExtractor:
+    kind, model, config = _transformers_model(path, label, device, VISION_MODELS, "feature extractor")
     output = VISION_MODELS[kind]
 
     def network(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +138,7 @@ def _transformers_extractor(path: Path, device: torch.device) -> FeatureExtracto
             return _pooled(model.get_image_features(pixel_values=x))
         return getattr(model(pixel_values=x), output)
 
-    return FeatureExtractor(f"{kind} ({path.name})", network, *_preprocessing(path, config), device)
+    return FeatureExtractor(f"{kind} ({label})", network, *_preprocessing(path, config), device)
 
 
 @dataclass
@@ -166,17 +172,18 @@ class ClipScorer:
 
 
 def load_clip_scorer(source: str, device: str | torch.device | None = None) -> ClipScorer:
-    """A CLIP score from a local CLIPModel folder (CLIPModel.save_pretrained and its
-    processor's or tokenizer's save_pretrained in the same folder); nothing is downloaded."""
+    """A CLIP score from a CLIPModel folder (CLIPModel.save_pretrained and its processor's or
+    tokenizer's save_pretrained in the same folder), local or a Hub id's snapshot."""
     from transformers import AutoTokenizer
 
-    path = Path(source).expanduser()
+    path = local_folder(source, "text2image.clip_model")
+    label = _label(source, path)
     if not (path / "config.json").exists():
         raise ConfigError(f"CLIP model {source!r} is not a transformers folder (no config.json): give a folder that "
                           "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained wrote (e.g. openai/clip-vit-large-patch14).")
     device = resolve_device(device)
-    _, model, config = _transformers_model(path, device, ("CLIPModel",), "CLIP model (image and text towers)")
-    images = FeatureExtractor(f"CLIPModel ({path.name})", lambda x: _pooled(model.get_image_features(pixel_values=x)),
+    _, model, config = _transformers_model(path, label, device, ("CLIPModel",), "CLIP model (image and text towers)")
+    images = FeatureExtractor(f"CLIPModel ({label})", lambda x: _pooled(model.get_image_features(pixel_values=x)),
                               *_preprocessing(path, config), device)
     # transformers 5 builds an empty tokenizer from a folder without one: look for its files first
     found = any((path / name).exists() for name in ("tokenizer.json", "vocab.json"))
@@ -185,10 +192,10 @@ def load_clip_scorer(source: str, device: str | torch.device | None = None) -> C
     except (OSError, ValueError, TypeError):
         tokenizer = None
     if tokenizer is None:
-        raise ConfigError(f"CLIP model folder {path.name} has no readable tokenizer (tokenizer.json or vocab.json): save "
+        raise ConfigError(f"CLIP model {label} has no readable tokenizer (tokenizer.json or vocab.json): save "
                           "the CLIPProcessor (or its tokenizer) into the same folder with save_pretrained.")
     max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
-    return ClipScorer(f"CLIP score, {path.name}", images, tokenizer, max_length, model)
+    return ClipScorer(f"CLIP score, {label}", images, tokenizer, max_length, model)
 
 
 def cosine_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 2, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

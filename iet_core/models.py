@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .config import MODEL_PRESETS, ConfigError, ModelConfig, check_resolution
+from .hub import local_folder
 
 # torch's global random generator is shared by every thread. Code that must draw from it (a
 # module's initialisation, dropout: neither takes a generator) holds this lock and restores the
@@ -64,36 +65,31 @@ def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor
 
 
 def load_pretrained_unet(source: str, resolution: int, channels: int) -> UNet2DModel:
-    """A diffusers UNet2DModel from a local folder (a UNet or a pipeline folder) or a Hub id.
-    Weights are read from safetensors only: nothing is unpickled."""
-    path = Path(source).expanduser()
-    subfolder = None
-    if path.is_dir():
-        if not (path / "config.json").exists() and (path / "unet" / "config.json").exists():
-            subfolder = "unet"
-        folder = path / subfolder if subfolder else path
-        if not (folder / "config.json").exists():
-            raise ConfigError(f"model.pretrained={source!r}: no config.json there; give a diffusers UNet or pipeline folder.")
-        if not any(folder.glob("*.safetensors")):
-            raise ConfigError(f"model.pretrained={source!r}: no .safetensors weights there (pickled .bin weights are not "
-                              "loaded for safety); convert them with diffusers' save_pretrained(safe_serialization=True).")
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"model.pretrained={source!r}: config.json is not valid JSON ({err}).") from None
-        if config.get("_class_name") not in (None, "UNet2DModel"):
-            raise ConfigError(f"model.pretrained={source!r} holds a {config.get('_class_name')}, not a UNet2DModel.")
-    # A Hub id may name a UNet repo or a pipeline repo that keeps it in "unet/".
-    attempts = [subfolder] if path.is_dir() else [None, "unet"]
-    for attempt in attempts:
-        try:
-            unet = UNet2DModel.from_pretrained(str(path) if path.is_dir() else source, subfolder=attempt, use_safetensors=True)
-            break
-        except (OSError, ValueError) as err:
-            error = err
-    else:
-        raise ConfigError(f"cannot load model.pretrained={source!r} ({error}). Give a local diffusers folder, "
-                          "or check the Hub id and the network.")
+    """A diffusers UNet2DModel from a UNet or pipeline folder: local, or a Hub id's snapshot
+    (iet_core.hub). Weights are read from safetensors only: nothing is unpickled."""
+    path = local_folder(source, "model.pretrained")
+    if not path.is_dir():
+        raise ConfigError(f"model.pretrained={source!r} is not a folder: give a diffusers UNet or pipeline folder, "
+                          "or a Hub id (owner/name).")
+    # A UNet folder, or a pipeline folder that keeps it in "unet/"
+    subfolder = "unet" if not (path / "config.json").exists() and (path / "unet" / "config.json").exists() else None
+    folder = path / subfolder if subfolder else path
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"model.pretrained={source!r}: no config.json there; give a diffusers UNet or pipeline folder.")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"model.pretrained={source!r}: no .safetensors weights there (pickled .bin weights are not "
+                          "loaded for safety); convert them with diffusers' save_pretrained(safe_serialization=True).")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model.pretrained={source!r}: config.json is not valid JSON ({err}).") from None
+    if config.get("_class_name") not in (None, "UNet2DModel"):
+        raise ConfigError(f"model.pretrained={source!r} holds a {config.get('_class_name')}, not a UNet2DModel.")
+    try:
+        unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load model.pretrained={source!r} ({type(err).__name__}). Give a diffusers UNet or pipeline "
+                          "folder with .safetensors weights.") from None
     if unet.config.in_channels != channels:
         raise ConfigError(f"model.pretrained expects {unet.config.in_channels}-channel images but data.channels={channels}: set data.channels={unet.config.in_channels}.")
     if unet.config.sample_size not in (None, resolution) and not isinstance(unet.config.sample_size, (list, tuple)):

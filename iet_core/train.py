@@ -696,10 +696,18 @@ class Trainer:
         self.run.write_per_sample(frame)
 
 
+def check_family_model(config: RunConfig) -> None:
+    """What a fine-tune's base model decides about its settings (e.g. the resolutions a Stable
+    Diffusion pipeline trains at), from the model's configs."""
+    if config.text2image.enabled:
+        family(TEXT_TO_IMAGE).check(config)
+
+
 def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset | None = None) -> tuple[Run, ImageDataset]:
-    """Check every setting, the device and the data before a run folder is made."""
+    """Check every setting, the device, the model's configs and the data before a run folder is made."""
     config.validate()
     resolve_device(config.train.device)
+    check_family_model(config)
     dataset = dataset if dataset is not None else load_dataset(config.data)
     config.validate(num_images=len(dataset))
     return Run.create(runs_root, config), dataset

@@ -118,7 +118,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                        "learn from.")
     with gr.Row():
         with gr.Column(scale=2):
-            source = gr.Radio([BUILTIN, UPLOAD, HUB], value=BUILTIN, label="Source")
+            # a server whose admin turned the Hub off offers no Hub choice (and refuses an hf: source)
+            source = gr.Radio([BUILTIN, UPLOAD, *([HUB] if ctx.jobs.sources.hub else [])], value=BUILTIN, label="Source")
             upload = gr.File(file_count="multiple", file_types=["image", ".zip", ".npz", ".txt", ".jsonl"], visible=False,
                              label="Images (PNG, JPEG, ...), or one .zip of images (class folders become labels), "
                                    "or an .npz with an `images` array. Captioned, for text-to-image: add a "

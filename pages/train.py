@@ -134,7 +134,8 @@ def base_model(ctx: common.AppContext, offered: str | None, hub_id: str | None) 
         return typed
     pipelines, _ = offered_models(ctx)
     if offered not in pipelines:
-        raise DataError("choose a base model this server offers, or type a Hugging Face model id as owner/name "
+        hub = ", or type a Hugging Face model id as owner/name" if ctx.jobs.sources.hub else ""
+        raise DataError(f"choose a base model this server offers{hub} "
                         f"(offered: {', '.join(pipelines) or 'none: the admin names model folders with --model-dir'}).")
     return pipelines[offered]
 
@@ -222,7 +223,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                                        info="Stable Diffusion pipelines this server offers",
                                        elem_id="base-model")
                     hub_model = gr.Textbox(label="or a Hugging Face model id", placeholder="owner/name",
-                                           info="e.g. stabilityai/stable-diffusion-2-1-base (needs the network)")
+                                           info="e.g. stabilityai/stable-diffusion-2-1-base (needs the network)",
+                                           visible=ctx.jobs.sources.hub)
                     lora_rank = gr.Number(tuned["lora_rank"], precision=0, minimum=0, maximum=1024,
                                           label="LoRA rank (0 = full UNet fine-tune)")
                 with gr.Row():

@@ -233,17 +233,27 @@ def test_copy_detection_finds_planted_copies(tmp_path, make):
     assert result.summary["measure"] == (PIXEL_MEASURE if make is None else extractor.name)
 
 
-def test_text_to_image_settings_are_checked_before_a_run_exists(tmp_path, pipeline_folder):
+def test_text_to_image_settings_are_checked_before_a_run_exists(tmp_path, pipeline_folder, capsys):
+    from iet_core.cli import main
+
     data = captioned_folder(tmp_path / "data", count=4)
     config = t2i_config(pipeline_folder, data)
     config.train.hflip = True
     with pytest.raises(ConfigError, match="hflip"):
         create_run(config, tmp_path / "runs")
-    config = t2i_config(pipeline_folder, data)
-    config.data.resolution = 10
-    with pytest.raises(ConfigError, match="multiple of 4"):
-        train(config, runs_root=tmp_path / "runs")
-    assert not (tmp_path / "runs").exists() or all(Run(p).status()["state"] == "failed" for p in (tmp_path / "runs").iterdir())
+    # The tiny pipeline downsamples by 2 (VAE) x 2 (UNet) and is 8 latent pixels = 16 pixels wide:
+    # read from its configs, before any weight is loaded or folder made, by the engine and the CLI
+    for resolution, fits in ((10, 8), (32, 16)):
+        config = t2i_config(pipeline_folder, data)
+        config.data.resolution = resolution
+        refusal = f"data.resolution={resolution} does not fit this pipeline: use a multiple of 4 pixels up to 16 (e.g. {fits})."
+        with pytest.raises(ConfigError) as refused:
+            train(config, runs_root=tmp_path / "runs")
+        assert str(refused.value) == refusal
+        (tmp_path / "config.json").write_text(config.to_json())
+        assert main(["train", "--config", str(tmp_path / "config.json"), "--runs-dir", str(tmp_path / "runs")]) == 2
+        assert refusal in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_fine_tunes_evaluates_and_exports(tmp_path, pipeline_folder, capsys):

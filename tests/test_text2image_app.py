@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from iet_core.config import DataConfig
+from iet_core.config import ConfigError, DataConfig
 from iet_core.data import DataError, SourcePolicy, load_dataset
 from iet_core.evaluate import load_eval
 from iet_core.features import PIXEL_MEASURE
@@ -175,3 +175,35 @@ def test_a_base_model_path_outside_the_model_folder_is_refused_alike_whether_it_
         client.predict(json.dumps(tree), OWNER, api_name="/start_run")
     assert sorted(p.name for p in ctx.runs_root.iterdir() if p.name != "datasets") == \
         [name for name in before if name != "datasets"]  # no run folder made
+
+
+def test_a_hub_id_is_refused_alike_whether_a_same_named_server_folder_exists_and_a_misfit_makes_no_run(
+        server, tmp_path, model_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    url, ctx = server
+    client = Client(url, verbose=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # empty, and offline
+    monkeypatch.chdir(tmp_path)  # the server's working directory, where a folder is named like a Hub id
+    upload, _ = data.persist_upload([str(captioned_zip(tmp_path / "set.zip"))], ctx.runs_root, 16, 3)
+    session = {"owner": OWNER, "data": dataclasses.asdict(upload)}
+    runs = lambda: sorted(p.name for p in ctx.runs_root.iterdir() if p.name != "datasets")
+    before, messages = runs(), set()
+    for exists in (True, False):
+        if exists:
+            shutil.copytree(model_dir / "tiny-sd", tmp_path / "owner" / "sd")
+        with pytest.raises(ConfigError) as refused:  # typed on the Train page
+            train.start_run(ctx, session, fine_tune_form(hub_model="owner/sd"))
+        messages.add(str(refused.value))
+        config = train.build_config(upload, pretrained="owner/sd", **{k: v for k, v in fine_tune_form().items()
+                                                                     if k not in ("base_model", "hub_model", "extractor", "clip")})
+        with pytest.raises(AppError) as refused:  # a config sent to the API
+            client.predict(config.to_json(), OWNER, api_name="/start_run")
+        messages.add(str(refused.value))
+        shutil.rmtree(tmp_path / "owner", ignore_errors=True)
+    assert messages == {"cannot fetch model.pretrained='owner/sd' from the Hugging Face Hub (LocalEntryNotFoundError): "
+                        "check the id and the network. A local folder is written as a path, e.g. ./owner/sd."}
+    # The offered pipeline is 16 pixels wide: a larger resolution gets its reason, and no run folder
+    with pytest.raises(ConfigError, match=r"^data.resolution=32 does not fit this pipeline: use a multiple of 4 pixels up to 16"):
+        train.start_run(ctx, session, fine_tune_form(resolution=32))
+    assert runs() == before

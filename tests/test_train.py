@@ -310,7 +310,7 @@ def test_fine_tune_from_a_local_diffusers_unet(tmp_path):
     with pytest.raises(ConfigError, match="set data.channels=1"):
         train(config, runs_root=tmp_path / "wrong")
     config.data.channels, config.model.pretrained = 1, "no-such-user/no-such-unet"  # tests run offline
-    with pytest.raises(ConfigError, match="cannot load model.pretrained"):
+    with pytest.raises(ConfigError, match="cannot fetch model.pretrained='no-such-user/no-such-unet' from the Hugging Face Hub"):
         train(config, runs_root=tmp_path / "hub")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, TextToImageConfig
+from ..config import ConfigError, RunConfig, TextToImageConfig
+from ..hub import CONFIG_FILES, MODEL_FILES, local_folder
 from ..neighbours import as_uint8_images
 
 
@@ -19,11 +20,6 @@ class Components:
     text_encoder: torch.nn.Module  # CLIPTextModel
     tokenizer: object  # CLIPTokenizer
     scheduler: object  # the pipeline's training noise schedule (DDPMScheduler)
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixels per latent pixel."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def pipeline(self, sampler: str = "pipeline"):
         """A StableDiffusionPipeline over these components (no safety checker: the images are
@@ -36,22 +32,59 @@ class Components:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
+def pipeline_folder(source: str, files: tuple[str, ...] = MODEL_FILES) -> Path:
+    """The folder of a Stable Diffusion pipeline (a Hub id: its snapshot with `files`), checked
+    to hold one."""
+    path = local_folder(source, "model.pretrained", files)
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"model.pretrained={source!r} is not a diffusers pipeline folder (no model_index.json): "
+                          "give the folder StableDiffusionPipeline.save_pretrained wrote, or a Hub id.")
+    kind = _read_json(path / "model_index.json", source).get("_class_name", "")
+    if kind != "StableDiffusionPipeline":
+        raise ConfigError(f"model.pretrained={source!r} holds a {kind}: text2image fine-tunes Stable Diffusion 1.x / 2.x "
+                          "pipelines (UNet2DConditionModel with one CLIP text encoder).")
+    return path
+
+
+def _read_json(path: Path, source: str) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise ConfigError(f"model.pretrained={source!r}: {path.parent.name}/{path.name} is missing or not valid JSON.")
+    return config
+
+
+def check_resolution_fits(unet_config: dict, vae_config: dict, resolution: int) -> None:
+    """A pipeline trains at multiples of what its VAE and UNet downsample by together, up to its
+    own size (the UNet's sample size in latent pixels times the VAE's factor)."""
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    step = vae_scale * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    sample = unet_config.get("sample_size")
+    largest = (min(sample) if isinstance(sample, (list, tuple)) else sample) * vae_scale if sample else None
+    if resolution % step or (largest is not None and resolution > largest):
+        fits = max(step, resolution // step * step) if largest is None else min(max(step, resolution // step * step), largest)
+        bound = f" up to {largest}" if largest is not None else ""
+        raise ConfigError(f"data.resolution={resolution} does not fit this pipeline: use a multiple of {step} pixels"
+                          f"{bound} (e.g. {fits}).")
+
+
+def check_pipeline(config: RunConfig) -> None:
+    """A fine-tune's base pipeline fits its settings: read from the pipeline's configs only (a
+    Hub id's configs are fetched, not its weights), before a run folder is made."""
+    folder = pipeline_folder(config.model.pretrained, CONFIG_FILES)
+    unet, vae = (_read_json(folder / part / "config.json", config.model.pretrained) for part in ("unet", "vae"))
+    check_resolution_fits(unet, vae, config.data.resolution)
+
+
 def load_components(source: str) -> Components:
     """The UNet, VAE, text encoder, tokenizer and noise schedule of a diffusers Stable Diffusion
-    pipeline: a local folder or a Hub id. Weights are read from safetensors only."""
+    pipeline: a local folder or a Hub id (iet_core.hub). Weights are read from safetensors only."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").exists():
-            raise ConfigError(f"model.pretrained={source!r} is not a diffusers pipeline folder (no model_index.json): "
-                              "give the folder StableDiffusionPipeline.save_pretrained wrote, or a Hub id.")
-        kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-        if kind != "StableDiffusionPipeline":
-            raise ConfigError(f"model.pretrained={source!r} holds a {kind}: text2image fine-tunes Stable Diffusion 1.x / 2.x "
-                              "pipelines (UNet2DConditionModel with one CLIP text encoder).")
-    where = str(path) if path.exists() else source
+    where = str(pipeline_folder(source))
     try:
         return Components(
             unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", use_safetensors=True),
@@ -59,9 +92,9 @@ def load_components(source: str) -> Components:
             text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", use_safetensors=True),
             tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer"),
             scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler"))
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise ConfigError(f"cannot load the Stable Diffusion pipeline model.pretrained={source!r} ({err}). Give a local "
-                          "pipeline folder with .safetensors weights, or check the Hub id and the network.") from None
+    except (OSError, ValueError, EnvironmentError) as err:  # their messages name the folder: a server path
+        raise ConfigError(f"cannot load the Stable Diffusion pipeline model.pretrained={source!r} ({type(err).__name__}): "
+                          "give a pipeline folder with .safetensors weights for the UNet, VAE and text encoder.") from None
 
 
 def add_lora(unet: torch.nn.Module, config: TextToImageConfig) -> None:

@@ -18,7 +18,7 @@ from ..config import ConfigError
 from ..models import seeded_global_rng
 from ..train import Trainer
 from .cache import cache_key, cached, weights_digest
-from .model import Components, encode_images, encode_tokens, load_components, tokenize, trainable_unet
+from .model import Components, check_resolution_fits, encode_images, encode_tokens, load_components, tokenize, trainable_unet
 
 
 class TextToImageTrainer(Trainer):
@@ -36,10 +36,7 @@ class TextToImageTrainer(Trainer):
 
     def training_inputs(self) -> torch.Tensor:
         c, resolution = self.components, self.config.data.resolution
-        step = c.vae_scale * 2 ** (len(c.unet.config.block_out_channels) - 1)
-        if resolution % step:
-            raise ConfigError(f"data.resolution={resolution}: this pipeline needs a multiple of {step} pixels "
-                              f"(e.g. {max(step, resolution // step * step)}).")
+        check_resolution_fits(c.unet.config, c.vae.config, resolution)
         folder, images, n = self.config.text2image.input_cache, self.dataset.images, len(self.dataset)
         ids = tokenize(c.tokenizer, self.dataset.captions)
         text_key = cache_key("text", weights_digest(c.text_encoder), ids)  # hashed where loaded, before moving
