@@ -225,6 +225,21 @@ def test_the_client_address_is_the_connection_unless_the_admin_names_proxies():
     assert client_address(None) is None
 
 
+def test_the_per_client_cap_counts_runs_started_and_resumed_by_one_client(tmp_path):
+    asking = {"client": "10.0.0.1"}
+    jobs = JobManager(tmp_path, max_live_jobs_per_client=1, client_of=lambda: asking["client"])
+    first = jobs.submit(tiny_config("ddpm", rounds=100), "token-number-one")
+    jobs.stop(first, "token-number-one")
+    assert jobs.wait(first, 120) == "stopped"
+    jobs.submit(tiny_config("ddpm", rounds=100), "token-number-two")  # the stopped run is not live
+    with pytest.raises(JobError, match="--max-live-jobs-per-client 1"):
+        jobs.resume(first, "token-number-one")
+    asking["client"] = "10.0.0.2"
+    jobs.resume(first, "token-number-one")  # another client has room
+    assert jobs.status(first)["state"] in ("queued", "running")
+    jobs.shutdown()
+
+
 HOLD_LOCK = """
 import signal, sys
 from iet_core.runs import Run
