@@ -1,6 +1,7 @@
 """Issue 15 through the app: evaluations owned, capped and cancelled when the client leaves;
-global caps that fresh owner tokens cannot get around; runs from the command line claimed
-only by an admin setting; server paths never probed; a damaged run never breaks the list."""
+global and per-client caps that fresh owner tokens cannot get around; page events refused to
+callers that loaded no page; runs from the command line claimed only by an admin setting;
+server paths never probed; a damaged run never breaks the list."""
 from __future__ import annotations
 
 import json
