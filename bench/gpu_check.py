@@ -51,6 +51,7 @@ PILOT_MODES = ("ddpm", "iet-agc")
 # processes sharing the GPU (a round cut short by the budget leaves nothing to evaluate).
 SHARED_GPU_SPEED = 0.5
 FALLBACK_STEPS_PER_SECOND = 10.0  # the pilot's sizing when the demo measured no speed
+RECIPE = "gpu-small"  # the demo and the pilot start from this recipe (iet_core.config.RECIPES), then `Sizes.model`
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Sizes:
     budgets: dict[str, float]  # seconds per part; the pilot takes what is left of `total`
     total: float
     bench: list[str]
-    model: list[str]  # the demo's and the pilot's model and data settings (section.name=value)
+    model: list[str]  # the demo's and the pilot's settings over RECIPE's (section.name=value)
     demo_subset: int
     demo_seconds: float  # training time of the demo
     demo_samples: int
@@ -80,8 +81,7 @@ class Sizes:
 # A part may overrun its budget by GRACE_SECONDS, so the total leaves that much of the 9 minutes.
 GPU = Sizes(budgets={"tests": 130, "bench": 110, "demo": 120}, total=500,
             bench=["--gpu"],
-            model=["model.preset=small", "data.resolution=32", "data.channels=3", "train.batch_size=128",
-                   "train.lr=5e-4", "train.precision=bf16", "train.device=cuda"],
+            model=["data.resolution=32", "data.channels=3", "train.precision=bf16", "train.device=cuda"],
             demo_subset=256, demo_seconds=80, demo_samples=256, demo_sample_steps=50,
             pilot_subset=600, pilot_heldout=246, pilot_samples=512, pilot_sample_steps=50, pilot_classifier_steps=300,
             pilot_local_steps=PILOT_LOCAL_STEPS, pilot_reserve=80, report_reserve=40, size_pilot=True)
@@ -181,7 +181,8 @@ class Check:
         rate = self.results["parts"].get("demo", {}).get("steps_per_second") or FALLBACK_STEPS_PER_SECOND
         rounds, local_steps = pilot_size(rate, budget - s.pilot_reserve) if s.size_pilot else (1, s.pilot_local_steps)
         steps = rounds * PILOT_SHARDS * local_steps
-        command = [sys.executable, "-m", "iet_core.experiments", "--seeds", "0", "--shards", str(PILOT_SHARDS),
+        command = [sys.executable, "-m", "iet_core.experiments", "--recipe", RECIPE, "--seeds", "0",
+                   "--shards", str(PILOT_SHARDS),
                    "--rounds", str(rounds), "--steps", str(steps), "--eval-points", str(rounds),
                    "--num-samples", str(s.pilot_samples), "--sample-steps", str(s.pilot_sample_steps),
                    "--heldout", str(s.pilot_heldout), "--classifier-steps", str(s.pilot_classifier_steps),
@@ -305,13 +306,14 @@ def run_demo(spec: dict) -> None:
     import torch
 
     from iet_core.cli import apply_settings
-    from iet_core.config import RunConfig, demo_config
+    from iet_core.config import RunConfig, recipe_config
     from iet_core.evaluate import evaluate_run
     from iet_core.metrics import proportion_interval
     from iet_core.telemetry import StatusEvent
     from iet_core.train import TrainControl, train
 
-    tree = demo_config("ddpm").to_dict()
+    tree = recipe_config(RECIPE, "ddpm").to_dict()
+    tree["train"]["local_epochs"] = None  # trained for a time, in local steps
     apply_settings(tree, [*spec["settings"], f"data.source={spec['data']}", f"data.subset={spec['subset']}",
                           "train.rounds=1000", "train.local_steps=1000", "train.preview_samples=0",
                           "train.checkpoint_every_rounds=1000"])  # one checkpoint: the one the stop writes

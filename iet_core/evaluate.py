@@ -46,10 +46,13 @@ Progress = Callable[[str, int, int], None]
 COPY_CRITERIA = {"ratio": ("memorization_ratio", "memorized"), "distance": ("l2_nearest", "copy_distance"),
                  "mq": ("mq_ratio", "copy_mq")}
 CALIBRATION_IMAGES = 2048  # training images whose nearest other image calibrates delta (a seeded subset beyond)
-# Samples whose mean distance to their nearest training image is this many times the training
-# images' median distance to each other are not images yet (uniform noise on 16x16 digits: 2.7,
-# on 8x8: 1.9; other real digits: 1.0; near-copies: 0.2).
+# Samples are still noise when their mean distance to their nearest training image is this many
+# times the training images' median distance to each other (uniform noise on 16x16 digits: 2.7,
+# on 8x8: 1.9; other real digits: 1.0; near-copies: 0.2), or when their quality figure is more
+# than this share of uniform noise's (the demo baseline on 16x16 digits, raw weights: 0.8 at
+# step 300, 0.35 at step 400 where digits appear; real digits 0.06).
 NOISE_DISTANCE_FACTOR = 1.5
+NOISE_QUALITY_SHARE = 0.5
 EMA_START_WEIGHT_LIMIT = 0.05  # an EMA holding more of the random initial weights has not caught up
 
 
@@ -457,11 +460,16 @@ def evaluation_warnings(summary: dict) -> list[str]:
     warnings = []
     step, share = summary.get("checkpoint_step", "?"), summary.get("memorized_fraction")
     share_text = f"{100 * share:.0f}% copies" if share is not None else "the copy share"
-    typical = summary.get("training_nn_l2_median")
+    typical, quality = summary.get("training_nn_l2_median"), summary.get("quality") or {}
+    why = []
     if typical and summary.get("mean_l2_nearest", 0) > NOISE_DISTANCE_FACTOR * typical:
-        warnings.append(f"samples are still noise at step {step}: {share_text} here means nothing yet (they are "
-                        f"{summary['mean_l2_nearest'] / typical:.1f}x farther from every training image than training "
-                        "images are from each other)")
+        why.append(f"they are {summary['mean_l2_nearest'] / typical:.1f}x farther from every training image than "
+                   "training images are from each other")
+    if quality.get("noise_value") and quality["value"] > NOISE_QUALITY_SHARE * quality["noise_value"]:
+        why.append(f"their {quality['measure']} {quality['value']:.2f} is nearer uniform noise's "
+                   f"{quality['noise_value']:.2f} than real images' (near 0)")
+    if why:
+        warnings.append(f"samples are still noise at step {step}: {share_text} here means nothing yet ({'; '.join(why)})")
     start = summary.get("ema_start_weight")
     if summary.get("weights") == "ema" and start is not None and start > EMA_START_WEIGHT_LIMIT:
         decay = summary["ema_decay"]

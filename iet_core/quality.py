@@ -192,8 +192,9 @@ def pixel_features(images) -> np.ndarray:
 
 def measure_quality(generated, data: DataConfig, training: ImageDataset, cache_dir: str | Path | None = None) -> dict:
     """How realistic samples are, lower is better: {"measure", "value", "low", "high" (95%
-    bootstrap interval), "reference" (what they were compared with), "num_samples"}. Feature FD
-    against held-out images where the data have labelled ones, else pixel FD (see the module)."""
+    bootstrap interval), "reference" (what they were compared with), "num_samples",
+    "noise_value" (what as many images of uniform noise score: the scale's bad end)}. Feature
+    FD against held-out images where the data have labelled ones, else pixel FD (see the module)."""
     generated = as_uint8_images(generated, "generated images")
     base = {"num_samples": len(generated)}
     if len(generated) < 2:
@@ -206,19 +207,18 @@ def measure_quality(generated, data: DataConfig, training: ImageDataset, cache_d
         heldout = None
     if heldout is not None and heldout.labels is not None and len(torch.unique(heldout.labels)) > 1:
         meter = QualityMeter.cached(heldout, cache_dir=cache_dir)
-        measured = meter.measure(generated)
-        return {**base, "measure": "feature FD", "value": measured["feature_fd"], "low": measured["feature_fd_low"],
-                "high": measured["feature_fd_high"], "reference": f"{len(heldout)} held-out images",
-                "heldout_l2": measured["heldout_l2"], "classifier_accuracy": meter.accuracy}
-    if heldout is not None:
-        reference, where = heldout, f"{len(heldout)} held-out images (no labels to train a classifier on)"
+        features_of, reference = meter.features, meter.reference_features
+        base.update(measure="feature FD", reference=f"{len(heldout)} held-out images", classifier_accuracy=meter.accuracy)
     else:
-        reference, where = training, (f"the {len(training)} training images (none is held out: "
-                                      "copies score well too; it tells noise from images)")
-    features, reference_features = pixel_features(generated), pixel_features(reference.images)
-    value = frechet_distance(*statistics(features), *statistics(reference_features))
-    low, high = bootstrap_fd(features, reference_features)
-    return {**base, "measure": "pixel FD", "value": value, "low": low, "high": high, "reference": where}
+        features_of, reference = pixel_features, pixel_features((heldout or training).images)
+        where = (f"{len(heldout)} held-out images (no labels to train a classifier on)" if heldout is not None else
+                 f"the {len(training)} training images (none is held out: copies score well too; it tells noise from images)")
+        base.update(measure="pixel FD", reference=where)
+    features = features_of(generated)
+    low, high = bootstrap_fd(features, reference)
+    noise = torch.randint(0, 256, generated.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return {**base, "value": frechet_distance(*statistics(features), *statistics(reference)), "low": low, "high": high,
+            "noise_value": frechet_distance(*statistics(features_of(noise)), *statistics(reference))}
 
 
 def quality_text(summary: dict, brief: bool = False) -> str:

@@ -47,8 +47,9 @@ class PageOnlyEvents:
     def _sign(self, nonce: str) -> str:
         return hmac.new(self.key, nonce.encode(), hashlib.sha256).hexdigest()
 
-    def _page_loaded(self, headers: dict[bytes, bytes]) -> bool:
-        value = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(PAGE_COOKIE, "")
+    def _page_loaded(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        cookies = b"; ".join(value for name, value in headers if name == b"cookie").decode("latin-1")
+        value = cookie_parser(cookies).get(PAGE_COOKIE, "")
         nonce, _, signature = value.partition(".")
         return bool(nonce) and hmac.compare_digest(signature, self._sign(nonce))
 
@@ -57,7 +58,7 @@ class PageOnlyEvents:
         that cannot be read as such counts as a page event."""
         try:
             fn_index = json.loads(body).get("fn_index")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # not a JSON object
             return False
         fns = self.blocks.fns
         called = []
@@ -74,15 +75,13 @@ class PageOnlyEvents:
         if scope["method"] == "GET":
             return await self.app(scope, receive, self._with_cookie(send))
         is_event = scope["method"] == "POST" and (QUEUE_JOIN.search(path) or CALL_BY_NAME.search(path))
-        if not is_event or self._page_loaded(dict(scope["headers"])):
+        if not is_event or self._page_loaded(scope["headers"]):
             return await self.app(scope, receive, send)
-        messages, body, more = [], b"", True
+        messages, more = [], True
         while more:  # read the body to see which event is called, then hand it on unchanged
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            more = message["type"] == "http.request" and message.get("more_body", False)
-        if not self._public(path, body):
+            messages.append(await receive())
+            more = messages[-1]["type"] == "http.request" and messages[-1].get("more_body", False)
+        if not self._public(path, b"".join(message.get("body", b"") for message in messages)):
             await send({"type": "http.response.start", "status": 403,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(REFUSAL)).encode())]})

@@ -29,6 +29,7 @@ DEMO_PRESET = "classroom"
 TEXT_TO_IMAGE = "text-to-image"
 MODEL_CHOICES = [*((name, name) for name in MODEL_PRESETS), ("text-to-image fine-tune (Stable Diffusion)", TEXT_TO_IMAGE)]
 PIXEL_STAND_IN = "none: pixel stand-in (near-exact copies only)"
+NO_CLIP_SCORE = "none: not measured"
 
 
 def preset_values(recipe: str) -> dict:
@@ -70,7 +71,7 @@ def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: 
                  bank_decay: float, msr_threshold: float, msr_policy: str, taa_band: float, taa_strength: float,
                  preview: int, evaluate_after: bool = True, pretrained: str | None = None, lora_rank: int = 4,
                  resolution: int | None = None, guidance_scale: float = 7.5,
-                 feature_extractor: str | None = None) -> RunConfig:
+                 feature_extractor: str | None = None, clip_model: str | None = None) -> RunConfig:
     """A validated RunConfig from the form. The preset's recipe supplies what the form does not
     show (optimizer, warmup, EMA); a text-to-image fine-tune (model TEXT_TO_IMAGE) starts from
     the engine's sd-lora recipe (sd-full when lora_rank is 0) with the pretrained pipeline."""
@@ -86,7 +87,7 @@ def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: 
         config.model.pretrained = pretrained
         config.text2image.lora_rank = int(lora_rank) or None
         config.text2image.guidance_scale = float(guidance_scale)
-        config.text2image.feature_extractor = feature_extractor
+        config.text2image.feature_extractor, config.text2image.clip_model = feature_extractor, clip_model
     else:
         config = recipe_config(preset, mode)
         config.model.preset = model
@@ -138,26 +139,29 @@ def base_model(ctx: common.AppContext, offered: str | None, hub_id: str | None) 
     return pipelines[offered]
 
 
-def feature_extractor(ctx: common.AppContext, offered: str | None) -> str | None:
-    """The copy-detection extractor the server offers by this name (None: the pixel stand-in)."""
-    if not offered or offered == PIXEL_STAND_IN:
+def evaluation_model(ctx: common.AppContext, offered: str | None, none: str) -> str | None:
+    """A copy-detection feature extractor or CLIP score model the server offers by this name
+    (None for the `none` choice)."""
+    if not offered or offered == none:
         return None
-    _, extractors = offered_models(ctx)
-    if offered not in extractors:
-        raise DataError(f"choose one of the feature extractors this server offers, or {PIXEL_STAND_IN!r}.")
-    return extractors[offered]
+    _, models = offered_models(ctx)
+    if offered not in models:
+        raise DataError(f"choose one of the models this server offers for evaluation, or {none!r}.")
+    return models[offered]
 
 
 def start_run(ctx: common.AppContext, session: dict | None, values: dict) -> tuple[str, dict, str]:
     """Start a run from the form's values (the names of build_config's settings, plus
-    base_model, hub_model and extractor for a text-to-image fine-tune): the message, the
-    session, the run id."""
+    base_model, hub_model, extractor and clip for a text-to-image fine-tune, by the names the
+    server offers): the message, the session, the run id."""
     session = common.ensure_owner(session)
     values = dict(values)
-    offered, hub_id, extractor = values.pop("base_model", None), values.pop("hub_model", None), values.pop("extractor", None)
+    offered, hub_id = values.pop("base_model", None), values.pop("hub_model", None)
+    extractor, clip = values.pop("extractor", None), values.pop("clip", None)
     if values.get("model") == TEXT_TO_IMAGE:
         values["pretrained"] = base_model(ctx, offered, hub_id)
-        values["feature_extractor"] = feature_extractor(ctx, extractor)
+        values["feature_extractor"] = evaluation_model(ctx, extractor, PIXEL_STAND_IN)
+        values["clip_model"] = evaluation_model(ctx, clip, NO_CLIP_SCORE)
     config = build_config(data_config(session), **values)
     run_id = ctx.jobs.submit(config, session["owner"])
     session["run_id"] = run_id
@@ -200,7 +204,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 unit = gr.Radio(["epochs", "steps"], value=demo["unit"], label="Local training per round in")
                 amount = gr.Number(demo["amount"], minimum=0.01, label="Local epochs (or steps) per proxy")
             with gr.Row():
-                model = gr.Dropdown(MODEL_CHOICES, value=demo["model"], label="Model",
+                model = gr.Dropdown(MODEL_CHOICES, value=demo["model"], label="Model", min_width=300,
                                     info="tiny ≈1M (CPU) · small ≈17M · ddpm-cifar10 ≈36M · or fine-tune Stable "
                                          "Diffusion on captioned images")
                 batch_size = gr.Number(demo["batch_size"], precision=0, minimum=1, label="Batch size")
@@ -230,6 +234,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                     extractor = gr.Dropdown([PIXEL_STAND_IN, *extractors], value=PIXEL_STAND_IN,
                                             label="Copy detection features",
                                             info="SSCD / DINOv2 / CLIP offered by this server; copies: similarity > 0.5")
+                    clip = gr.Dropdown([NO_CLIP_SCORE, *extractors], value=NO_CLIP_SCORE, label="CLIP score model",
+                                       info="A CLIPModel offered by this server: how well generations match their prompts")
             with gr.Group() as agc_group:
                 gr.Markdown("**AGC: anti-gradient control**: skip a sample when loss / bank[t] < λ, bank[t] being "
                             "the recent loss at the same noise level.")
@@ -265,7 +271,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 bank_decay=bank_decay, msr_threshold=msr_threshold, msr_policy=msr_policy, taa_band=taa_band,
                 taa_strength=taa_strength, preview=preview, evaluate_after=evaluate_after, base_model=base,
                 hub_model=hub_model, lora_rank=lora_rank, resolution=t2i_resolution, guidance_scale=guidance,
-                extractor=extractor)
+                extractor=extractor, clip=clip)
     keys = list(form)
 
     def apply_preset(choice, session):

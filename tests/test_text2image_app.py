@@ -17,7 +17,7 @@ from iet_core.config import DataConfig
 from iet_core.data import DataError, SourcePolicy, load_dataset
 from iet_core.evaluate import load_eval
 from iet_core.features import PIXEL_MEASURE
-from iet_core.text2image.tiny import build_tiny_pipeline
+from iet_core.text2image.tiny import build_tiny_clip, build_tiny_pipeline
 from pages import data, memorization, monitor, train
 from test_text2image import png
 
@@ -27,6 +27,7 @@ def model_dir(tmp_path_factory):
     """An admin's model folder holding one tiny pipeline (few timesteps: AGC's bank fills fast)."""
     folder = tmp_path_factory.mktemp("models")
     build_tiny_pipeline(folder / "tiny-sd", num_train_timesteps=10)
+    build_tiny_clip(folder / "tiny-clip")
     return folder
 
 
@@ -47,10 +48,11 @@ def test_models_come_from_the_admins_model_folders_only(tmp_path, model_dir):
     data = tmp_path / "data"
     (data / "pipeline").mkdir(parents=True)
     policy = SourcePolicy.allowing(data, models=(model_dir,))
-    assert policy.offered_models() == {"tiny-sd": (model_dir / "tiny-sd").resolve()}
+    assert policy.offered_models() == {name: (model_dir / name).resolve() for name in ("tiny-clip", "tiny-sd")}
     policy.check_model(str(model_dir / "tiny-sd"))
     policy.check_model("owner/name")
     policy.check_feature_extractor(None)
+    policy.check_feature_extractor(str(model_dir / "tiny-clip"), "text2image.clip_model")
     refusals = set()
     for path in (str(data / "pipeline"), str(tmp_path / "missing"), str(model_dir / ".." / "elsewhere"), "/etc"):
         with pytest.raises(DataError) as refused:
@@ -114,7 +116,7 @@ def fine_tune_form(**changes) -> dict:
                   unit="steps", amount=2, batch_size=2, lr=1e-2, seed=0, skip_lambda=0.9, bank_decay=0.0,
                   msr_threshold=0.5, msr_policy="least-skipped", taa_band=0.5, taa_strength=1.0, preview=0,
                   evaluate_after=False, base_model="tiny-sd", hub_model="", lora_rank=4, resolution=16,
-                  guidance_scale=1.0, extractor=train.PIXEL_STAND_IN)
+                  guidance_scale=1.0, extractor=train.PIXEL_STAND_IN, clip=train.NO_CLIP_SCORE)
     values.update(changes)
     return values
 
@@ -124,7 +126,7 @@ def test_a_lora_fine_tune_started_from_the_train_page_trains_monitors_and_shows_
     client = Client(url, verbose=False)
     upload, _ = data.persist_upload([str(captioned_zip(tmp_path / "set.zip"))], ctx.runs_root, 16, 3)
     session = {"owner": OWNER, "data": dataclasses.asdict(dataclasses.replace(upload, subset=None))}
-    message, session, run_id = train.start_run(ctx, session, fine_tune_form())
+    message, session, run_id = train.start_run(ctx, session, fine_tune_form(clip="tiny-clip"))
     assert "text-to-image fine-tune" in message
     config = ctx.jobs.run(run_id).config
     assert config.text2image.enabled and config.text2image.lora_rank == 4 and not config.method.taa.enabled
@@ -137,9 +139,9 @@ def test_a_lora_fine_tune_started_from_the_train_page_trains_monitors_and_shows_
     result = client.predict(run_id, 4, 2, OWNER, api_name="/evaluate_run")
     captions = {f"a photo of thing {i}" for i in range(4)}
     assert len(result["table"]) == 4 and {row["caption"] for row in result["table"]} <= captions
-    assert result["summary"]["measure"] == PIXEL_MEASURE
+    assert result["summary"]["measure"] == PIXEL_MEASURE and result["summary"]["clip_score"] is not None
     summary, presentation, _, _, gallery, _, _ = memorization.result_view(ctx, run_id, load_eval(ctx.jobs.run(run_id)))
-    assert "Similarity above 0.5" in summary and "95% interval" in summary and "pixel correlation" in summary
+    assert "Similarity above 0.5" in summary and "CLIP score" in summary and "95% interval" in summary and "pixel correlation" in summary
     assert {caption.split(" · ")[0] for _, caption in gallery} <= captions and "a photo of thing" in presentation
 
 
@@ -157,14 +159,19 @@ def test_a_base_model_path_outside_the_model_folder_is_refused_alike_whether_it_
             train.start_run(ctx, session, fine_tune_form(hub_model=path))
         messages.add(str(refused.value).replace(repr(path), "PATH"))
         config = train.build_config(upload, pretrained=path, **{k: v for k, v in fine_tune_form().items()
-                                                                if k not in ("base_model", "hub_model", "extractor")})
+                                                                if k not in ("base_model", "hub_model", "extractor", "clip")})
         with pytest.raises(AppError) as refused:  # a config sent to the API
             client.predict(config.to_json(), OWNER, api_name="/start_run")
         messages.add(str(refused.value).replace(repr(path), "PATH"))
     assert len(messages) == 1 and "not available on this server" in messages.pop()
     with pytest.raises(DataError, match="choose a base model this server offers"):
         train.start_run(ctx, session, fine_tune_form(base_model="../outside-sd"))
-    with pytest.raises(DataError, match="feature extractors this server offers"):
-        train.start_run(ctx, session, fine_tune_form(extractor="/etc/passwd"))
+    for setting in ("extractor", "clip"):
+        with pytest.raises(DataError, match="models this server offers for evaluation"):
+            train.start_run(ctx, session, fine_tune_form(**{setting: "/etc/passwd"}))
+    tree = json.loads(config.to_json())
+    tree["model"]["pretrained"], tree["text2image"]["clip_model"] = str(model_dir / "tiny-sd"), "/etc/passwd"
+    with pytest.raises(AppError, match="clip_model='/etc/passwd' is not available on this server"):
+        client.predict(json.dumps(tree), OWNER, api_name="/start_run")
     assert sorted(p.name for p in ctx.runs_root.iterdir() if p.name != "datasets") == \
         [name for name in before if name != "datasets"]  # no run folder made
