@@ -186,7 +186,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         with gr.Column(scale=1):
             mq = gr.Markdown()
     pairs = gr.Gallery(fit_columns=False, label="All pairs: each sample (left) next to its nearest training image "
-                       "(right), most copied first; caption: distance ratio", columns=6, height=520,
+                       "(right), most copied first; caption: distance ratio (text-to-image: the prompt and the similarity)", columns=6, height=520,
                        object_fit="contain", elem_id="pairs")
     gr.Markdown("### Most copied training images and their skip history\nHow often each training image is the "
                 "nearest to a sample, next to how often AGC skipped it during training: are the images the model "

@@ -204,7 +204,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 unit = gr.Radio(["epochs", "steps"], value=demo["unit"], label="Local training per round in")
                 amount = gr.Number(demo["amount"], minimum=0.01, label="Local epochs (or steps) per proxy")
             with gr.Row():
-                model = gr.Dropdown(MODEL_CHOICES, value=demo["model"], label="Model",
+                model = gr.Dropdown(MODEL_CHOICES, value=demo["model"], label="Model", min_width=300,
                                     info="tiny ≈1M (CPU) · small ≈17M · ddpm-cifar10 ≈36M · or fine-tune Stable "
                                          "Diffusion on captioned images")
                 batch_size = gr.Number(demo["batch_size"], precision=0, minimum=1, label="Batch size")
