@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a Space sets its own)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
     args = parser.parse_args(argv)
+    if args.proxy_hops < 0 or min(args.max_live_jobs_per_client, args.max_evals_per_client) < 1:
+        parser.error("--proxy-hops counts proxies (0 or more); the per-client limits allow at least 1.")
     demo, ctx = build_app(args.runs_dir, max_jobs=args.max_jobs, max_runs_per_user=args.max_runs_per_user,
                           max_disk_per_user_mb=args.max_disk_per_user_mb, data_dirs=tuple(args.data_dir),
                           model_dirs=tuple(args.model_dir),

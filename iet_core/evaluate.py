@@ -323,6 +323,8 @@ class EvaluationGate:
                     del self._clients[client]  # forget clients with nothing running
 
         with self._changed:
+            if self.closed:  # close() waits only for evaluations in the gate: none may start after it
+                raise Cancelled("the server is stopping")
             if owner in self._owners:
                 raise EvaluationBusy("you already have an evaluation running or waiting: wait for it to finish.")
             if client is not None and self.per_client is not None and self._clients[client] >= self.per_client:

@@ -20,9 +20,10 @@ out (then a model that copies scores well too; it still tells noise from images)
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,32 @@ HELDOUT_SEED = 12345  # which ones: the same for every run on the same data
 MIN_HELDOUT = 10
 CLASSIFIER_STEPS = 300
 PIXEL_FD_SIZE = 8  # the fallback's thumbnails: 8x8 per channel
+
+
+class _Recent:
+    """The last few results by key, shared by the threads of a server."""
+
+    def __init__(self, size: int = 4):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: str, make):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_meters, _heldout_sets = _Recent(), _Recent()  # classifiers by cache file; held-out sets by data and training ids
 
 
 class FeatureNet(nn.Module):
@@ -129,29 +156,22 @@ class QualityMeter:
         digest = hashlib.sha256(repr((tuple(heldout.images.shape), steps, seed, FeatureNet.__doc__)).encode())
         digest.update(heldout.images.contiguous().numpy().tobytes())
         digest.update(heldout.labels.numpy().tobytes() if heldout.labels is not None else b"")
-        key = digest.hexdigest()[:32]
-        with _meters_lock:
-            if key in _meters:
-                _meters.move_to_end(key)
-                return _meters[key]
-        path = (Path(cache_dir).expanduser() if cache_dir else user_cache_dir("quality-classifiers")) / f"{key}.safetensors"
-        meter = None
+        path = (Path(cache_dir).expanduser() if cache_dir else user_cache_dir("quality-classifiers")) / f"{digest.hexdigest()[:32]}.safetensors"
+        return _meters.get(str(path), lambda: cls._load_or_fit(path, heldout, steps, seed))
+
+    @classmethod
+    def _load_or_fit(cls, path: Path, heldout: ImageDataset, steps: int, seed: int) -> "QualityMeter":
         if path.exists():
             try:
                 state = load_file(str(path))
                 accuracy = float(state.pop("accuracy"))
                 net = FeatureNet(heldout.channels, state["head.weight"].shape[0])
                 net.load_state_dict(state)
-                meter = cls.of(net, heldout, accuracy)
+                return cls.of(net, heldout, accuracy)
             except Exception:  # a damaged or foreign file: train again and replace it
-                meter = None
-        if meter is None:
-            meter = cls.fit(heldout, steps=steps, seed=seed)
-            atomic_write(path, save({**meter.net.state_dict(), "accuracy": torch.tensor(meter.accuracy)}))
-        with _meters_lock:
-            _meters[key] = meter
-            while len(_meters) > 4:
-                _meters.popitem(last=False)
+                pass
+        meter = cls.fit(heldout, steps=steps, seed=seed)
+        atomic_write(path, save({**meter.net.state_dict(), "accuracy": torch.tensor(meter.accuracy)}))
         return meter
 
     @torch.no_grad()
@@ -168,15 +188,19 @@ class QualityMeter:
                 "heldout_l2": float(nearest.l2[:, 0].mean())}
 
 
-_meters: OrderedDict[str, QualityMeter] = OrderedDict()
-_meters_lock = threading.Lock()
-
-
 def heldout_set(data: DataConfig, training_ids: torch.Tensor, count: int = HELDOUT_IMAGES) -> ImageDataset | None:
     """Up to `count` images of the same source outside the training subset (a seeded choice,
-    the same for every run on this data); None when training uses them all."""
+    the same for every run on this data); None when training uses them all. The last few are
+    kept in memory: reading a large source again for every evaluation would cost more than
+    the measure."""
     if data.subset is None:
         return None
+    key = hashlib.sha256(json.dumps([asdict(data), count]).encode()
+                         + training_ids.numpy().tobytes()).hexdigest()
+    return _heldout_sets.get(key, lambda: _heldout_set(data, training_ids, count))
+
+
+def _heldout_set(data: DataConfig, training_ids: torch.Tensor, count: int) -> ImageDataset | None:
     everything = load_dataset(replace(data, subset=None))
     outside = np.flatnonzero(~np.isin(everything.ids.numpy(), training_ids.numpy()))
     if len(outside) == 0:

@@ -256,7 +256,8 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     gr.Markdown("<span class='explain'>**copies**: share of generated samples whose nearest training image is less "
                 "than a third as far as the second nearest (lower is better), with the number of samples and a 95% "
                 "interval: with 64 samples, gaps under ~15 points are noise · **eval step**: the checkpoint "
-                "evaluated · **quality**: FID or the offline feature FD, lower is better · **skipped**: share of "
+                "evaluated · **quality**: FID, or the offline feature FD against held-out images (pixel FD where "
+                "none are held out), lower is better, with its 95% interval · **skipped**: share of "
                 "training visits AGC skipped.</span>")
     with gr.Row():
         loss_plot = gr.Plot(show_label=False)

@@ -14,7 +14,7 @@ LAYERS = [
     {"config", "optim", "telemetry", "families"},
     {"metrics", "data", "shards", "agc", "distributed", "neighbours", "models", "trackers"},
     {"runs", "features", "text2image.model", "text2image.tiny"},
-    {"sample", "fid", "text2image.export"},
+    {"sample", "fid", "text2image.export", "text2image.cache"},
     {"quality", "train", "history", "owners"},
     {"reference", "evaluate"},
     {"jobs", "text2image.evaluate"},

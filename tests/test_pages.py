@@ -174,6 +174,16 @@ def test_compare_at_equal_quality_evaluates_each_kept_checkpoint_once_and_matche
     assert table.set_index("run").loc[names[agc_run], "matched quality"] == "no: better"
 
 
+def test_compare_warns_when_one_runs_quality_is_far_worse_than_anothers():
+    def summary(value, low, high):
+        return {"memorized_fraction": 0.0, "checkpoint_step": 500, "quality": {
+            "measure": "feature FD", "reference": "500 held-out images", "value": value, "low": low, "high": high}}
+    warnings = compare.run_warnings(["base", "agc", "close"], [summary(2.0, 1.5, 2.5), summary(9.0, 8.0, 10.0),
+                                                               summary(3.0, 2.4, 3.6)])
+    assert warnings == {"agc": ["its samples are far worse than base's (feature FD 9.00 against 2.00): its copy share "
+                                "is not comparable with theirs"]}
+
+
 def test_the_monitor_draws_the_proxies_drift_per_round(ctx, agc_run):
     drift = monitor.tick(ctx, agc_run, 100, True, 0.5, {})["drift"]
     rows = ctx.jobs.history(agc_run).drift()

@@ -86,3 +86,13 @@ def test_equal_quality_says_when_a_run_never_gets_as_bad_or_jumps_past_the_targe
     assert b["matched"] and not c["matched"] and c["side"] == "better" and not c["always_better"]
     with pytest.raises(ConfigError, match="evaluate the runs first"):
         equal_quality(points([]))
+
+
+def test_a_held_out_set_is_read_once_for_many_evaluations(tmp_path):
+    training = load_dataset(DATA)
+    first = quality.heldout_set(DATA, training.ids)
+    assert quality.heldout_set(DATA, training.ids) is first and len(first) == 500
+    assert not np.isin(first.ids.numpy(), training.ids.numpy()).any()
+    reseeded = DataConfig(resolution=8, subset=64, subset_seed=1)
+    other = quality.heldout_set(reseeded, load_dataset(reseeded).ids)
+    assert other is not first and not torch.equal(other.ids, first.ids)

@@ -225,3 +225,7 @@ def test_the_evaluation_gate_runs_one_keeps_a_short_line_and_one_place_per_owner
     release.set()
     threads[0].join(60)
     assert gate.active == 0
+    gate.close()  # the server stops: an evaluation arriving after that does not start
+    with pytest.raises(Cancelled, match="the server is stopping"):
+        with gate.slot("owner-d"):
+            pass

@@ -1,6 +1,7 @@
 """Issue 15 through the app: evaluations owned, capped and cancelled when the client leaves;
-global caps that fresh owner tokens cannot get around; runs from the command line claimed
-only by an admin setting; server paths never probed; a damaged run never breaks the list."""
+global and per-client caps that fresh owner tokens cannot get around; page events refused to
+callers that loaded no page; runs from the command line claimed only by an admin setting;
+server paths never probed; a damaged run never breaks the list."""
 from __future__ import annotations
 
 import json
@@ -223,6 +224,21 @@ def test_the_client_address_is_the_connection_unless_the_admin_names_proxies():
     assert client_address(request("198.51.100.1, 203.0.113.9"), proxy_hops=2) == "198.51.100.1"
     assert client_address(request(), proxy_hops=1) == "10.0.0.7"  # not through the proxy
     assert client_address(None) is None
+
+
+def test_the_per_client_cap_counts_runs_started_and_resumed_by_one_client(tmp_path):
+    asking = {"client": "10.0.0.1"}
+    jobs = JobManager(tmp_path, max_live_jobs_per_client=1, client_of=lambda: asking["client"])
+    first = jobs.submit(tiny_config("ddpm", rounds=100), "token-number-one")
+    jobs.stop(first, "token-number-one")
+    assert jobs.wait(first, 120) == "stopped"
+    jobs.submit(tiny_config("ddpm", rounds=100), "token-number-two")  # the stopped run is not live
+    with pytest.raises(JobError, match="--max-live-jobs-per-client 1"):
+        jobs.resume(first, "token-number-one")
+    asking["client"] = "10.0.0.2"
+    jobs.resume(first, "token-number-one")  # another client has room
+    assert jobs.status(first)["state"] in ("queued", "running")
+    jobs.shutdown()
 
 
 HOLD_LOCK = """

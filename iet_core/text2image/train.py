@@ -3,8 +3,9 @@
 The engine's round loop (iet_core.train.Trainer) runs unchanged: the same AGC bank and skip
 rule, shards and MSR, telemetry events, run folder and bit-identical resume. What changes:
 - x0 are the VAE's latents and the conditioning is the text encoder's embeddings of the
-  captions, both computed once (the encoders stay frozen) and kept on disk (text2image.cache),
-  so a step runs only the UNet and a resumed or repeated run encodes nothing;
+  captions, both computed once (the encoders stay frozen) and kept on disk
+  (iet_core.text2image.cache, in text2image.input_cache), so a step runs only the UNet and a
+  resumed or repeated run encodes nothing;
 - what trains is a LoRA adapter (peft, added as diffusers does) or the whole UNet. With LoRA
   the K proxies are K adapter weight vectors over one frozen base: each round they start from
   the global adapter and are averaged by shard size, and side by side (train.execution
