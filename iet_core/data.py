@@ -86,6 +86,23 @@ class SourcePolicy:
         model folders."""
         self._check_model_source(source, setting, "leave it empty, or choose one of the models this server offers")
 
+    def check_run(self, config) -> None:
+        """Every source a RunConfig names: data, base model, feature extractor, CLIP model."""
+        self.check(config.data.source)
+        self.check_model(config.model.pretrained)
+        self.check_feature_extractor(config.text2image.feature_extractor)
+        self.check_feature_extractor(config.text2image.clip_model, "text2image.clip_model")
+
+    def check_hub_use(self, config) -> None:
+        """With the Hub off, a run that names Hub ids (made before the admin turned it off, or
+        with the CLI) is not resumed or measured here: that would download them."""
+        data = config.data.source[3:] if config.data.source.startswith("hf:") else None
+        for setting, source in (("data.source", data), ("model.pretrained", config.model.pretrained),
+                                ("text2image.feature_extractor", config.text2image.feature_extractor),
+                                ("text2image.clip_model", config.text2image.clip_model)):
+            if source is not None and is_hub_id(source):
+                self._check_hub(setting, source)
+
     def _check_model_source(self, source: str | None, setting: str, advice: str) -> None:
         if source is None:
             return

@@ -125,10 +125,7 @@ class JobManager:
         device, size, room), then create the run folder (so it is listed at once) and queue
         its training."""
         config.validate()
-        self.sources.check(config.data.source)
-        self.sources.check_model(config.model.pretrained)
-        self.sources.check_feature_extractor(config.text2image.feature_extractor)
-        self.sources.check_feature_extractor(config.text2image.clip_model, "text2image.clip_model")
+        self.sources.check_run(config)
         if config.eval.fid_weights or config.eval.fid_cache or config.text2image.input_cache:
             raise JobError("eval.fid_weights, eval.fid_cache and text2image.input_cache name files on the server: there "
                            "they are its admin's to set; leave them empty.")
@@ -174,6 +171,7 @@ class JobManager:
             raise JobError(f"run {run_id} was made outside the app (with the command line); the app may {action} "
                            "such runs only when its admin allows it (--claim-cli-runs).")
         check_recorded_owner(run, owner, action)
+        self.sources.check_hub_use(run.config)
         return run
 
     def _check_room(self, client: str | None) -> None:

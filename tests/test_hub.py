@@ -155,3 +155,24 @@ def test_an_admin_turns_hub_downloads_off_for_visitors_and_the_cli_is_unaffected
     config.data.source = "hf:owner/name"  # a local user's run fetches from the Hub (offline here: says so)
     with pytest.raises(DataError, match="cannot fetch data.source='owner/name' from the Hugging Face Hub"):
         create_run(config, tmp_path / "cli-runs")
+
+
+def test_with_the_hub_off_a_run_naming_hub_ids_is_not_resumed_or_measured_but_its_owner_may_delete_it(tmp_path):
+    from helpers import tiny_config
+    from iet_core.jobs import JobManager
+    from iet_core.owners import JobError, owner_digest
+    from iet_core.runs import Run
+
+    config = tiny_config("ddpm")
+    config.data.source = "hf:owner/name"  # made while the server allowed the Hub
+    run = Run.create(tmp_path / "runs", config)
+    run.write_owner(owner_digest("owner-token-1234567"))
+    jobs = JobManager(tmp_path / "runs", sources=SourcePolicy.allowing(hub=False))
+    with pytest.raises(DataError, match="^data.source='owner/name': this server does not download from the Hugging Face Hub"):
+        jobs.resume(run.id, "owner-token-1234567")
+    with pytest.raises(DataError, match="this server does not download from the Hugging Face Hub"):
+        jobs.check_owner(run.id, "owner-token-1234567", "evaluate")
+    with pytest.raises(JobError, match="only its owner can evaluate it"):  # ownership first: a stranger learns nothing more
+        jobs.check_owner(run.id, "someone-else-7654321", "evaluate")
+    jobs.delete(run.id, "owner-token-1234567")
+    assert not run.path.exists()
