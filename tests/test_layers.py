@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "iet_core"
 # Lowest first. A module may import only modules of a lower layer.
 LAYERS = [
     {"config", "optim", "telemetry", "families"},
+    {"hub"},  # Hub ids to local snapshots, for every loader above it
     {"metrics", "data", "shards", "agc", "distributed", "neighbours", "models", "trackers"},
     {"runs", "features", "text2image.model", "text2image.tiny"},
     {"sample", "fid", "text2image.export", "text2image.cache"},
