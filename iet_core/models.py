@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from .config import MODEL_PRESETS, ConfigError, ModelConfig, check_resolution
-from .hub import local_folder
+from .config import MODEL_PRESETS, ConfigError, ModelConfig, RunConfig, check_resolution
+from .hub import CONFIG_FILES, MODEL_FILES, local_folder
 
 # torch's global random generator is shared by every thread. Code that must draw from it (a
 # module's initialisation, dropout: neither takes a generator) holds this lock and restores the
@@ -64,37 +64,55 @@ def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
-def load_pretrained_unet(source: str, resolution: int, channels: int) -> UNet2DModel:
-    """A diffusers UNet2DModel from a UNet or pipeline folder: local, or a Hub id's snapshot
-    (iet_core.hub). Weights are read from safetensors only: nothing is unpickled."""
-    path = local_folder(source, "model.pretrained")
+def _unet_folder(source: str, files: tuple[str, ...] = MODEL_FILES) -> tuple[Path, str | None, dict]:
+    """A UNet2DModel's folder (a UNet folder, or a pipeline folder that keeps it in "unet/"; a Hub
+    id: its snapshot with `files`), the subfolder it is in, and its config."""
+    path = local_folder(source, "model.pretrained", files)
     if not path.is_dir():
         raise ConfigError(f"model.pretrained={source!r} is not a folder: give a diffusers UNet or pipeline folder, "
                           "or a Hub id (owner/name).")
-    # A UNet folder, or a pipeline folder that keeps it in "unet/"
     subfolder = "unet" if not (path / "config.json").exists() and (path / "unet" / "config.json").exists() else None
     folder = path / subfolder if subfolder else path
     if not (folder / "config.json").exists():
         raise ConfigError(f"model.pretrained={source!r}: no config.json there; give a diffusers UNet or pipeline folder.")
-    if not any(folder.glob("*.safetensors")):
-        raise ConfigError(f"model.pretrained={source!r}: no .safetensors weights there (pickled .bin weights are not "
-                          "loaded for safety); convert them with diffusers' save_pretrained(safe_serialization=True).")
     try:
         config = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"model.pretrained={source!r}: config.json is not valid JSON ({err}).") from None
     if config.get("_class_name") not in (None, "UNet2DModel"):
         raise ConfigError(f"model.pretrained={source!r} holds a {config.get('_class_name')}, not a UNet2DModel.")
+    return path, subfolder, config
+
+
+def check_unet_fits(unet_config: dict, resolution: int, channels: int) -> None:
+    """A pretrained UNet trains on images like those it was made for: its channels, its size."""
+    in_channels, size = unet_config.get("in_channels", 3), unet_config.get("sample_size")
+    if in_channels != channels:
+        raise ConfigError(f"model.pretrained expects {in_channels}-channel images but data.channels={channels}: set data.channels={in_channels}.")
+    if size not in (None, resolution) and not isinstance(size, (list, tuple)):
+        raise ConfigError(f"model.pretrained was trained at {size}x{size} but data.resolution={resolution}: set data.resolution={size}.")
+
+
+def check_pretrained_unet(config: RunConfig) -> None:
+    """A fine-tune's UNet fits the data settings: read from its config only (a Hub id's config
+    is fetched, not its weights), before a run folder is made."""
+    _, _, unet_config = _unet_folder(config.model.pretrained, CONFIG_FILES)
+    check_unet_fits(unet_config, config.data.resolution, config.data.channels)
+
+
+def load_pretrained_unet(source: str, resolution: int, channels: int) -> UNet2DModel:
+    """A diffusers UNet2DModel from a UNet or pipeline folder: local, or a Hub id's snapshot
+    (iet_core.hub). Weights are read from safetensors only: nothing is unpickled."""
+    path, subfolder, unet_config = _unet_folder(source)
+    if not any((path / subfolder if subfolder else path).glob("*.safetensors")):
+        raise ConfigError(f"model.pretrained={source!r}: no .safetensors weights there (pickled .bin weights are not "
+                          "loaded for safety); convert them with diffusers' save_pretrained(safe_serialization=True).")
+    check_unet_fits(unet_config, resolution, channels)
     try:
-        unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
+        return UNet2DModel.from_pretrained(str(path), subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load model.pretrained={source!r} ({type(err).__name__}). Give a diffusers UNet or pipeline "
                           "folder with .safetensors weights.") from None
-    if unet.config.in_channels != channels:
-        raise ConfigError(f"model.pretrained expects {unet.config.in_channels}-channel images but data.channels={channels}: set data.channels={unet.config.in_channels}.")
-    if unet.config.sample_size not in (None, resolution) and not isinstance(unet.config.sample_size, (list, tuple)):
-        raise ConfigError(f"model.pretrained was trained at {unet.config.sample_size}x{unet.config.sample_size} but data.resolution={resolution}: set data.resolution={unet.config.sample_size}.")
-    return unet
 
 
 def count_parameters(model: torch.nn.Module) -> int:

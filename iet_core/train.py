@@ -41,7 +41,7 @@ from .config import ConfigError, RunConfig, TAAConfig, check_skip_lambda
 from .data import ImageDataset, load_dataset
 from .distributed import ProcessGroup
 from .families import TEXT_TO_IMAGE, family
-from .models import forward_noise, has_dropout, seeded_global_rng, training_scheduler, unet_config_json
+from .models import check_pretrained_unet, forward_noise, has_dropout, seeded_global_rng, training_scheduler, unet_config_json
 from .neighbours import resolve_device
 from .optim import AdamState, FlatParams, adam_step, clip_grad_norm_, ema_update_, shard_weights, weighted_average
 from .runs import Run, RunLogger, WriterLock
@@ -697,10 +697,12 @@ class Trainer:
 
 
 def check_family_model(config: RunConfig) -> None:
-    """What a fine-tune's base model decides about its settings (e.g. the resolutions a Stable
-    Diffusion pipeline trains at), from the model's configs."""
+    """What a fine-tune's base model decides about its settings (the resolutions a Stable
+    Diffusion pipeline trains at, a UNet's channels and size), from the model's configs."""
     if config.text2image.enabled:
         family(TEXT_TO_IMAGE).check(config)
+    elif config.model.pretrained is not None:
+        check_pretrained_unet(config)
 
 
 def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset | None = None) -> tuple[Run, ImageDataset]:

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -306,9 +308,12 @@ def test_fine_tune_from_a_local_diffusers_unet(tmp_path):
     assert set(start) == set(tuned)
     moved = sum((tuned[k] - start[k]).abs().sum() for k in start)
     assert 0 < moved < sum(start[k].abs().sum() for k in start) * 0.1  # started there, then trained a little
-    config.data.channels = 3
-    with pytest.raises(ConfigError, match="set data.channels=1"):
-        train(config, runs_root=tmp_path / "wrong")
+    for setting, value, refusal in (("channels", 3, "set data.channels=1"), ("resolution", 16, "set data.resolution=8")):
+        wrong = copy.deepcopy(config)
+        setattr(wrong.data, setting, value)
+        with pytest.raises(ConfigError, match=refusal):  # read from the UNet's config.json, before a run folder
+            train(wrong, runs_root=tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
     config.data.channels, config.model.pretrained = 1, "no-such-user/no-such-unet"  # tests run offline
     with pytest.raises(ConfigError, match="cannot fetch model.pretrained='no-such-user/no-such-unet' from the Hugging Face Hub"):
         train(config, runs_root=tmp_path / "hub")
