@@ -110,7 +110,7 @@ def test_hugging_face_dataset_from_a_local_folder(tmp_path):
     assert ds.images.shape == (4, 3, 8, 8) and len(ds.labels) == 4
     with pytest.raises(DataError, match="no column"):
         load_dataset(DataConfig(source=f"hf:{tmp_path / 'hf'}", hf_image_column="photo"))
-    with pytest.raises(DataError, match="cannot load Hugging Face dataset"):
+    with pytest.raises(DataError, match="cannot fetch data.source='no-such-user/no-such-dataset' from the Hugging Face Hub"):
         load_dataset(DataConfig(source="hf:no-such-user/no-such-dataset"))  # offline in tests
 
 
