@@ -30,7 +30,7 @@ from .owners import JobError, Quota, check_recorded_owner, owner_digest, same_ow
 from .neighbours import resolve_device
 from .runs import DATASETS_DIR, Run, is_run_folder, list_runs, remove_folders
 from .telemetry import Event, RoundEvent
-from .train import TrainControl, check_family_model, train
+from .train import TrainControl, check_base_model, train
 
 log = logging.getLogger(__name__)
 EVALUATING = "training finished; generating samples and measuring copies (see the Memorization page)"
@@ -130,7 +130,7 @@ class JobManager:
             raise JobError("eval.fid_weights, eval.fid_cache and text2image.input_cache name files on the server: there "
                            "they are its admin's to set; leave them empty.")
         resolve_device(config.train.device)
-        check_family_model(config)
+        check_base_model(config)
         self.quota.check_size(config)
         client = self.client_of()
         with self._lock:

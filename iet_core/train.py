@@ -696,7 +696,7 @@ class Trainer:
         self.run.write_per_sample(frame)
 
 
-def check_family_model(config: RunConfig) -> None:
+def check_base_model(config: RunConfig) -> None:
     """What a fine-tune's base model decides about its settings (the resolutions a Stable
     Diffusion pipeline trains at, a UNet's channels and size), from the model's configs."""
     if config.text2image.enabled:
@@ -709,7 +709,7 @@ def create_run(config: RunConfig, runs_root: str | Path, dataset: ImageDataset |
     """Check every setting, the device, the model's configs and the data before a run folder is made."""
     config.validate()
     resolve_device(config.train.device)
-    check_family_model(config)
+    check_base_model(config)
     dataset = dataset if dataset is not None else load_dataset(config.data)
     config.validate(num_images=len(dataset))
     return Run.create(runs_root, config), dataset
