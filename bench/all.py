@@ -1,6 +1,7 @@
 """Every benchmark in one go, one table: an IET-AGC round with K = 10 proxies (ours against the
 reference approach), the AGC step against a plain DDPM step (with model FLOP utilisation),
-nearest neighbours (ours against a naive per-sample search) and DDIM sampling throughput.
+nearest neighbours (ours against a naive per-sample search), DDIM sampling throughput, and K = 4
+LoRA proxies of a fine-tune side by side against one after another (the tiny random pipeline).
 Each script measures its variants side by side; this runs them one after another in one
 process and merges their JSON into bench/results/all.json (rewritten after each script).
 
@@ -45,18 +46,21 @@ _GPU_MODEL = ["--device", "cuda", "--preset", "small", "--resolution", "32", "--
               "--precision", "bf16"]
 _SMOKE_MODEL = ["--device", "cpu", "--resolution", "8", "--batch-size", "8"]
 SETTINGS = {
-    "cpu": {"round": ["--device", "cpu"], "step": ["--device", "cpu"], "evaluation": ["--device", "cpu", "--presets", "tiny"]},
+    "cpu": {"round": ["--device", "cpu"], "step": ["--device", "cpu"], "evaluation": ["--device", "cpu", "--presets", "tiny"],
+            "lora": ["--device", "cpu"]},
     "gpu": {"round": _GPU_MODEL, "step": _GPU_MODEL,
             "evaluation": ["--device", "cuda", "--synthetic-training", "50000", "--presets", "small", "ddpm-cifar10",
-                           "--sample-batch", "256"]},
+                           "--sample-batch", "256"],
+            "lora": ["--device", "cuda", "--precision", "bf16"]},
     # Tiny sizes that run in seconds: every script still works (the GPU check's dry run).
     "smoke": {"round": [*_SMOKE_MODEL, "--subset", "40", "--local-steps", "1"], "step": [*_SMOKE_MODEL, "--warmup", "1"],
               "evaluation": ["--device", "cpu", "--synthetic-training", "500", "--num-generated", "200",
-                             "--naive-count", "20", "--presets", "tiny", "--sample-batch", "4", "--sample-steps", "1"]},
+                             "--naive-count", "20", "--presets", "tiny", "--sample-batch", "4", "--sample-steps", "1"],
+              "lora": ["--device", "cpu", "--local-steps", "1"]},
 }
 
 
-def summary_table(round_: dict, step: dict, evaluation: dict) -> list[tuple[str, str]]:
+def summary_table(round_: dict, step: dict, evaluation: dict, lora: dict) -> list[tuple[str, str]]:
     """One line per figure, from the scripts that finished (a failed one says why)."""
     table = []
     if "error" in round_:
@@ -84,6 +88,12 @@ def summary_table(round_: dict, step: dict, evaluation: dict) -> list[tuple[str,
                   (f"nearest 2, ours vs naive per-sample search ({near['count']} images)", f"{near['speedup']:.0f}x faster"),
                   *[(f"DDIM 50 sampling, {s['preset']}", f"{s['images_per_second']:.1f} images/s")
                     for s in evaluation["sampling"]]]
+    if "error" in lora:
+        table.append(("K=4 LoRA proxies", f"failed: {lora['error']}"))
+    else:
+        rows = {row["variant"]: row for row in lora["rows"]}
+        table.append(("K=4 LoRA proxies side by side vs one after another",
+                      f"{rows['side by side (vmap)']['speedup_vs_one_after_another']:.2f}x faster"))
     return table
 
 
@@ -99,15 +109,16 @@ def main() -> None:
     arguments = SETTINGS["gpu" if args.gpu else "smoke" if args.smoke else "cpu"]
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    figures = {"round": {"error": "not run"}, "step": {"error": "not run"}, "evaluation": {"error": "not run"}}
+    figures = {name: {"error": "not run"} for name in ("round", "step", "evaluation", "lora")}
     os.chdir(REPO)  # the scripts' default paths are relative to the repository
     for name, script, extra in (("round", "round", ["--shards", "10", "--repeats", str(args.repeats)]),
                                 ("step", "train_step", ["--repeats", str(10 * args.repeats)]),
-                                ("evaluation", "eval_timing", [])):
+                                ("evaluation", "eval_timing", []),
+                                ("lora", "lora_proxies", ["--repeats", str(args.repeats)])):
         figures[name] = run(script, *arguments[name], *extra)
         # Written after each script, so a run stopped at its time budget keeps what finished.
         device = figures["step"].get("device") or figures["round"].get("device") or figures["evaluation"].get("device")
-        table = summary_table(figures["round"], figures["step"], figures["evaluation"])
+        table = summary_table(figures["round"], figures["step"], figures["evaluation"], figures["lora"])
         out.write_text(json.dumps({"device": device, "table": table, **figures}, indent=2))
     print(f"\nall benchmarks on {device} ({platform.machine()})")
     for what, result in table:

@@ -6,7 +6,8 @@ runs four parts, each in its own process and stopped at its own time budget with
 
 1. tests: the `cuda`-marked tests (tests/test_cuda.py);
 2. bench: `bench/all.py --gpu` (K = 10 round against the reference approach, AGC overhead, MFU
-   in bf16, 10k x 50k neighbours, sampling throughput);
+   in bf16, 10k x 50k neighbours, sampling throughput, K = 4 LoRA proxies side by side against
+   one after another);
 3. demo: the GPU demo, timed: a baseline DDPM (small preset, bf16) trained 80 s on 256 real
    CIFAR-10 images, then its memorized share;
 4. pilot: the fair-regime experiment of issue 12 (K = 4 class-balanced shards, 750 local steps

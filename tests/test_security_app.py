@@ -197,8 +197,14 @@ def test_fresh_owner_tokens_from_one_client_hit_the_per_client_caps(tmp_path):
             with http.stream("GET", "gradio_api/queue/data", params={"session_hash": "long-evaluation"}) as stream:
                 next(line for line in stream.iter_lines() if "process_starts" in line)
                 wait_until(lambda: ctx.evaluations.active == 1, what="the evaluation to start")
-                with pytest.raises(AppError, match=r"limit per client \(--max-evals-per-client 1\): wait for one"):
+                try:
                     clients[OTHER].predict(finished[OTHER], 2, 2, OTHER, api_name="/evaluate_run")
+                    refusal = ""
+                except AppError as err:
+                    refusal = str(err)
+                # Seen once in CI (not reproduced): the second evaluation ran. Say which half failed.
+                assert "limit per client (--max-evals-per-client 1): wait for one" in refusal, \
+                    f"not refused ({refusal!r}); evaluations running now: {ctx.evaluations.active}"
         wait_until(lambda: ctx.evaluations.active == 0, what="the abandoned evaluation to stop")
         assert ctx.jobs.wait(long_run, 180) == "stopped"
     finally:
