@@ -28,6 +28,7 @@ PAGE_COOKIE = "iet-page"
 # /api also accept an fn_index in the body, which then wins).
 QUEUE_JOIN = re.compile(r"/gradio_api/queue/join/?$")
 CALL_BY_NAME = re.compile(r"/gradio_api/(?:run|api|call|call/v2)/(?P<name>[^/]+)/?$")
+MAX_EVENT_BODY = 1 << 20  # bytes read from a cookie-less call before deciding; an API call's JSON is far smaller
 REFUSAL = json.dumps({"detail": "this event belongs to the app's pages and runs only from a page loaded in a "
                                 "browser; scripts use the API endpoints listed under 'Use via API'."}).encode()
 
@@ -77,11 +78,13 @@ class PageOnlyEvents:
         is_event = scope["method"] == "POST" and (QUEUE_JOIN.search(path) or CALL_BY_NAME.search(path))
         if not is_event or self._page_loaded(scope["headers"]):
             return await self.app(scope, receive, send)
-        messages, more = [], True
-        while more:  # read the body to see which event is called, then hand it on unchanged
+        messages, more, size = [], True, 0
+        while more and size <= MAX_EVENT_BODY:  # read the body to see which event is called, then hand it on unchanged
             messages.append(await receive())
+            size += len(messages[-1].get("body", b""))
             more = messages[-1]["type"] == "http.request" and messages[-1].get("more_body", False)
-        if not self._public(path, b"".join(message.get("body", b"") for message in messages)):
+        # A body too large to be an event call is not buffered further: it counts as a page event.
+        if size > MAX_EVENT_BODY or not self._public(path, b"".join(message.get("body", b"") for message in messages)):
             await send({"type": "http.response.start", "status": 403,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(REFUSAL)).encode())]})

@@ -153,6 +153,9 @@ def test_page_events_are_refused_to_callers_that_loaded_no_page(server):
         assert "runs only from a page loaded in a browser" in refusal.json()["detail"]
         assert http.post("gradio_api/queue/join", json={"data": [], "fn_index": public._id,
                                                         "session_hash": "scripted"}).status_code == 200
+        # A public call padded past what an event call needs is not buffered: refused as a page event.
+        padded = {"data": ["x" * (2 << 20)], "fn_index": public._id, "session_hash": "padded"}
+        assert http.post("gradio_api/queue/join", json=padded).status_code == 403
         page = http.get("data")  # what a browser does first: the page, which sets the cookie
         assert "HttpOnly" in page.headers["set-cookie"] and "SameSite=Strict" in page.headers["set-cookie"]
         assert call(page.cookies["iet-page"]) == [200] * 4
