@@ -302,6 +302,11 @@ class EvaluationGate:
         return self._active
 
     @property
+    def queued(self) -> int:
+        """Evaluations waiting for a place to run."""
+        return self._queued
+
+    @property
     def capacity(self) -> int:
         """Requests worth admitting at once: those running, those waiting, and one more to
         hear at once that the line is full."""

@@ -221,7 +221,7 @@ def test_the_evaluation_gate_runs_one_keeps_a_short_line_and_one_place_per_owner
             pass
     left.set()  # owner b's client goes away: it gives up its place
     threads[1].join(60)
-    assert gate._queued == 0 and gate.active == 1
+    assert gate.queued == 0 and gate.active == 1
     release.set()
     threads[0].join(60)
     assert gate.active == 0
