@@ -212,7 +212,7 @@ def test_the_evaluation_gate_runs_one_keeps_a_short_line_and_one_place_per_owner
     threads[0].start()
     assert entered.wait(60)
     threads[1].start()
-    wait_until(lambda: gate._queued == 1, timeout=60, what="owner b to wait in line")
+    wait_until(lambda: gate.queued == 1, timeout=60, what="owner b to wait in line")
     with pytest.raises(EvaluationBusy, match="already have an evaluation"):
         with gate.slot("owner-a"):
             pass
