@@ -1,17 +1,24 @@
-"""How fast can the classroom demo be? Two measurements:
+"""How fast can the classroom demo be, with a baseline that still copies?
+
+The demo is the Start page's (the `classroom` recipe). Two measurements, both usable on a busy
+machine:
 
 1. `steps` (default): the choices for the demo side by side in one process, interleaved
    round-robin so that machine load hits them alike: model preset, resolution, batch size and
    torch.compile, each timed on the trainer's own step (the baseline's; IET-AGC's costs the same
-   to within a few percent, see bench/train_step.py), plus the per-round extras (preview
-   samples, checkpoint). Prints per-step medians, ratios to the current demo and the demo's
-   projected time (both runs) for each choice and a few step budgets.
-2. `--until-memorized`: trains the demo baseline (with the chosen settings) and checks every
-   few rounds how many of 64 samples are memorized; prints the training time until the share
-   passes 50% (evaluation time not counted).
+   to within a few percent, see bench/train_step.py), plus what each round adds (preview
+   samples, a checkpoint) and the automatic evaluation at the end. Prints where a demo run's
+   time goes, and each choice's projected idle demo time (both runs) at a few step budgets:
+   today's demo measured from the click on 2 idle cores (--idle-demo-minutes), times the
+   choice's cost ratio to it.
+2. `--until-memorized`: trains one demo run (`--mode`, `--seed`, the chosen settings) and
+   evaluates it every few rounds as the demo's automatic evaluation does (64 DDIM-50 samples
+   from the raw weights, the 1/3 rule); prints the step (deterministic for a seed) and the
+   training time at which more than half of the samples are memorized; --keep-going traces the
+   whole curve.
 
-    python bench/demo_speed.py --repeats 20 --choices demo 12px 8px batch32 compile
-    python bench/demo_speed.py --until-memorized --resolution 16 --check-every 3
+    python bench/demo_speed.py --repeats 20 --extra-repeats 3 --choices demo 8px 12px
+    python bench/demo_speed.py --until-memorized --keep-going --resolution 8 --seed 0 --check-every 1 --max-rounds 20
 """
 from __future__ import annotations
 
