@@ -4,6 +4,7 @@ callers that loaded no page; runs from the command line claimed only by an admin
 server paths never probed; a damaged run never breaks the list."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,20 +108,29 @@ def test_evaluations_are_for_the_owner_and_capped(server, finished_run):
     assert result["summary"]["num_samples"] == 4
 
 
+@contextlib.contextmanager
+def evaluation_page(url: str, demo, data: list, session: str = "evaluation-page"):
+    """An evaluation asked the way a page asks it (join the queue, listen to the event stream),
+    with the page staying until the block ends, then leaving (the connection closed)."""
+    index = next(i for i, fn in demo.fns.items() if fn.api_name == "evaluate_run")
+    with httpx.Client(base_url=url, timeout=60) as http:
+        joined = http.post("gradio_api/queue/join", json={"data": data, "fn_index": index, "session_hash": session})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
+            # Hold the line iterator: dropping it would close the connection at once (the server
+            # would see the page leave, which is what the previous version of these tests did by accident).
+            lines = stream.iter_lines()
+            next(line for line in lines if "process_starts" in line)
+            yield
+
+
 def test_an_evaluation_stops_when_its_client_goes_away(server, finished_run):
     url, demo, ctx = server
     run = ctx.jobs.run(finished_run)
     saved = set(list_evals(run))
-    index = next(i for i, fn in demo.fns.items() if fn.api_name == "evaluate_run")
-    session = "departing-client"
-    with httpx.Client(base_url=url, timeout=60) as http:
-        joined = http.post("gradio_api/queue/join", json={"data": [finished_run, 2000, 1000, OWNER], "fn_index": index,
-                                                          "session_hash": session, "event_data": None, "trigger_id": None})
-        assert joined.status_code == 200, joined.text
-        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
-            next(line for line in stream.iter_lines() if "process_starts" in line)
-            wait_until(lambda: ctx.evaluations.active == 1, what="the evaluation to start")
-        # then the client leaves, closing the connection
+    with evaluation_page(url, demo, [finished_run, 2000, 1000, OWNER]):
+        wait_until(lambda: ctx.evaluations.active == 1, what="the evaluation to start")
+    # then the client leaves, closing the connection
     wait_until(lambda: ctx.evaluations.active == 0, what="the abandoned evaluation to stop")
     assert set(list_evals(run)) == saved  # cancelled: nothing saved
 
@@ -192,18 +202,13 @@ def test_fresh_owner_tokens_from_one_client_hit_the_per_client_caps(tmp_path):
             clients[OTHER].predict(tiny_config("ddpm", rounds=1).to_json(), OTHER, api_name="/start_run")
         clients[OWNER].predict(long_run, OWNER, api_name="/stop_run")
 
-        index = next(i for i, fn in demo.fns.items() if fn.api_name == "evaluate_run")
         # The server's one running place is taken (by someone elsewhere), so the owner's evaluation
         # waits in line for as long as the test needs it: it counts against the owner's client.
         with ctx.evaluations.slot("someone-elsewhere", client="192.0.2.1"):
-            with httpx.Client(base_url=url, timeout=60) as http:
-                http.post("gradio_api/queue/join", json={"data": [finished[OWNER], 4, 2, OWNER], "fn_index": index,
-                                                         "session_hash": "waiting-evaluation"}).raise_for_status()
-                with http.stream("GET", "gradio_api/queue/data", params={"session_hash": "waiting-evaluation"}) as stream:
-                    next(line for line in stream.iter_lines() if "process_starts" in line)
-                    wait_until(lambda: ctx.evaluations.queued == 1, what="the owner's evaluation to wait in line")
-                    with pytest.raises(AppError, match=r"limit per client \(--max-evals-per-client 1\): wait for one"):
-                        clients[OTHER].predict(finished[OTHER], 2, 2, OTHER, api_name="/evaluate_run")
+            with evaluation_page(url, demo, [finished[OWNER], 4, 2, OWNER]):
+                wait_until(lambda: ctx.evaluations.queued == 1, what="the owner's evaluation to wait in line")
+                with pytest.raises(AppError, match=r"limit per client \(--max-evals-per-client 1\): wait for one"):
+                    clients[OTHER].predict(finished[OTHER], 2, 2, OTHER, api_name="/evaluate_run")
             # the owner's page left: its evaluation gives up its place before it ever ran
             wait_until(lambda: ctx.evaluations.queued == 0, what="the abandoned evaluation to leave the line")
             assert ctx.evaluations.active == 1
