@@ -12,7 +12,9 @@ sleep; each shot waits until no progress indicator is showing and every image ha
     python docs/screenshots.py --out shots --timeout-minutes 120
 
 Needs Debian's chromium (`apt-get install -y chromium`) and playwright (requirements-dev.txt).
-The demo trains two runs: about 10 minutes on 2 idle CPU cores, longer on a busy machine.
+The demo trains two runs: about 10 minutes on 2 idle CPU cores, longer on a busy machine. On a
+machine shared with other work, `OMP_NUM_THREADS=1 python docs/screenshots.py` (the app inherits
+it) trains several times faster: torch's threads otherwise wait on each other.
 """
 from __future__ import annotations
 
