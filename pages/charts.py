@@ -9,12 +9,13 @@ from iet_core.history import RatioSnapshot, ratio_bin_centres
 
 COLORS = ["#4f46e5", "#d97706", "#059669", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"]
 LOG_AXIS = dict(type="log", dtick=1, minor=dict(showgrid=True))  # labels at powers of ten only
-LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=45), height=320,
-              legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+# The legend goes under the plot: above it, long run names (with step and quality) ran into the title.
+LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=95), height=360,
+              legend=dict(orientation="h", yanchor="top", y=-0.28, xanchor="left", x=0),
               font=dict(size=14))
 
 
-def empty_figure(message: str, height: int = 320) -> go.Figure:
+def empty_figure(message: str, height: int = LAYOUT["height"]) -> go.Figure:
     figure = go.Figure()
     figure.add_annotation(text=message, showarrow=False, font=dict(size=16, color="#6b7280"),
                           xref="paper", yref="paper", x=0.5, y=0.5)

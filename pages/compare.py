@@ -31,8 +31,9 @@ def percent(value) -> str:
     return "–" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
 
 
-COLUMNS = ["run", "mode", "state", "data", "trained steps", "final loss", "skipped", "copies", "95% interval",
-           "eval step", "weights", "quality", "samples", "id"]
+# What a comparison rests on first (copies beside their quality, step and weights), what the runs were after.
+COLUMNS = ["run", "mode", "copies", "95% interval", "quality", "eval step", "weights", "samples", "skipped",
+           "trained steps", "final loss", "state", "data", "id"]
 
 
 def newest_evaluation(ctx: common.AppContext, run_id: str):
