@@ -114,6 +114,8 @@ Less memorization is good news only if the samples are as good. What this projec
   against the baseline's 42-68%) in two seeds of three, but a measure without a threshold (distance to the nearest
   training image over distance to the nearest unseen one) found its samples only slightly farther from their
   training images: it **delays** copying more than it prevents it, here. One round of 750 steps averaged into noise.
+- The same rounds without AGC (IET alone) copied as little as IET-AGC and learned as fast or faster: in this
+  regime the averaging of proxies, not the skip rule, keeps the copies down.
 - The copy criteria disagree: smoothed copies pass the 1/3 rule, and on colour photos a model that has not learned
   yet makes noisy copies of one image that the rule misses. Look at the gallery, not only the number.
 - AGC's skip rule alone (K = 1) memorized about 16 points less than the baseline after 2,000 steps, at equal quality,

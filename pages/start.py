@@ -30,8 +30,8 @@ it finishes. Then follow the pages in order: **Monitor** while they train, **Mem
 **What to expect, honestly:** the baseline starts copying within its run. The IET-AGC run copies far less, but
 its samples are also worse: in this short demo it learns more slowly, so judge the two at equal quality on
 **Compare**, not by the copy share alone. In our longer measurements IET-AGC copied less at equal quality by the
-1/3 rule in two seeds of three, but only slightly by a measure without a threshold (Learn, step 7); AGC's skip rule
-alone lowered copying at equal quality on digits.
+1/3 rule in two seeds of three, but only slightly by a measure without a threshold (Learn, step 7); IET without
+AGC copied as little, and AGC's skip rule alone lowered copying at equal quality on digits.
 """
 
 

@@ -42,7 +42,7 @@ def unseen_reference(data) -> float:
 
 
 def plot(results: pd.DataFrame, reference: float, title: str, out: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for colour, (label, runs) in zip(colours, results.groupby("label", sort=False)):
         for seed, run in runs.groupby("seed"):
@@ -68,7 +68,7 @@ def plot(results: pd.DataFrame, reference: float, title: str, out: Path) -> None
     right.set_ylabel("nearest training L2 / nearest held-out L2\n(lower = closer to its training images)")
     left.set_title(title, fontsize=10)
     right.set_title("The same samples, no threshold", fontsize=10)
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plot: it covered the curves
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
