@@ -1,6 +1,6 @@
 """How fast can the classroom demo be, with a baseline that still copies?
 
-The demo is the Start page's (the `classroom` recipe). Two measurements, both usable on a busy
+The demo is the Start page's (the `classroom` recipe). Three measurements, all usable on a busy
 machine:
 
 1. `steps` (default): the choices for the demo side by side in one process, interleaved
@@ -16,9 +16,12 @@ machine:
    from the raw weights, the 1/3 rule); prints the step (deterministic for a seed) and the
    training time at which more than half of the samples are memorized; --keep-going traces the
    whole curve.
+3. `--side-by-side`: the demo's two runs trained one after the other on all CPU threads against
+   both at once, each on its share of the threads, as the app trains them.
 
-    python bench/demo_speed.py --repeats 20 --extra-repeats 3 --choices demo 8px 12px
-    python bench/demo_speed.py --until-memorized --keep-going --resolution 8 --seed 0 --check-every 1 --max-rounds 20
+    python bench/demo_speed.py --repeats 20 --extra-repeats 3 --choices demo 16px 12px
+    python bench/demo_speed.py --until-memorized --keep-going --seed 0 --check-every 1 --max-rounds 30
+    python bench/demo_speed.py --side-by-side --repeats 30
 """
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,22 +41,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iet_core.config import recipe_config  # noqa: E402
 from iet_core.evaluate import evaluate_images, evaluate_run  # noqa: E402
+from iet_core.jobs import CPU_THREADS, use_cpu_share  # noqa: E402
 from iet_core.sample import generate  # noqa: E402
 from iet_core.telemetry import CheckpointEvent  # noqa: E402
 from iet_core.train import Trainer, TrainControl, create_run, train  # noqa: E402
 
-# name: (preset, resolution, batch size, torch.compile); "demo" is today's demo
-CHOICES = {
-    "demo": ("tiny", 16, 64, False),
-    "compile": ("tiny", 16, 64, True),
-    "12px": ("tiny", 12, 64, False),
-    "8px": ("tiny", 8, 64, False),
-    "batch32": ("tiny", 16, 32, False),
-}
-
-
 CLASSROOM = recipe_config("classroom")
 STEPS_PER_ROUND = CLASSROOM.train.steps_for_shard(CLASSROOM.data.subset)  # the baseline's; IET-AGC's K proxies share as many
+# name: (preset, resolution, batch size, torch.compile); "demo" is today's demo (8x8, the digits'
+# own size), "16px" the demo before it
+DEMO = (CLASSROOM.model.preset, CLASSROOM.data.resolution, CLASSROOM.train.batch_size, CLASSROOM.train.compile)
+CHOICES = {
+    "demo": DEMO,
+    "compile": (*DEMO[:3], True),
+    "16px": ("tiny", 16, 64, False),
+    "12px": ("tiny", 12, 64, False),
+    "batch32": (*DEMO[:2], 32, False),
+}
 
 
 def demo(mode: str, preset: str, resolution: int, batch_size: int, compile_: bool, device: str):
@@ -62,6 +68,15 @@ def demo(mode: str, preset: str, resolution: int, batch_size: int, compile_: boo
     return config
 
 
+def demo_step(choice: tuple, root: Path, device: str) -> tuple[Trainer, Callable[[], None]]:
+    """A trainer for the demo's baseline with one choice changed, and one training step of it."""
+    run, dataset = create_run(demo("ddpm", *choice, device), root)
+    trainer = Trainer(run, dataset)
+    trainer._start_round()
+    trainer.flat.bind(trainer.weights[0], trainer.grads[0])
+    return trainer, lambda: trainer._step([0], torch.randint(0, len(trainer.images), (1, choice[2])))
+
+
 def step_times(args) -> dict:
     """Per choice: the median step, and the medians of what each round adds (preview samples, a
     checkpoint) and of the automatic evaluation at the end (sampling, copies, quality), all
@@ -70,11 +85,7 @@ def step_times(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainers, steps = {}, {}
         for name, choice in choices.items():
-            run, dataset = create_run(demo("ddpm", *choice, args.device), Path(tmp) / str(len(trainers)))
-            trainer = trainers[name] = Trainer(run, dataset)
-            trainer._start_round()
-            trainer.flat.bind(trainer.weights[0], trainer.grads[0])
-            steps[name] = lambda t=trainer, b=choice[2]: t._step([0], torch.randint(0, len(t.images), (1, b)))
+            trainers[name], steps[name] = demo_step(choice, Path(tmp) / name, args.device)
         times = {name: [] for name in choices}
         for i in range(args.warmup + args.repeats):
             for name, step in steps.items():
@@ -93,6 +104,44 @@ def step_times(args) -> dict:
     return {name: {"median_ms": 1000 * statistics.median(t),
                    **{key: statistics.median(values) for key, values in extras[name].items()}}
             for name, t in times.items()}
+
+
+def side_by_side(args) -> dict:
+    """The demo's two runs (one choice, `--choices`' first) trained one after the other on all of
+    torch's CPU threads, against both at once in two threads on their share each, as the app's
+    JobManager trains them: seconds per step of both runs, the two ways interleaved so that
+    machine load hits them alike."""
+    choice = CHOICES[args.choices[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = [demo_step(choice, Path(tmp) / str(i), args.device)[1] for i in range(2)]
+
+        def train(step, threads: int) -> None:
+            use_cpu_share(threads)
+            for _ in range(args.repeats):
+                step()
+
+        def after_other() -> None:
+            for step in steps:
+                train(step, CPU_THREADS)
+
+        def at_once() -> None:
+            workers = [threading.Thread(target=train, args=(step, max(1, CPU_THREADS // 2))) for step in steps]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+
+        times = {"one after the other": [], "side by side": []}
+        for i in range(args.warmup + 3):
+            for name, work in (("one after the other", after_other), ("side by side", at_once)):
+                start = time.perf_counter()
+                work()
+                if i >= args.warmup:
+                    times[name].append((time.perf_counter() - start) / args.repeats)
+        use_cpu_share(CPU_THREADS)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    return {"choice": args.choices[0], "cpu_threads": CPU_THREADS, "seconds_per_step_of_both": seconds,
+            "speedup_side_by_side": seconds["one after the other"] / seconds["side by side"]}
 
 
 def run_seconds(row: dict, steps: int) -> float:
@@ -138,11 +187,13 @@ def until_memorized(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--until-memorized", action="store_true", help="time the baseline until 50%% of samples are memorized")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="time the demo's two runs one after the other against both at once (as the app trains them)")
     parser.add_argument("--mode", default="ddpm", help="--until-memorized: which demo run (iet-agc to see its contrast)")
     parser.add_argument("--seed", type=int, default=0, help="--until-memorized: training and sampling seed")
     parser.add_argument("--keep-going", action="store_true", help="--until-memorized: trace every check up to --max-rounds")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=CLASSROOM.data.resolution)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--check-every", type=int, default=3, help="rounds between memorization checks")
@@ -162,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.until_memorized:
         result = until_memorized(args)
         print(json.dumps(result))
+    elif args.side_by_side:
+        result = side_by_side(args)
+        seconds = result["seconds_per_step_of_both"]
+        print(f"The demo's two runs ({result['choice']}, {args.device}, {CPU_THREADS} threads), one step of each: one after the "
+              f"other {1000 * seconds['one after the other']:.1f} ms, side by side on {max(1, CPU_THREADS // 2)} thread(s) each "
+              f"{1000 * seconds['side by side']:.1f} ms: x{result['speedup_side_by_side']:.2f} faster side by side")
     else:
         rows = step_times(args)
         reference = rows[args.choices[0]]

@@ -3,7 +3,7 @@ stop / lambda control.
 
 A `JobManager` owns every training job started through it. Jobs wait in a FIFO queue and run
 `train.train` in daemon threads, at most `max_running` at a time (one by default: a GPU is
-best used by one job). Pause, resume, stop and lambda changes go through the job's
+best used by one job). Jobs training at once share torch's CPU threads. Pause, resume, stop and lambda changes go through the job's
 `TrainControl`. Each job remembers the owner token of whoever started it, and only that token
 may steer it (iet_core.owners). A `RunHistory` is the job's event sink: a polling UI reads it
 without touching the run folder. Runs that are not live (finished, or from before a restart)
@@ -21,6 +21,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .config import ConfigError, RunConfig
 from .data import SourcePolicy
@@ -34,6 +35,16 @@ from .train import TrainControl, check_base_model, train
 
 log = logging.getLogger(__name__)
 EVALUATING = "training finished; generating samples and measuring copies (see the Memorization page)"
+# Torch's CPU threads when the engine was loaded; jobs training at once split them. A small
+# model gains little from a second thread, so two jobs side by side on 1 thread each finish
+# sooner than one after the other on 2 (bench/demo_speed.py --side-by-side).
+CPU_THREADS = torch.get_num_threads()
+
+
+def use_cpu_share(threads: int) -> None:
+    """Set torch's CPU threads for the calling thread's work (OpenMP keeps the count per thread)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -74,12 +85,14 @@ class Job:
 class _JobSink:
     """The trainer's sink for one job. A resumed run's history up to the step it resumes from is
     read from its folder when the first event arrives (the trainer has cut its logs back to the
-    checkpoint by then), so the store holds the whole run and nothing twice."""
+    checkpoint by then), so the store holds the whole run and nothing twice. Called in the job's
+    thread, it also keeps that thread's torch CPU threads at its share (`threads()`)."""
 
-    def __init__(self, job: Job):
-        self.job = job
+    def __init__(self, job: Job, threads: Callable[[], int]):
+        self.job, self.threads = job, threads
 
     def __call__(self, event: Event) -> None:
+        use_cpu_share(self.threads())
         if self.job.history is None:
             step = event.global_step
             first = int(step[0]) if isinstance(step, np.ndarray) and len(step) else int(np.max(step, initial=0))
@@ -197,7 +210,9 @@ class JobManager:
 
     def _work(self, job: Job) -> None:
         try:
-            train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job)], holder="the app")
+            use_cpu_share(self.cpu_threads_per_job())
+            train(run=job.run, resume=job.resume, control=job.control, sinks=[_JobSink(job, self.cpu_threads_per_job)],
+                  holder="the app")
             state = job.run.status().get("state")
             if job.config.eval.after_training and (state == "finished" or job.last_round and state == "stopped"):
                 self._evaluate(job)
@@ -329,6 +344,10 @@ class JobManager:
     def running_count(self) -> int:
         with self._lock:
             return sum(1 for j in self._jobs.values() if j.thread is not None and not j.done)
+
+    def cpu_threads_per_job(self) -> int:
+        """Each training job's share of the CPU threads, split between the jobs running now."""
+        return max(1, CPU_THREADS // max(1, self.running_count()))
 
     def run(self, run_id: str) -> Run:
         job = self._jobs.get(run_id)

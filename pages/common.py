@@ -20,7 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from iet_core.config import ConfigError, DataConfig, RunConfig
+from iet_core.config import ConfigError, DataConfig, RunConfig, recipe_config
 from iet_core.evaluate import EvaluationGate
 from iet_core.sample import Cancelled
 from iet_core.data import ImageDataset
@@ -32,6 +32,7 @@ from iet_core.owners import new_owner_token
 MAX_EVAL_WORK = 64_000
 SESSION_KEY = "iet-agc-app-session"
 SESSION_DEFAULT = {"owner": "", "run_id": "", "data": None}
+DEMO_PRESET = "classroom"  # the Start page's demo; its data is every page's default data
 # Plain symbols that every system font has (emoji need a colour-emoji font).
 STATE_ICONS = {"queued": "…", "running": "▶", "paused": "❚❚", "stopping": "■", "stopped": "■",
                "finished": "✓", "evaluating": "…", "failed": "✗", "created": "○", "interrupted": "!",
@@ -106,6 +107,11 @@ def session_data(session: dict | None) -> DataConfig | None:
         return RunConfig.from_dict({"data": chosen}).data if chosen else None
     except ConfigError:
         return None
+
+
+def chosen_data(session: dict | None) -> DataConfig:
+    """The data chosen on the Data page, or the demo's digits."""
+    return session_data(session) or recipe_config(DEMO_PRESET).data
 
 
 def user_errors(fn):

@@ -131,8 +131,9 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
                 hub_split = gr.Textbox("train", label="Split", scale=1)
                 hub_captions = gr.Textbox(label="Caption column", placeholder="(none)", scale=1,
                                           info="For text-to-image, e.g. text")
-            resolution = gr.Dropdown(RESOLUTIONS, value=16, label="Resolution (pixels)",
-                                     info="16 trains fast on a CPU; 32 suits a GPU; 256 or 512 for Stable Diffusion fine-tunes.")
+            resolution = gr.Dropdown(RESOLUTIONS, value=common.chosen_data(None).resolution, label="Resolution (pixels)",
+                                     info="8 is the built-in digits' own size (the demo's); 16 trains fast on a CPU; 32 "
+                                          "suits a GPU; 256 or 512 for Stable Diffusion fine-tunes.")
             channels = gr.Radio([("Greyscale", 1), ("Colour (RGB)", 3)], value=1, label="Channels",
                                 info="Captioned sets load in colour.")
             subset = gr.Number(64, precision=0, minimum=0, label="Number of images (0 = all)",
@@ -185,7 +186,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
 
     def restore(session):
         """Show the session's data choice (or the default digits) when the page opens."""
-        chosen = common.session_data(session) or DataConfig()
+        chosen = common.chosen_data(session)
         choice = UPLOAD if is_upload(chosen.source) else HUB if chosen.source.startswith("hf:") else BUILTIN
         try:
             dataset = load_dataset(chosen, ctx.jobs.sources)

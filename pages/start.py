@@ -5,15 +5,17 @@ import gradio as gr
 import pandas as pd
 
 from pages import api, common
-from pages.train import DEMO_PRESET, PRESET_LABELS, demo_run_config
+from pages.train import PRESET_LABELS, demo_run_config
 
 POLL_SECONDS = 3.0
 
 
-def intro(demo) -> str:
-    """The home page's text, with the demo's numbers read from its recipe."""
+def intro(demo, side_by_side: bool) -> str:
+    """The home page's text, with the demo's numbers read from its recipe; `side_by_side`: the
+    server trains two runs at once (on a CPU it splits the cores between them)."""
     train = demo.train
-    budget = f"planned for about {train.time_budget_minutes:g} minutes each on 2 CPU cores" if train.time_budget_minutes else ""
+    budget = f", planned for about {train.time_budget_minutes:g} minutes on 2 CPU cores" if train.time_budget_minutes else ""
+    order = "side by side" if side_by_side else "one after the other"
     return f"""
 # Do diffusion models copy their training images?
 Trained on few images, a diffusion model starts to **reproduce its training images** instead of making new ones.
@@ -22,7 +24,7 @@ This app trains small models live, shows the moment they start copying, and puts
 whose loss is suspiciously low (AGC).
 
 **New here?** Press *Start the demo*: it trains a baseline and an IET-AGC model on {demo.data.subset} handwritten
-digits, one after the other ({train.rounds} rounds each, {budget}; the Monitor shows the time left as measured on
+digits, {order} ({train.rounds} rounds each{budget}; the Monitor shows the time left as measured on
 this machine, and offers a shorter schedule when the machine is slower). Each run's copies are measured as soon as
 it finishes. Then follow the pages in order: **Monitor** while they train, **Memorization** to see the copies,
 **Compare** to put them side by side. **Learn** explains the ideas.
@@ -50,14 +52,14 @@ def runs_table(ctx: common.AppContext) -> pd.DataFrame:
 
 def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     session = common.session_state(ctx)
-    gr.Markdown(intro(demo_run_config("ddpm")))
+    gr.Markdown(intro(demo_run_config("ddpm"), side_by_side=ctx.jobs.max_running >= 2))
     with gr.Row():
-        demo_both = gr.Button("▶ Start the demo: baseline, then IET-AGC", variant="primary", size="lg",
+        demo_both = gr.Button("▶ Start the demo: baseline and IET-AGC", variant="primary", size="lg",
                               elem_id="start-demo", scale=2)
         demo_baseline = gr.Button("Baseline DDPM only", size="lg", scale=1)
         demo_agc = gr.Button("IET-AGC only", size="lg", scale=1)
     demo_message = gr.Markdown(elem_id="demo-message")
-    gr.Markdown(f"The demo uses the preset *{PRESET_LABELS[DEMO_PRESET]}* on the built-in digits: no download, no setup.")
+    gr.Markdown(f"The demo uses the preset *{PRESET_LABELS[common.DEMO_PRESET]}* on the built-in digits: no download, no setup.")
     gr.Markdown("## Runs\nEvery run in the runs folder, newest first, including runs from before a restart "
                 "(stopped runs can be resumed from the Train page).")
     table = gr.Dataframe(runs_table(ctx), interactive=False, wrap=True, elem_id="runs-table")
@@ -68,7 +70,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         session = common.ensure_owner(session)
         started = [ctx.jobs.submit(demo_run_config(mode), session["owner"]) for mode in modes]
         session["run_id"] = started[0]
-        names = " then ".join(f"**{mode}**" for mode in modes)
+        names = " and ".join(f"**{mode}**" for mode in modes)
         return (f"Queued {names}. [Watch on the Monitor page →](monitor) · When a run has finished, measure it on the "
                 "[Memorization page](memorization).", session, runs_table(ctx))
 

@@ -23,7 +23,6 @@ MODE_LABELS = {"ddpm": "Baseline DDPM (one model, all data)", "iet": "IET (K pro
 PRESET_LABELS = {"classroom": f"Classroom demo · CPU · ~{recipe_config('classroom').train.time_budget_minutes:g} min",
                  "quick": "Quick look · CPU · 2-3 min, curves only",
                  "gpu-small": "GPU · small model · 32×32 colour", "paper": "Paper reference · GPU · hours"}
-DEMO_PRESET = "classroom"
 # The Model choice that fine-tunes a Stable Diffusion pipeline on captioned images (the engine's
 # sd-lora / sd-full recipes) instead of training a UNet preset from scratch.
 TEXT_TO_IMAGE = "text-to-image"
@@ -59,11 +58,6 @@ def preset_note(recipe: str, data: DataConfig, device: str) -> str:
                      "choose the data on the [Data page](data) first")
     text = "; ".join(notes)
     return f"⚠ {text[:1].upper()}{text[1:]}." if notes else ""
-
-
-def data_config(session: dict | None) -> DataConfig:
-    """The data chosen on the Data page, or the demo's digits."""
-    return common.session_data(session) or recipe_config(DEMO_PRESET).data
 
 
 def build_config(data: DataConfig, *, name: str, mode: str, preset: str, model: str, shards: int, rounds: int,
@@ -163,7 +157,7 @@ def start_run(ctx: common.AppContext, session: dict | None, values: dict) -> tup
         values["pretrained"] = base_model(ctx, offered, hub_id)
         values["feature_extractor"] = evaluation_model(ctx, extractor, PIXEL_STAND_IN)
         values["clip_model"] = evaluation_model(ctx, clip, NO_CLIP_SCORE)
-    config = build_config(data_config(session), **values)
+    config = build_config(common.chosen_data(session), **values)
     run_id = ctx.jobs.submit(config, session["owner"])
     session["run_id"] = run_id
     position = ctx.jobs.queue_position(run_id)
@@ -176,8 +170,8 @@ def start_run(ctx: common.AppContext, session: dict | None, values: dict) -> tup
 
 def demo_run_config(mode: str) -> RunConfig:
     """The classroom demo: built-in digits and the demo preset."""
-    values = preset_values(DEMO_PRESET)
-    return build_config(recipe_config(DEMO_PRESET).data, name=f"demo-{mode}", mode=mode, preset=DEMO_PRESET, model=values["model"],
+    values = preset_values(common.DEMO_PRESET)
+    return build_config(recipe_config(common.DEMO_PRESET).data, name=f"demo-{mode}", mode=mode, preset=common.DEMO_PRESET, model=values["model"],
                         shards=values["shards"], rounds=values["rounds"], unit=values["unit"], amount=values["amount"],
                         batch_size=values["batch_size"], lr=values["lr"], seed=0, skip_lambda=0.5, bank_decay=0.8,
                         msr_threshold=0.5, msr_policy="least-skipped", taa_band=0.5, taa_strength=1.0,
@@ -189,11 +183,11 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     common.page_header("Train", "Start a run with a preset, or change the settings first. Only the settings of the "
                        "chosen mode are shown. The run trains on the server: you can close this tab and come back.")
     data_text = gr.Markdown()
-    demo = preset_values(DEMO_PRESET)  # the form opens on the demo preset
+    demo = preset_values(common.DEMO_PRESET)  # the form opens on the demo preset
     with gr.Column():
         with gr.Column(variant="panel"):
             with gr.Row():
-                preset = gr.Dropdown([(label, recipe) for recipe, label in PRESET_LABELS.items()], value=DEMO_PRESET, label="Preset", scale=3,
+                preset = gr.Dropdown([(label, recipe) for recipe, label in PRESET_LABELS.items()], value=common.DEMO_PRESET, label="Preset", scale=3,
                                      info="Fills the settings below; the data comes from the Data page.")
                 name = gr.Textbox(label="Run name", placeholder="(automatic)", scale=2)
             preset_warning = gr.Markdown(elem_id="preset-warning")
@@ -280,7 +274,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
         values = preset_values(choice)
         return (values["model"], values["shards"], values["rounds"], values["unit"], values["amount"],
                 values["batch_size"], values["lr"], values["preview"],
-                preset_note(choice, data_config(session), resolve_device("auto").type))
+                preset_note(choice, common.chosen_data(session), resolve_device("auto").type))
 
     preset.change(apply_preset, [preset, session], [model, shards, rounds, unit, amount, batch_size, lr, preview,
                                                     preset_warning], api_visibility="private")
@@ -310,7 +304,7 @@ def build(ctx: common.AppContext, page: gr.Blocks) -> None:
     start.click(start_training, [session, *form.values()], [started, session, picker], api_visibility="private")
 
     def describe_data(session):
-        data = data_config(session)
+        data = common.chosen_data(session)
         subset = f"{data.subset} images" if data.subset else "all images"
         captioned = " · captioned" if data.caption_column else ""
         return (f"**Data:** {source_label(data)} · {subset} · {data.resolution}×{data.resolution} · "

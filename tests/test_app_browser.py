@@ -84,7 +84,7 @@ def test_a_loaded_page_runs_its_own_events(app_server, page):
     keeps it from the page's scripts."""
     url, _ = app_server
     page.goto(url + "data")
-    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()  # written by the page's load event
+    page.get_by_text(re.compile(r"^64 images · 8×8")).wait_for()  # written by the page's load event
     cookie = next(c for c in page.context.cookies() if c["name"] == "iet-page")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert "iet-page" not in page.evaluate("document.cookie")
@@ -98,12 +98,12 @@ def test_upload_shows_count_preview_and_rejected_files(app_server, page, tmp_pat
         Image.new("RGB", (20, 24), (colour, 255 - colour, 40)).save(tmp_path / f"img{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     page.goto(url + "data")
-    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()
+    page.get_by_text(re.compile(r"^64 images · 8×8")).wait_for()
     page.get_by_text("Upload images or a .zip / .npz").click()
     page.locator("input[type=file]").set_input_files([tmp_path / f for f in ("img0.png", "img1.png", "img2.png", "broken.png")])
     page.get_by_label("Number of images (0 = all)").fill("0")
     page.get_by_role("button", name="Load and preview").click()
-    page.get_by_text(re.compile(r"^3 images · 16×16 · greyscale · 1 rejected")).wait_for()
+    page.get_by_text(re.compile(r"^3 images · 8×8 · greyscale · 1 rejected")).wait_for()
     page.get_by_text("not a readable image").filter(visible=True).first.wait_for()
     saved = list((ctx.runs_root / "datasets").glob("*.npz"))
     assert len(saved) == 1  # kept under the runs folder, so runs on it can resume after a restart
@@ -124,11 +124,11 @@ def test_a_captioned_zip_upload_shows_its_captions_and_the_rejected_entry(app_se
         archive.writestr("metadata.jsonl", "\n".join(json.dumps({"file_name": f"{i}.png", "text": f"a colour card {i}"})
                                                      for i in (0, 1, 2, "broken")))
     page.goto(url + "data")
-    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()
+    page.get_by_text(re.compile(r"^64 images · 8×8")).wait_for()
     page.get_by_text("Upload images or a .zip / .npz").click()
     page.locator("input[type=file]").set_input_files(tmp_path / "captioned.zip")
     page.get_by_role("button", name="Load and preview").click()
-    page.get_by_text(re.compile(r"^3 images · 16×16 · colour · captioned · 1 rejected")).wait_for()
+    page.get_by_text(re.compile(r"^3 images · 8×8 · colour · captioned · 1 rejected")).wait_for()
     page.get_by_text("not a readable image").filter(visible=True).first.wait_for()
     page.locator("#data-captions").get_by_text("a colour card 1").wait_for()
     assert page.get_by_label("Colour (RGB)").is_checked()  # the form shows what was loaded
@@ -142,7 +142,7 @@ def test_a_captioned_zip_upload_shows_its_captions_and_the_rejected_entry(app_se
 def test_train_page_shows_only_the_settings_of_the_chosen_mode(app_server, page):
     url, _ = app_server
     page.goto(url + "train")
-    page.get_by_text("64 images · 16×16").wait_for()  # loaded: the page's own events have run
+    page.get_by_text("64 images · 8×8").wait_for()  # loaded: the page's own events have run
     msr = page.get_by_text("MSR: move when skip rate >")
     shards = page.get_by_text("Shards K (proxies)")
     lam = page.get_by_text("Skip threshold λ")
@@ -158,12 +158,12 @@ def test_train_page_shows_only_the_settings_of_the_chosen_mode(app_server, page)
 def test_a_run_started_on_the_train_page_shows_its_histogram_on_the_monitor_page(app_server, page, shots):
     url, ctx = app_server
     page.goto(url + "data")
-    page.get_by_text(re.compile(r"^64 images · 16×16")).wait_for()  # the page has shown the default data
+    page.get_by_text(re.compile(r"^64 images · 8×8")).wait_for()  # the page has shown the default data
     page.get_by_label("Number of images (0 = all)").fill("16")
     page.get_by_role("button", name="Load and preview").click()
-    page.get_by_text(re.compile(r"^16 images · 16×16")).wait_for()
+    page.get_by_text(re.compile(r"^16 images · 8×8")).wait_for()
 
-    start_on_train_page(page, url, "16 images · 16×16", rounds=1, batch_size=16)  # the data chosen on the Data page
+    start_on_train_page(page, url, "16 images · 8×8", rounds=1, batch_size=16)  # the data chosen on the Data page
     page.screenshot(path=shots / "train-started.png", full_page=True)
     runs = ctx.jobs.list_runs()
     config = ctx.jobs.run(runs[0]["run_id"]).config
@@ -246,7 +246,7 @@ def test_a_finished_baseline_offers_neither_pause_nor_apply(app_server, page):
 
 def test_while_a_run_trains_time_left_rounds_and_lambda_agree_everywhere(app_server, page, shots):
     url, ctx = app_server
-    start_on_train_page(page, url, "64 images · 16×16", rounds=40, batch_size=8)
+    start_on_train_page(page, url, "64 images · 8×8", rounds=40, batch_size=8)
 
     page.goto(url + "monitor")
     status = page.locator("#monitor-status")
@@ -271,3 +271,29 @@ def test_while_a_run_trains_time_left_rounds_and_lambda_agree_everywhere(app_ser
     page.locator("#ratio-histogram").get_by_text("what-if 0.70").wait_for()
     page.locator("#stop-run").click()
     status.get_by_text("stopped").wait_for(timeout=60_000)
+
+
+def test_the_demo_button_trains_both_runs_side_by_side_on_the_cpu_cores(browser, tmp_path):
+    """The Start page's one click: a baseline and an IET-AGC run of the classroom recipe, trained
+    at once by a server that runs two jobs, each on its share of the CPU threads."""
+    import app
+    from iet_core.jobs import CPU_THREADS
+
+    demo, ctx = app.build_app(tmp_path / "runs", max_jobs=2)
+    _, url, _ = app.launch(demo, ctx, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    tab = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+    try:
+        tab.goto(url)
+        tab.get_by_text("side by side (30 rounds each").wait_for()
+        tab.locator("#start-demo").click()
+        tab.locator("#demo-message").get_by_text("Queued ddpm and iet-agc").wait_for()
+        tab.locator("#runs-table .virtual-row").filter(has_text="running").nth(1).wait_for(timeout=60_000)
+        runs = {row["mode"]: ctx.jobs.run(row["run_id"]).config for row in ctx.jobs.list_runs()}
+        assert set(runs) == {"ddpm", "iet-agc"} and ctx.jobs.running_count() == 2
+        assert ctx.jobs.cpu_threads_per_job() == max(1, CPU_THREADS // 2)
+        for config in runs.values():  # the classroom recipe: the digits at their own 8x8, 30 rounds
+            assert (config.data.resolution, config.train.rounds, config.train.time_budget_minutes) == (8, 30, 6)
+    finally:
+        ctx.jobs.shutdown(timeout=60)
+        tab.context.close()
+        demo.close()

@@ -282,16 +282,19 @@ def test_admin_cleanup_removes_old_runs_only(tmp_path):
     assert os.path.isdir(tmp_path / new)
 
 
-def test_two_jobs_at_once_end_bit_identical_to_solo_runs(tmp_path):
+def test_two_jobs_at_once_share_the_cpu_and_end_bit_identical_to_solo_runs(tmp_path):
     """Each trainer draws from its own generator: two runs training side by side in one process
-    (their initialisations and steps interleaved) end with exactly the weights of solo runs."""
+    (their initialisations and steps interleaved) end with exactly the weights of solo runs.
+    While both train, each has half of torch's CPU threads."""
+    from iet_core.jobs import CPU_THREADS
     from iet_core.train import train
 
     configs = [tiny_config("iet-agc", rounds=2, seed=1), tiny_config("iet-agc+", rounds=2, seed=2, hflip=True)]
     jobs = JobManager(tmp_path / "together", max_running=2)
     together = [jobs.submit(config, ME) for config in configs]
-    assert jobs.running_count() == 2
+    assert jobs.running_count() == 2 and jobs.cpu_threads_per_job() == max(1, CPU_THREADS // 2)
     assert [jobs.wait(run_id, 180) for run_id in together] == ["finished", "finished"]
+    assert jobs.cpu_threads_per_job() == CPU_THREADS
     for config, run_id in zip(configs, together):
         solo = train(config, runs_root=tmp_path / "solo").load_checkpoint()[0]
         shared = Run.open(tmp_path / "together" / run_id).load_checkpoint()[0]
