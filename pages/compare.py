@@ -55,10 +55,10 @@ def run_warnings(names: list[str], summaries: list[dict]) -> dict[str, list[str]
     measured = {n: s["quality"] for n, s in done.items() if (s.get("quality") or {}).get("measure")}
     if len({(q["measure"], q["reference"]) for q in measured.values()}) == 1 and len(measured) > 1:
         best_name, best = min(measured.items(), key=lambda item: item[1]["value"])
-        for name, quality in measured.items():
-            if quality["value"] > QUALITY_GAP * best["value"] and quality["low"] > best["high"]:
-                warnings[name].append(f"its samples are far worse than {best_name}'s ({quality['measure']} "
-                                      f"{quality['value']:.2f} against {best['value']:.2f}): its copy share is not "
+        for name, figure in measured.items():
+            if figure["value"] > QUALITY_GAP * best["value"] and figure["low"] > best["high"]:
+                warnings[name].append(f"its samples are far worse than {best_name}'s ({figure['measure']} "
+                                      f"{figure['value']:.2f} against {best['value']:.2f}): its copy share is not "
                                       "comparable with theirs")
     return {n: w for n, w in warnings.items() if w}
 

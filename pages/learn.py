@@ -107,8 +107,11 @@ settings.
 ## 7 · Judge at equal quality, not only at equal compute
 Less memorization is good news only if the samples are as good. What this project measured on 64 digits
 (docs/results.md, with sample counts and 95% intervals):
-- With K = 4 and short rounds (25 local steps per proxy), IET-AGC memorizes almost nothing, but mostly because it
-  learns more slowly: trained longer, it reaches the baseline's quality and memorizes about as much.
+- With K = 4 and short rounds (25 local steps per proxy), evaluated from EMA weights on randomly drawn shards,
+  IET-AGC memorized almost nothing mostly because it learned more slowly: trained longer, it reached the baseline's
+  quality and memorized about as much. Evaluated as the papers did (raw averaged weights, class-balanced shards,
+  3 seeds), the same rounds reached the baseline's final quality in two seeds of three with 4% copies against the
+  baseline's 42-68%.
 - With longer rounds (62 local steps, class-balanced shards, raw averaged weights as the papers evaluated, 3
   seeds), IET-AGC reached the baseline's quality later. Where it did, the 1/3 rule counted fewer copies (0% and 19%
   against the baseline's 42-68%) in two seeds of three, but a measure without a threshold (distance to the nearest
