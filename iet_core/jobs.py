@@ -3,11 +3,12 @@ stop / lambda control.
 
 A `JobManager` owns every training job started through it. Jobs wait in a FIFO queue and run
 `train.train` in daemon threads, at most `max_running` at a time (one by default: a GPU is
-best used by one job). Jobs training at once share torch's CPU threads. Pause, resume, stop and lambda changes go through the job's
-`TrainControl`. Each job remembers the owner token of whoever started it, and only that token
-may steer it (iet_core.owners). A `RunHistory` is the job's event sink: a polling UI reads it
-without touching the run folder. Runs that are not live (finished, or from before a restart)
-are read from their folder once and cached until the folder changes.
+best used by one job), splitting torch's CPU threads between them. Pause, resume, stop and
+lambda changes go through the job's `TrainControl`. Each job remembers the owner token of
+whoever started it, and only that token may steer it (iet_core.owners). A `RunHistory` is the
+job's event sink: a polling UI reads it without touching the run folder. Runs that are not live
+(finished, or from before a restart) are read from their folder once and cached until the
+folder changes.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ CPU_THREADS = torch.get_num_threads()
 
 
 def use_cpu_share(threads: int) -> None:
-    """Set torch's CPU threads for the calling thread's work (OpenMP keeps the count per thread)."""
+    """Set torch's CPU threads from the calling thread: each job sets them from its own thread
+    (with OpenMP a thread keeps the count it set), so the share holds for that job's work."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

@@ -18,7 +18,7 @@ from iet_core.data import DataError, SourcePolicy, load_dataset
 from iet_core.evaluate import load_eval
 from iet_core.features import PIXEL_MEASURE
 from iet_core.text2image.tiny import build_tiny_clip, build_tiny_pipeline
-from pages import data, memorization, monitor, train
+from pages import common, data, memorization, monitor, train
 from test_text2image import png
 
 
@@ -112,7 +112,7 @@ def test_a_captioned_zip_upload_keeps_its_captions_and_lists_the_bad_entry(tmp_p
 
 def fine_tune_form(**changes) -> dict:
     """The Train page's values for a tiny LoRA IET-AGC fine-tune of the offered tiny pipeline."""
-    values = dict(name="", mode="iet-agc", preset=train.DEMO_PRESET, model=train.TEXT_TO_IMAGE, shards=2, rounds=1,
+    values = dict(name="", mode="iet-agc", preset=common.DEMO_PRESET, model=train.TEXT_TO_IMAGE, shards=2, rounds=1,
                   unit="steps", amount=2, batch_size=2, lr=1e-2, seed=0, skip_lambda=0.9, bank_decay=0.0,
                   msr_threshold=0.5, msr_policy="least-skipped", taa_band=0.5, taa_strength=1.0, preview=0,
                   evaluate_after=False, base_model="tiny-sd", hub_model="", lora_rank=4, resolution=16,
