@@ -289,7 +289,7 @@ class TrainConfig:
     record_samples: bool = True  # per-sample records (id, shard, t, loss, ratio, skipped)
     preview_samples: int = 16  # samples drawn after each round for previews/ (0: none)
     preview_steps: int = 20  # DDIM steps for those previews
-    # Minutes the run is meant to take (the classroom demo's): when its first round shows it
+    # Minutes the run is meant to take (the classroom demo's): when its first rounds show it
     # would take longer on this machine, the app offers to stop after fewer rounds.
     time_budget_minutes: float | None = None
     trackers: list[str] = field(default_factory=list)  # also report to: tensorboard, wandb, trackio (off: [])

@@ -31,6 +31,9 @@ RATIO_EDGES = np.round(np.arange(0.0, RATIO_MAX + 1e-9, RATIO_BIN_WIDTH), 2)
 STEP_COLUMNS = ("global_step", "round", "proxy", "local_step", "loss", "kept_fraction", "lr", "skip_lambda")
 STEP_DTYPES = dict.fromkeys(STEP_COLUMNS[:4], np.int64) | dict.fromkeys(STEP_COLUMNS[4:], np.float32)  # as the events
 PACE_FLUSHES = 50  # recent step flushes that set the pace for the time left
+# Rounds timed before a shorter schedule is offered: the first round runs slower than the rest
+# (start-up, pages loading beside it), and alone it offered a shorter demo on an idle machine.
+TIMED_ROUNDS = 3
 WINDOW_VISITS = 512  # a histogram window holds at least this many visits (one flush alone is noisy)
 
 
@@ -362,14 +365,16 @@ class RunHistory:
             return (now - start) / (done - first) * max(total - done, 0)
 
     def shorter_schedule(self, rounds: int, budget_minutes: float | None) -> dict | None:
-        """When the first round, timed on this machine, shows that `rounds` rounds would take
-        longer than the budget: the rounds that fit it and the minutes the run needs in all."""
+        """When the rounds timed on this machine (their median, from TIMED_ROUNDS on) show that
+        `rounds` rounds would take longer than the budget: the rounds that fit it (at least those
+        done) and the minutes the run needs in all."""
         with self._lock:
-            first = self._rounds[0]["seconds"] if self._rounds else None
-        if budget_minutes is None or not first:
+            times = [r["seconds"] for r in self._rounds]
+        if budget_minutes is None or len(times) < TIMED_ROUNDS:
             return None
-        fits = max(1, int(budget_minutes * 60 // first))
-        return {"rounds": fits, "minutes": first * rounds / 60} if fits < rounds else None
+        typical = float(np.median(times))
+        fits = max(len(times), int(budget_minutes * 60 // typical)) if typical > 0 else rounds
+        return {"rounds": fits, "minutes": typical * rounds / 60} if fits < rounds else None
 
     @property
     def last_step(self) -> int:
