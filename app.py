@@ -27,12 +27,12 @@ import signal
 from pathlib import Path
 
 import gradio as gr
-import torch
 from starlette.middleware import Middleware
 
 from iet_core.data import SourcePolicy
 from iet_core.evaluate import EvaluationGate
 from iet_core.jobs import JobManager
+from iet_core.neighbours import resolve_device
 from iet_core.runs import DATASETS_DIR
 from pages import access, api, common, compare, data, learn, memorization, monitor, start, train
 
@@ -98,7 +98,7 @@ def default_max_jobs() -> int:
     """Training jobs at once: IET_MAX_JOBS if set, else 1 with a GPU (one job uses it best) and 2
     on a CPU, where jobs side by side split the cores and both finish sooner than one after the
     other (the classroom demo's two runs: bench/demo_speed.py --side-by-side)."""
-    return int(os.environ.get("IET_MAX_JOBS") or (1 if torch.cuda.is_available() else 2))
+    return int(os.environ.get("IET_MAX_JOBS") or (1 if resolve_device("auto").type == "cuda" else 2))
 
 
 def default_hub() -> bool:
