@@ -113,8 +113,8 @@ Less memorization is good news only if the samples are as good. What this projec
   3 seeds), the same rounds reached the baseline's final quality in two seeds of three with 4% copies against the
   baseline's 42-68%. On the digits at their own 8x8 (the Start page's demo) all three seeds came as near to
   unseen digits as the baseline with 1-1.4% copies against 39-62%. Trained on to 6,000 steps they started to copy
-  too (17-18%, about as near to unseen digits as the baselines), where the baselines copied 76-90%: later and
-  less, not never.
+  too (17-18%, about as near to unseen digits as the baselines), where the baselines copied 76-90% and IET
+  without AGC 22-28%: later and less, not never.
 - With longer rounds (62 local steps, class-balanced shards, raw averaged weights as the papers evaluated, 3
   seeds), IET-AGC reached the baseline's quality later. Where it did, the 1/3 rule counted fewer copies (0% and 19%
   against the baseline's 42-68%) in two seeds of three, but a measure without a threshold (distance to the nearest

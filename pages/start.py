@@ -34,8 +34,8 @@ about the same quality on these digits and copies far less: measured with 512 sa
 seeds, 1-1.4% against the baseline's 39-62%. Trained twice as long it does start to copy (17-18% against 76-90%):
 later and less, not never. With 64 samples the demo's own figures are rough (±12 points), so read them with their
 interval and quality on **Compare**. It is not a general result: with dropout an early baseline checkpoint copied as
-little at the same quality, IET without AGC copied almost as little as IET-AGC, and with fewer, longer rounds IET-AGC
-delayed copying more than it prevented it (Learn, step 7).
+little at the same quality, IET without AGC copied almost as little as IET-AGC (22-28% at twice the steps), and
+with fewer, longer rounds IET-AGC delayed copying more than it prevented it (Learn, step 7).
 """
 
 

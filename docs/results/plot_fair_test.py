@@ -127,7 +127,7 @@ plot(pd.read_csv(here / "fair-test.csv"), unseen_reference(digits),
      here / "fair-test.png")
 plot(pd.read_csv(here / "fair-test-8px.csv"), unseen_reference(replace(digits, resolution=8)),
      "64 digits at 8x8 (the classroom demo's regime)\nK = 4 class-balanced, raw weights, 3,000 steps per run "
-     "(one pair also to 6,000)\nquality by held-out L2 (feature FD is erratic at 8x8)", here / "fair-test-8px.png", quality="heldout_l2")
+     "(baseline, IET-AGC and IET also to 6,000)\nquality by held-out L2 (feature FD is erratic at 8x8)", here / "fair-test-8px.png", quality="heldout_l2")
 cifar = replace(digits, source="../shared/data/cifar10_test_subset.npz", channels=3)
 if Path(cifar.source).exists():  # the shared data sit beside the repository, not in it
     plot(pd.read_csv(here / "cifar-test.csv"), unseen_reference(cifar),
