@@ -331,7 +331,8 @@ def test_a_running_job_reports_its_round_and_the_time_left(tmp_path):
     status = jobs.status(run_id)
     assert status["rounds"] == 200 and 0 < status["seconds_left"] < 24 * 3600
     jobs.pause(run_id, ME)
-    wait_until(lambda: jobs.status(run_id)["state"] == "paused", what="the pause")
+    # the trainer's own word that it holds (the job says "paused" as soon as it is asked)
+    wait_until(lambda: jobs.history(run_id).status()["state"] == "paused", what="the trainer to hold")
     status = jobs.status(run_id)
     assert status["seconds_left"] is None  # no pace while paused
     assert status["round"] == jobs.history(run_id).round_plan()["round"] >= 2  # one round everywhere
@@ -366,10 +367,14 @@ def test_a_slow_machine_is_offered_a_shorter_schedule_and_the_run_stops_there(tm
     assert offer["rounds"] >= 3 and offer["minutes"] > 0  # nothing fits the budget: the rounds done
     with pytest.raises(JobError, match="between 1 and 199"):
         jobs.shorten(run_id, 200, ME)
-    stop_after = offer["rounds"] + 3  # rounds ahead: more than the time this test takes to ask
+    jobs.pause(run_id, ME)  # held mid-round, so the round it stops after is known however loaded the machine
+    # the trainer's own word that it holds (the job says "paused" as soon as it is asked)
+    wait_until(lambda: jobs.history(run_id).status()["state"] == "paused", what="the trainer to hold")
+    stop_after = jobs.status(run_id)["round"] + 1  # the round in progress, counted from 1
     with pytest.raises(JobError, match="another browser session"):
         jobs.shorten(run_id, stop_after, OTHER)
     jobs.shorten(run_id, stop_after, ME)
+    jobs.resume(run_id, ME)
     assert jobs.wait(run_id, 120) == "stopped"
     assert jobs.status(run_id)["round"] == stop_after  # those rounds done, none begun after them
     assert load_eval(jobs.run(run_id)).summary["checkpoint_step"] == jobs.status(run_id)["global_step"]
